@@ -1,0 +1,2 @@
+"""dpface: distributed face-recognition training."""
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from dpface.cli import main
+
+sys.exit(main())

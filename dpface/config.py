@@ -1,0 +1,321 @@
+"""Typed configuration: dataclass schema, YAML recipes with `base:` inheritance,
+dotted command-line overrides and strict validation.
+
+Every error names the key and the file it came from, and suggests the closest valid
+key for a typo. Backbone and loss specs are flat mappings (``{name: arcface, s: 64}``)
+checked against their registries' constructor signatures.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dpface.registry import SpecError, closest
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names key and source."""
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "dpface"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class HeadConfig:
+    embedding_size: int = 512
+    # Partial-FC share of each rank's negative classes kept per step, in (0, 1].
+    sample_rate: float = 1.0
+    loss: dict = field(default_factory=lambda: {"name": "arcface", "s": 64.0, "m": 0.5})
+
+
+@dataclass
+class SyntheticDataConfig:
+    num_identities: int = 200
+    max_images: int = 60
+    min_images: int = 4
+    exponent: float = 1.0
+    difficulty: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class WebDatasetConfig:
+    shards: str = ""  # manifest.json of a converted dataset (see `dpface convert`)
+    shuffle_buffer: int = 2000
+    max_bad_fraction: float = 0.01
+    augment: list = field(default_factory=lambda: ["flip"])
+
+
+@dataclass
+class DataConfig:
+    backend: Literal["synthetic", "webdataset", "dali"] = "synthetic"
+    batch_size: int = 64  # per rank
+    num_workers: int = 2
+    image_size: int = 112
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    webdataset: WebDatasetConfig = field(default_factory=WebDatasetConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    head_lr: float = 0.0  # 0: same as lr
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = 2.0
+    min_lr: float = 0.0
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    grad_clip: float = 5.0  # max global grad norm; 0 disables
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    ckpt_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    # Stop when this many consecutive steps were skipped for non-finite gradients.
+    max_skipped_steps: int = 20
+
+
+@dataclass
+class EvalConfig:
+    num_identities: int = 100  # held-out synthetic identities (disjoint from training)
+    num_pairs: int = 600
+    folds: int = 10
+    flip: bool = True
+    batch_size: int = 128
+    fars: list = field(default_factory=lambda: [0.1, 0.01])
+    bin_sets: list = field(default_factory=list)  # insightface-format .bin files
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "dpface"
+    name: str = ""
+    group: str = ""
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    model: dict = field(default_factory=lambda: {"name": "iresnet50"})
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Range checks: key -> (predicate, description). Kept in one table so every rule
+# is visible in one place.
+_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "head.embedding_size": (lambda v: v > 0, "> 0"),
+    "head.sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "data.batch_size": (lambda v: v > 0, "> 0"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.image_size": (lambda v: v >= 16 and v % 16 == 0, "a multiple of 16, >= 16"),
+    "data.synthetic.num_identities": (lambda v: v >= 2, ">= 2"),
+    "data.synthetic.min_images": (lambda v: v >= 1, ">= 1"),
+    "data.synthetic.difficulty": (lambda v: v >= 0, ">= 0"),
+    "data.webdataset.max_bad_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.steps": (lambda v: v > 0, "> 0"),
+    "train.lr": (lambda v: v > 0, "> 0"),
+    "train.head_lr": (lambda v: v >= 0, ">= 0"),
+    "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "train.grad_clip": (lambda v: v >= 0, ">= 0"),
+    "train.log_every": (lambda v: v > 0, "> 0"),
+    "train.eval_every": (lambda v: v >= 0, ">= 0"),
+    "train.ckpt_every": (lambda v: v >= 0, ">= 0"),
+    "train.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+    "eval.num_identities": (lambda v: v >= 2, ">= 2"),
+    "eval.num_pairs": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2"),
+    "eval.folds": (lambda v: v >= 2, ">= 2"),
+}
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp in (str, bool, list, dict):
+        return isinstance(value, tp), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    raise TypeError(f"unsupported annotation {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls, data: Any, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(
+                f"{source}: unknown key '{where}'{closest(key, names)}; valid keys here: {', '.join(names)}"
+            )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp, value = hints[name], data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key, source)
+            continue
+        ok, value = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(
+                f"{source}: '{key}' expects {_type_name(tp)}, got {type(data[name]).__name__} {data[name]!r}"
+            )
+        rule = _RULES.get(key)
+        if rule and not rule[0](value):
+            raise ConfigError(f"{source}: '{key}' must be {rule[1]}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+# Component specs are replaced whole by a derived recipe, never merged: parameters
+# of the base's component would not fit another component.
+SPEC_KEYS = ("model", "head.loss")
+
+
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and key not in SPEC_KEYS:
+            out[k] = _merge(out[k], v, key)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe, resolving its ``base:`` (a path relative to the file)."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: 'base' chain loops: {' -> '.join(map(str, chain + (path,)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path string")
+    return _merge(_read_yaml(path.parent / base, chain + (path,)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=0.05' -> (['train', 'lr'], 0.05); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': bad key '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': cannot parse value: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """Set each 'a.b.c=value' in the nested mapping ``data`` (in place)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def _check_specs(cfg: Config, source: str) -> None:
+    # Imported here: the registries pull in torch models, which config parsing alone
+    # (e.g. `dpface plan`) does not need.
+    from dpface.losses import LOSSES
+    from dpface.models import BACKBONES
+
+    for key, spec, registry, provided in (
+        ("model", cfg.model, BACKBONES, ("embedding_size",)),
+        ("head.loss", cfg.head.loss, LOSSES, ()),
+    ):
+        if "name" not in spec:
+            raise ConfigError(f"{source}: '{key}' needs a 'name'; valid: {', '.join(registry.names())}")
+        params = {k: v for k, v in spec.items() if k != "name"}
+        try:
+            registry.check(spec["name"], params, provided=provided)
+        except SpecError as e:
+            raise ConfigError(f"{source}: '{key}': {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a recipe (or the defaults), apply dotted overrides, validate everything."""
+    data = _read_yaml(Path(path)) if path else {}
+    # Start from the schema's defaults so a dotted override of one spec parameter
+    # (head.loss.s=30) lands in a complete spec.
+    data = _merge(Config().to_dict(), data)
+    source = str(path) if path else "<defaults>"
+    apply_overrides(data, overrides)
+    if overrides:
+        source += " (with overrides " + " ".join(overrides) + ")"
+    return config_from_dict(data, source)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Validate a plain mapping (e.g. the config stored in a checkpoint)."""
+    cfg = _build(Config, _merge(Config().to_dict(), data), "", source)
+    _check_specs(cfg, source)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

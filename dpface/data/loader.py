@@ -1,0 +1,81 @@
+"""Map-style datasets as a resumable stream of fixed-size per-rank batches.
+
+The order is a pure function of (seed, epoch): each epoch is a permutation of the
+dataset cut into global batches of ``batch_size × world_size``; rank r takes the r-th
+slice of each. So the stream position is one number (global batches consumed), a
+resumed run continues with exactly the batches it would have seen, and the same
+position is meaningful at another world size with the same global batch.
+The incomplete tail of each epoch is dropped: every rank always gets a full batch.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class _BatchIndices:
+    """Infinite batch sampler for one rank, starting at global batch ``start``."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, start: int):
+        self.n, self.b, self.rank, self.world = n, batch_size, rank, world_size
+        self.seed, self.start = seed, start
+        self.per_epoch = n // (batch_size * world_size)
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            epoch, j = divmod(k, self.per_epoch)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            lo = (j * self.world + self.rank) * self.b
+            yield perm[lo:lo + self.b].tolist()
+            k += 1
+
+
+class MapStream:
+    """Resumable per-rank batch stream over a map-style dataset yielding (uint8 CHW, label)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int = 0, num_classes: int | None = None):
+        n = len(dataset)
+        if n < batch_size * world_size:
+            raise ValueError(
+                f"dataset has {n} samples, fewer than one global batch "
+                f"({batch_size} per rank × {world_size} ranks)"
+            )
+        self.dataset = dataset
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.num_workers = seed, num_workers
+        self.num_classes = num_classes if num_classes is not None else dataset.num_classes
+        self.batches_per_epoch = n // (batch_size * world_size)
+        self._consumed = 0
+
+    @property
+    def epoch(self) -> float:
+        return self._consumed / self.batches_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"batches": self._consumed, "global_batch": self.batch_size * self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("global_batch") != self.batch_size * self.world_size:
+            raise ValueError(
+                f"data position was saved with global batch {state.get('global_batch')}, "
+                f"this run uses {self.batch_size * self.world_size}: the stream cannot continue "
+                "where it stopped (keep batch_size × world_size constant across a resume)"
+            )
+        self._consumed = int(state["batches"])
+
+    def stats(self) -> dict:
+        return {}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = _BatchIndices(len(self.dataset), self.batch_size, self.rank, self.world_size,
+                                self.seed, self._consumed)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        for images, labels in loader:
+            self._consumed += 1
+            yield images, labels.long()

@@ -1,0 +1,292 @@
+"""The training loop: one code path for 1 process, torchrun ranks and Ray Train workers.
+
+Per step: per-rank batch → backbone (DDP when world > 1) → model-parallel head (not in
+DDP; it gathers embeddings itself) → loss → backward → fp16 unscale + a cross-rank
+finite check (every rank skips together) → global grad-norm clip over backbone and
+all head shards → SGD/AdamW step → metrics on rank 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+from dpface import dist
+from dpface.config import Config, save_config
+from dpface.data.transforms import normalize
+from dpface.engine.amp import LossScaler, autocast, grads_finite, resolve_amp
+from dpface.engine.checkpoint import (TrainState, complete_checkpoints, load_checkpoint,
+                                      resolve_resume, save_checkpoint)
+from dpface.engine.logging import MetricsLogger
+from dpface.engine.schedule import lr_at
+from dpface.eval import evaluate_pairs
+from dpface.heads import PartialFC
+from dpface.losses import build_loss
+from dpface.models import build_backbone
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.experiment.output_dir) / cfg.experiment.name
+
+
+def build_stream(cfg: Config, info: dist.DistInfo):
+    d = cfg.data
+    if d.backend == "synthetic":
+        from dpface.data.loader import MapStream
+        from dpface.data.synthetic import SyntheticFaceDataset
+
+        s = d.synthetic
+        ds = SyntheticFaceDataset(num_identities=s.num_identities, seed=s.seed,
+                                  image_size=d.image_size, difficulty=s.difficulty,
+                                  max_images=s.max_images, min_images=s.min_images,
+                                  exponent=s.exponent)
+        return MapStream(ds, d.batch_size, info.rank, info.world_size, seed=cfg.experiment.seed,
+                         num_workers=d.num_workers)
+    if d.backend == "webdataset":
+        from dpface.data.webdataset_stream import WebDatasetStream
+
+        w = d.webdataset
+        return WebDatasetStream(w.shards, batch_size=d.batch_size, rank=info.rank,
+                                world_size=info.world_size, num_workers=d.num_workers,
+                                seed=cfg.experiment.seed, shuffle_buffer=w.shuffle_buffer,
+                                augment=tuple(w.augment), image_size=d.image_size,
+                                max_bad_fraction=w.max_bad_fraction)
+    if d.backend == "dali":
+        from dpface.data.dali_stream import DaliStream
+
+        w = d.webdataset
+        return DaliStream(w.shards, batch_size=d.batch_size, rank=info.rank,
+                          world_size=info.world_size, num_workers=d.num_workers,
+                          seed=cfg.experiment.seed, image_size=d.image_size,
+                          device_id=info.local_rank if info.device.type == "cuda" else None)
+    raise ValueError(f"unknown data.backend '{d.backend}'")
+
+
+def build_eval_sets(cfg: Config) -> dict:
+    """name → (images_a, images_b, issame, folds); held-out synthetic identities start
+    after the training identities, so they never overlap."""
+    sets = {}
+    if cfg.data.backend == "synthetic":
+        from dpface.data.synthetic import make_verification_pairs
+
+        s = cfg.data.synthetic
+        p = make_verification_pairs(num_pairs=cfg.eval.num_pairs, identity_offset=s.num_identities,
+                                    num_identities=cfg.eval.num_identities, seed=s.seed,
+                                    image_size=cfg.data.image_size, difficulty=s.difficulty,
+                                    num_folds=cfg.eval.folds)
+        sets["synthetic"] = (p.images_a, p.images_b, p.issame, p.fold)
+    for path in cfg.eval.bin_sets:
+        from dpface.eval.bin_sets import load_bin
+
+        a, b, same = load_bin(path, image_size=cfg.data.image_size)
+        sets[Path(path).stem] = (a, b, same, None)
+    return sets
+
+
+def evaluate(backbone: torch.nn.Module, eval_sets: dict, cfg: Config, device) -> dict:
+    metrics = {}
+    for name, (a, b, same, folds) in eval_sets.items():
+        r = evaluate_pairs(backbone, a, b, same, folds=folds, batch_size=cfg.eval.batch_size,
+                           device=device, flip=cfg.eval.flip, fars=tuple(cfg.eval.fars))
+        metrics[f"{name}/acc"] = r.accuracy
+        metrics[f"{name}/acc_std"] = r.accuracy_std
+        metrics[f"{name}/auc"] = r.auc
+        for far, tar in r.tar_at_far.items():
+            metrics[f"{name}/tar@far={far:g}"] = tar
+    return metrics
+
+
+def make_optimizer(params, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+
+
+def _global_grad_norm(backbone_params, head_params, device) -> torch.Tensor:
+    """L2 norm of the whole model's gradient: backbone grads are identical on every rank
+    after DDP, head shards are disjoint, so their squares are summed across ranks."""
+    def sq(params):
+        total = torch.zeros((), device=device, dtype=torch.float32)
+        for p in params:
+            if p.grad is not None:
+                total = total + p.grad.float().pow(2).sum()
+        return total
+
+    head_sq = sq(head_params)
+    if dist.is_initialized():
+        tdist.all_reduce(head_sq)
+    return (sq(backbone_params) + head_sq).sqrt()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None, info: dist.DistInfo | None = None):
+        self.cfg = cfg
+        self.info = info or dist.init_from_env(cfg.experiment.device)
+        self.run_dir = run_dir_of(cfg)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        # Resolve (and so validate) the checkpoint before anything is written.
+        self.resume_from = resolve_resume(resume, self.ckpt_root)
+        dev = self.info.device
+
+        torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
+        self.stream = build_stream(cfg, self.info)
+        self.backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size).to(dev)
+        self.head = PartialFC(cfg.head.embedding_size, self.stream.num_classes,
+                              build_loss(cfg.head.loss), sample_rate=cfg.head.sample_rate,
+                              seed=cfg.experiment.seed).to(dev)
+        self.model = (DistributedDataParallel(self.backbone, device_ids=[dev.index] if dev.type == "cuda" else None)
+                      if self.info.world_size > 1 else self.backbone)
+        self.backbone_opt = make_optimizer(self.backbone.parameters(), cfg, cfg.train.lr)
+        self.head_opt = make_optimizer(self.head.parameters(), cfg, cfg.train.head_lr or cfg.train.lr)
+        self.amp_dtype = resolve_amp(cfg.train.amp, dev)
+        self.scaler = LossScaler(enabled=self.amp_dtype == torch.float16)
+        self.state = TrainState(0, self.backbone, self.head, self.backbone_opt, self.head_opt,
+                                self.scaler, self.stream)
+        self.logger = MetricsLogger(self.run_dir, self.info.is_main, cfg.wandb, cfg.to_dict())
+        self.eval_sets = build_eval_sets(cfg) if self.info.is_main else {}
+        if self.resume_from is not None:
+            self.state.step = load_checkpoint(self.resume_from, self.state, self.info)
+        self.untrained: dict | None = None  # verification before training, for the report
+        if self.info.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+
+    # -- pieces -----------------------------------------------------------------
+    def evaluate(self) -> dict:
+        metrics = evaluate(self.backbone, self.eval_sets, self.cfg, self.info.device) if self.info.is_main else {}
+        dist.barrier()
+        return metrics
+
+    def save(self) -> Path:
+        return save_checkpoint(self.ckpt_root, self.state, self.info, self.cfg.to_dict(),
+                               keep=self.cfg.train.keep_checkpoints)
+
+    def _set_lr(self, step: int) -> float:
+        t = self.cfg.train
+        kw = dict(total_steps=t.steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
+                  poly_power=t.poly_power, min_lr=t.min_lr)
+        lr = lr_at(step, base_lr=t.lr, **kw)
+        for g in self.backbone_opt.param_groups:
+            g["lr"] = lr
+        head_lr = lr_at(step, base_lr=t.head_lr or t.lr, **kw)
+        for g in self.head_opt.param_groups:
+            g["lr"] = head_lr
+        return lr
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One update; returns metrics (loss, acc, grad_norm, skipped)."""
+        dev, step = self.info.device, self.state.step
+        lr = self._set_lr(step)
+        x = normalize(images.to(dev, non_blocking=True))
+        labels = labels.to(dev, non_blocking=True)
+        with autocast(dev, self.amp_dtype):
+            emb = self.model(x)
+        out = self.head(emb.float(), labels, step)
+        self.scaler.scale_loss(out.loss).backward()
+
+        bparams = [p for p in self.backbone.parameters() if p.grad is not None]
+        hparams = [p for p in self.head.parameters() if p.grad is not None]
+        self.scaler.unscale_(bparams + hparams)
+        finite = grads_finite(bparams + hparams, dev)
+        self.scaler.update(finite)
+        grad_norm = float("nan")
+        if finite:
+            norm = _global_grad_norm(bparams, hparams, dev)
+            grad_norm = float(norm)
+            clip = self.cfg.train.grad_clip
+            if clip > 0 and grad_norm > clip:
+                coef = clip / (grad_norm + 1e-6)
+                for p in bparams + hparams:
+                    p.grad.mul_(coef)
+            self.backbone_opt.step()
+            self.head_opt.step()
+        self.backbone_opt.zero_grad(set_to_none=True)
+        self.head_opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return {"loss": float(out.loss), "acc": float(out.accuracy), "lr": lr,
+                "grad_norm": grad_norm, "skipped": 0 if finite else 1}
+
+    # -- loop ---------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> dict:
+        """Train to ``train.steps`` (or stop early at step ``until``, checkpointed, as an
+        interrupted run would), then evaluate."""
+        cfg, info, t = self.cfg, self.info, self.cfg.train
+        stop = min(until, t.steps) if until is not None else t.steps
+        global_batch = cfg.data.batch_size * info.world_size
+        if info.is_main:
+            n_params = sum(p.numel() for p in self.backbone.parameters())
+            print(f"dpface: {cfg.model['name']} ({n_params / 1e6:.2f}M params), "
+                  f"{self.head.num_classes} classes, world {info.world_size}, "
+                  f"global batch {global_batch}, device {info.device}, "
+                  f"amp {self.amp_dtype or 'fp32'}, steps {self.state.step}->{t.steps}", flush=True)
+        if self.state.step == 0 and self.eval_sets:
+            m = self.evaluate()
+            self.logger.log(0, m, prefix="eval-untrained")
+            self.untrained = m
+        bar = None
+        if info.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+            bar = tqdm(total=t.steps, initial=self.state.step, desc="train", dynamic_ncols=True)
+
+        consecutive_skips, window = 0, []
+        t_last, steps_last = time.perf_counter(), self.state.step
+        it = iter(self.stream)
+        while self.state.step < stop:
+            images, labels = next(it)
+            m = self.train_step(images, labels)
+            consecutive_skips = consecutive_skips + 1 if m["skipped"] else 0
+            if consecutive_skips >= t.max_skipped_steps:
+                raise FloatingPointError(
+                    f"{consecutive_skips} consecutive steps had non-finite gradients "
+                    f"(loss {m['loss']}, loss scale {self.scaler.scale}); stopping instead of "
+                    "training on nothing. Lower the learning rate or the loss scale s, or use bf16."
+                )
+            window.append(m)
+            step = self.state.step
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}")
+            if step % t.log_every == 0 or step == stop:
+                now = time.perf_counter()
+                rate = global_batch * (step - steps_last) / max(now - t_last, 1e-9)
+                agg = {k: sum(w[k] for w in window) / len(window) for k in ("loss", "acc")}
+                agg.update(lr=m["lr"], grad_norm=m["grad_norm"], img_s=rate,
+                           skipped=sum(w["skipped"] for w in window), epoch=self.stream.epoch,
+                           **{f"data/{k}": v for k, v in self.stream.stats().items()})
+                if self.scaler.enabled:
+                    agg["loss_scale"] = self.scaler.scale
+                self.logger.log(step, agg)
+                window, t_last, steps_last = [], now, step
+            if t.ckpt_every and step % t.ckpt_every == 0 and step < stop:
+                self.save()
+            if t.eval_every and step % t.eval_every == 0 and step < stop and self.eval_sets:
+                self.logger.log(step, self.evaluate(), prefix="eval")
+        if bar is not None:
+            bar.close()
+        path = self.save()
+        if self.state.step < t.steps:  # stopped early on purpose: leave evaluation to the end
+            return {}
+        final = self.evaluate()
+        if info.is_main:
+            self.logger.log(self.state.step, final, prefix="eval")
+            summary = {"step": self.state.step, "checkpoint": str(path), **final}
+            if self.untrained:
+                summary.update({f"untrained/{k}": v for k, v in self.untrained.items()})
+            (self.run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=1))
+        self.logger.close()
+        return final
+
+
+def train(cfg: Config, resume: str | None = None) -> dict:
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.logger.close()
