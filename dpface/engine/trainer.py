@@ -210,7 +210,7 @@ class Trainer:
         self.backbone_opt.zero_grad(set_to_none=True)
         self.head_opt.zero_grad(set_to_none=True)
         self.state.step += 1
-        return {"loss": float(out.loss), "acc": float(out.accuracy), "lr": lr,
+        return {"loss": out.loss.item(), "acc": float(out.accuracy), "lr": lr,
                 "grad_norm": grad_norm, "skipped": 0 if finite else 1}
 
     # -- loop ---------------------------------------------------------------------

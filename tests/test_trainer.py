@@ -1,0 +1,103 @@
+"""Trainer: LR schedule, loss scaling, resume equivalence, and an end-to-end run."""
+import json
+import math
+
+import pytest
+import torch
+
+from dpface.config import load_config
+from dpface.engine.amp import LossScaler
+from dpface.engine.checkpoint import CheckpointError, complete_checkpoints
+from dpface.engine.schedule import lr_at
+from dpface.engine.trainer import Trainer
+
+
+def tiny_cfg(tmp_path, name, *extra):
+    return load_config(None, [
+        f"experiment.output_dir={tmp_path}", f"experiment.name={name}", "experiment.device=cpu",
+        "model={name: iresnet_tiny, base_width: 8}", "head.embedding_size=32",
+        "head.loss={name: arcface, s: 16.0, m: 0.3}",
+        "data.batch_size=16", "data.num_workers=0",
+        "data.synthetic={num_identities: 12, max_images: 8, min_images: 4, exponent: 0.5}",
+        "train.steps=6", "train.lr=0.05", "train.warmup_steps=2", "train.log_every=1",
+        "eval.num_identities=10", "eval.num_pairs=40", "eval.folds=2", "wandb.enabled=false",
+        *extra,
+    ])
+
+
+def losses(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_lr_schedule_closed_form():
+    kw = dict(base_lr=0.1, total_steps=110, warmup_steps=10)
+    assert lr_at(0, **kw) == pytest.approx(0.01)
+    assert lr_at(9, **kw) == pytest.approx(0.1)
+    assert lr_at(60, **kw, poly_power=2.0) == pytest.approx(0.1 * 0.5 ** 2)
+    assert lr_at(60, **kw, schedule="cosine") == pytest.approx(0.05)
+    assert lr_at(110, **kw) == pytest.approx(0.0)
+    assert lr_at(50, **kw, schedule="constant") == 0.1
+
+
+def test_loss_scaler_halves_on_overflow_and_never_reaches_zero():
+    s = LossScaler(enabled=True, init_scale=8.0, growth_interval=2, min_scale=1.0)
+    for _ in range(10):
+        s.update(finite=False)
+    assert s.scale == 1.0  # floored, not 0
+    s.update(True), s.update(True)
+    assert s.scale == 2.0
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 4.0)
+    s.unscale_([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    """N steps, stop, resume, N steps == 2N uninterrupted steps: same losses, same weights."""
+    full = Trainer(tiny_cfg(tmp_path, "full"))
+    full.fit()
+    first = Trainer(tiny_cfg(tmp_path, "split"))
+    first.fit(until=3)
+    assert [p.name for p in complete_checkpoints(first.ckpt_root)] == ["step-00000003"]
+    second = Trainer(tiny_cfg(tmp_path, "split"), resume="auto")
+    assert second.state.step == 3
+    second.fit()
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    for (k, v), (_, w) in zip(full.backbone.state_dict().items(), second.backbone.state_dict().items()):
+        assert torch.allclose(v.float(), w.float(), atol=1e-5), k
+    assert torch.allclose(full.head.weight, second.head.weight, atol=1e-6)
+
+
+def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        Trainer(tiny_cfg(tmp_path, "x"), resume=str(tmp_path / "nope"))
+    t = Trainer(tiny_cfg(tmp_path, "y"))
+    t.fit(until=2)
+    ckpt = complete_checkpoints(t.ckpt_root)[-1]
+    trainer_file = ckpt / "trainer.pt"
+    trainer_file.write_bytes(trainer_file.read_bytes()[:100])  # truncated
+    before = sorted(p.name for p in ckpt.iterdir())
+    with pytest.raises(CheckpointError, match="unreadable"):
+        Trainer(tiny_cfg(tmp_path, "y"), resume="auto")
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing overwritten
+
+
+def test_interrupted_save_is_never_resumed(tmp_path):
+    t = Trainer(tiny_cfg(tmp_path, "z"))
+    t.fit(until=2)
+    # A save that died half-way: its directory has no meta.json and keeps the .partial name.
+    (t.ckpt_root / "step-00000004.partial").mkdir()
+    resumed = Trainer(tiny_cfg(tmp_path, "z"), resume="auto")
+    assert resumed.state.step == 2
+
+
+def test_non_finite_gradients_stop_with_a_clear_error(tmp_path):
+    t = Trainer(tiny_cfg(tmp_path, "nan", "train.max_skipped_steps=3"))
+    with torch.no_grad():
+        t.head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+        t.fit()
