@@ -1,0 +1,79 @@
+"""The command line end to end: train → eval on a checkpoint, plan, export-head, errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dpface.cli import main
+from dpface.engine.checkpoint import complete_checkpoints
+
+TINY = [
+    "experiment.device=cpu", "model={name: iresnet_tiny, base_width: 8}", "head.embedding_size=32",
+    "head.loss={name: cosface, s: 16.0, m: 0.2}", "data.batch_size=16", "data.num_workers=0",
+    "data.synthetic={num_identities: 12, max_images: 8, min_images: 4}", "train.steps=4",
+    "train.log_every=2", "eval.num_identities=10", "eval.num_pairs=40", "eval.folds=2",
+    "wandb.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    rc = main(["train", "--config", "configs/cpu_demo.yaml", f"experiment.output_dir={out}",
+               "experiment.name=cli", *TINY])
+    assert rc == 0
+    return out / "cli"
+
+
+def test_train_writes_run_directory(trained):
+    assert (trained / "config.yaml").is_file()
+    final = json.loads((trained / "final_metrics.json").read_text())
+    assert final["step"] == 4 and 0.0 <= final["synthetic/acc"] <= 1.0
+    assert "untrained/synthetic/acc" in final
+    rows = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [2, 4]
+
+
+def test_eval_reproduces_the_final_training_evaluation(trained, capsys):
+    ckpt = complete_checkpoints(trained / "checkpoints")[-1]
+    assert main(["eval", "--checkpoint", str(ckpt)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    final = json.loads((trained / "final_metrics.json").read_text())
+    assert metrics["synthetic/acc"] == pytest.approx(final["synthetic/acc"])
+
+
+def test_eval_with_mismatched_embedding_size_is_a_clear_error(trained, capsys):
+    ckpt = complete_checkpoints(trained / "checkpoints")[-1]
+    assert main(["eval", "--checkpoint", str(ckpt), "head.embedding_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "embedding size 32" in err and "config 64" in err
+
+
+def test_eval_missing_checkpoint(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint directory" in capsys.readouterr().err
+
+
+def test_unknown_config_key_exits_2_with_suggestion(capsys):
+    assert main(["train", "--config", "configs/cpu_demo.yaml", "train.stpes=3"]) == 2
+    assert "did you mean 'steps'" in capsys.readouterr().err
+
+
+def test_export_head_merges_shards(trained, tmp_path):
+    ckpt = complete_checkpoints(trained / "checkpoints")[-1]
+    out = tmp_path / "head.pt"
+    assert main(["export-head", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    merged = torch.load(out, weights_only=True)
+    shard = torch.load(ckpt / "head-rank00000.pt", weights_only=True)  # a 1-rank run: one shard
+    assert merged["rows"]["weight"].shape == (12, 32)
+    assert torch.equal(merged["rows"]["weight"], shard["rows"]["weight"])
+
+
+def test_plan_and_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "dpface", "plan", "--classes", "2000000", "--dim", "512",
+                        "--world", "64", "--batch", "128", "--sample-rate", "0.1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "MiB" in r.stdout or "GiB" in r.stdout
