@@ -3,7 +3,7 @@
     checkpoints/step-00000200/
         meta.json           written last; its presence marks the checkpoint complete
         trainer.pt          rank 0: backbone, its optimizer, loss scaler, step
-        head-rank00000.pt   every rank: its head shard with its global class range
+        head-rank00000-of-00002.pt  every rank: its head shard with its global class range
         rank00000.pt        every rank: RNG state and data-stream position
 
 Ranks write into ``step-N.partial/``; after a barrier rank 0 writes meta.json and
@@ -27,22 +27,14 @@ from pathlib import Path
 import torch
 
 from dpface import dist
-from dpface.heads.sharding import apply_shard_state, head_shard_state, load_resharded
+from dpface.heads.sharding import (apply_shard_state, atomic_save, head_shard_state, load_resharded,
+                                   shard_filename)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
-
-
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load(path: Path, weights_only: bool = True):
@@ -106,7 +98,8 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, con
         partial.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     r = info.rank
-    atomic_save(head_shard_state(state.head, state.head_opt), partial / f"head-rank{r:05d}.pt")
+    atomic_save(head_shard_state(state.head, state.head_opt),
+                partial / shard_filename(r, info.world_size))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
