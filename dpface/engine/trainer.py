@@ -138,7 +138,9 @@ class Trainer:
 
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         self.stream = build_stream(cfg, self.info)
-        self.backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size).to(dev)
+        # channels-last: 1.4× faster on CPU and 2.4× on GPU for iresnets (benchmarks/RESULTS.md).
+        self.backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size).to(
+            dev, memory_format=torch.channels_last)
         self.head = PartialFC(cfg.head.embedding_size, self.stream.num_classes,
                               build_loss(cfg.head.loss), sample_rate=cfg.head.sample_rate,
                               seed=cfg.experiment.seed).to(dev)

@@ -1,0 +1,109 @@
+"""MobileFaceNet (Chen et al., 2018): a < 1M-parameter face backbone.
+
+Table 1 of the paper, for a 112x112 input (t: expansion, c: channels, n: repeats,
+s: stride of the first repeat):
+
+    conv3x3            -  64  1  2     112 → 56
+    depthwise conv3x3  -  64  1  1
+    bottleneck         2  64  5  2     56 → 28
+    bottleneck         4 128  1  2     28 → 14
+    bottleneck         2 128  6  1
+    bottleneck         4 128  1  2     14 → 7
+    bottleneck         2 128  2  1
+    conv1x1            - 512  1  1
+    linear GDConv7x7   - 512  1  1     7 → 1
+    linear conv1x1     -   D  1  1
+
+Bottlenecks are MobileNetV2 inverted residuals with PReLU. The global depthwise
+conv (GDConv) replaces global average pooling: it learns a weight per position,
+because the centre of an aligned face matters more than its corners.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dpface.models.iresnet import (STAGE_STRIDE, check_embedding_size, check_image,
+                                   check_input_size, init_weights)
+
+# (t, c, n, s) rows of Table 1's bottleneck stages.
+BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
+
+
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
+            act: bool = True) -> nn.Sequential:
+    """conv → BN (→ PReLU unless linear). No conv bias: BN follows."""
+    layers = [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2 if kernel == 3 else 0,
+                  groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act:
+        layers.append(nn.PReLU(cout))
+    return nn.Sequential(*layers)
+
+
+class Bottleneck(nn.Module):
+    """Inverted residual: 1x1 expand → depthwise 3x3(stride) → linear 1x1 project."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expansion: int):
+        super().__init__()
+        hidden = cin * expansion
+        self.body = nn.Sequential(
+            conv_bn(cin, hidden, 1),
+            conv_bn(hidden, hidden, 3, stride=stride, groups=hidden),
+            conv_bn(hidden, cout, 1, act=False),
+        )
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return x + out if self.residual else out
+
+
+class MobileFaceNet(nn.Module):
+    """MobileFaceNet over [B,3,S,S] images in [-1,1]; returns unnormalised float32 [B,D]."""
+
+    def __init__(self, embedding_size: int, width: float = 1.0, input_size: int = 112):
+        super().__init__()
+        check_embedding_size(embedding_size)
+        if isinstance(width, bool) or not isinstance(width, (int, float)) \
+                or not 0 < width < float("inf"):
+            raise ValueError(f"width must be a positive number, got {width!r}")
+        self.input_size = check_input_size(input_size)
+        self.embedding_size = embedding_size
+
+        def ch(c: int) -> int:
+            # Multiples of 8 keep vectorised conv kernels efficient.
+            return max(8, int(round(c * width / 8)) * 8)
+
+        c64, c512 = ch(64), ch(512)
+        self.stem = nn.Sequential(
+            conv_bn(3, c64, 3, stride=2),
+            conv_bn(c64, c64, 3, groups=c64),
+        )
+        blocks, cin = [], c64
+        for t, c, n, s in BOTTLENECKS:
+            for i in range(n):
+                blocks.append(Bottleneck(cin, ch(c), stride=s if i == 0 else 1, expansion=t))
+                cin = ch(c)
+        self.blocks = nn.Sequential(*blocks)
+        self.conv_sep = conv_bn(cin, c512, 1)
+        spatial = input_size // STAGE_STRIDE
+        # GDConv: one spatial filter per channel covering the whole final map; linear.
+        self.gdconv = conv_bn(c512, c512, spatial, groups=c512, act=False)
+        self.linear = nn.Conv2d(c512, embedding_size, 1, bias=False)
+        self.features = nn.BatchNorm1d(embedding_size)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image(x, self.input_size)
+        x = self.gdconv(self.conv_sep(self.blocks(self.stem(x))))
+        x = torch.flatten(self.linear(x), 1)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.features(x.float())
+
+
+def mobilefacenet(embedding_size: int, width: float = 1.0, input_size: int = 112) -> MobileFaceNet:
+    """MobileFaceNet (Chen et al. 2018); ``width`` scales every channel count."""
+    return MobileFaceNet(embedding_size, width=width, input_size=input_size)
