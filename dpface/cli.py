@@ -79,6 +79,24 @@ def _cmd_export_head(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from dpface.data import convert
+
+    common = dict(image_size=args.image_size, max_shard_bytes=args.shard_mb << 20,
+                  num_workers=args.workers, overwrite=args.overwrite)
+    if args.source == "folder":
+        m = convert.convert_image_folder(args.src, args.out, **common)
+    elif args.source == "recordio":
+        m = convert.convert_recordio(args.src, args.out, idx_path=args.idx, **common)
+    else:
+        m = convert.convert_synthetic(args.out, num_identities=args.identities, seed=args.seed,
+                                      max_images=args.max_images, min_images=args.min_images,
+                                      exponent=args.exponent, **common)
+    print(f"wrote {m['num_images']} images of {m['num_classes']} classes in "
+          f"{len(m['shards'])} shard(s); manifest: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpface", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -110,6 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True)
     x.set_defaults(fn=_cmd_export_head)
+
+    c = sub.add_parser("convert", help="image folder / insightface RecordIO / synthetic → WebDataset shards")
+    csub = c.add_subparsers(dest="source", required=True)
+    cf = csub.add_parser("folder", help="one sub-folder per identity")
+    cf.add_argument("src")
+    cr = csub.add_parser("recordio", help="insightface train.rec (+ train.idx)")
+    cr.add_argument("src", help="path of train.rec")
+    cr.add_argument("--idx", default=None, help="path of train.idx (default: beside the .rec)")
+    cs = csub.add_parser("synthetic", help="procedural synthetic faces")
+    cs.add_argument("--identities", type=int, required=True)
+    cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument("--max-images", type=int, default=60)
+    cs.add_argument("--min-images", type=int, default=2)
+    cs.add_argument("--exponent", type=float, default=1.0)
+    for sp in (cf, cr, cs):
+        sp.add_argument("out", help="output directory for shards + manifest.json")
+        sp.add_argument("--image-size", type=int, default=112)
+        sp.add_argument("--shard-mb", type=int, default=1024, help="max size of one shard")
+        sp.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
+        sp.add_argument("--overwrite", action="store_true")
+        sp.set_defaults(fn=_cmd_convert)
     return p
 
 

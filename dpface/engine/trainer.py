@@ -62,11 +62,20 @@ def build_stream(cfg: Config, info: dist.DistInfo):
         from dpface.data.dali_stream import DaliStream
 
         w = d.webdataset
+        on_gpu = info.device.type == "cuda"
         return DaliStream(w.shards, batch_size=d.batch_size, rank=info.rank,
                           world_size=info.world_size, num_workers=d.num_workers,
-                          seed=cfg.experiment.seed, image_size=d.image_size,
-                          device_id=info.local_rank if info.device.type == "cuda" else None)
+                          seed=cfg.experiment.seed, shuffle_buffer=w.shuffle_buffer,
+                          augment=tuple(w.augment), image_size=d.image_size,
+                          max_bad_fraction=w.max_bad_fraction, device="gpu" if on_gpu else "cpu",
+                          device_id=info.local_rank if on_gpu else None)
     raise ValueError(f"unknown data.backend '{d.backend}'")
+
+
+def has_eval_sets(cfg: Config) -> bool:
+    """The same answer on every rank (only rank 0 builds the sets): evaluation is a
+    collective moment, all ranks must agree to enter it."""
+    return cfg.data.backend == "synthetic" or bool(cfg.eval.bin_sets)
 
 
 def build_eval_sets(cfg: Config) -> dict:
@@ -138,9 +147,12 @@ class Trainer:
 
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         self.stream = build_stream(cfg, self.info)
-        # channels-last: 1.4× faster on CPU and 2.4× on GPU for iresnets (benchmarks/RESULTS.md).
-        self.backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size).to(
-            dev, memory_format=torch.channels_last)
+        self.backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size).to(dev)
+        # channels-last: 2.4× faster for iresnets on GPU. Not on CPU: torch 2.13's CPU
+        # convolutions crash in backward with channels-last at 8 channels, and gloo DDP
+        # with channels-last parameters segfaults.
+        if dev.type == "cuda":
+            self.backbone.to(memory_format=torch.channels_last)
         self.head = PartialFC(cfg.head.embedding_size, self.stream.num_classes,
                               build_loss(cfg.head.loss), sample_rate=cfg.head.sample_rate,
                               seed=cfg.experiment.seed).to(dev)
@@ -153,7 +165,8 @@ class Trainer:
         self.state = TrainState(0, self.backbone, self.head, self.backbone_opt, self.head_opt,
                                 self.scaler, self.stream)
         self.logger = MetricsLogger(self.run_dir, self.info.is_main, cfg.wandb, cfg.to_dict())
-        self.eval_sets = build_eval_sets(cfg) if self.info.is_main else {}
+        self.do_eval = has_eval_sets(cfg)
+        self.eval_sets = build_eval_sets(cfg) if self.info.is_main and self.do_eval else {}
         if self.resume_from is not None:
             self.state.step = load_checkpoint(self.resume_from, self.state, self.info)
         self.untrained: dict | None = None  # verification before training, for the report
@@ -228,7 +241,7 @@ class Trainer:
                   f"{self.head.num_classes} classes, world {info.world_size}, "
                   f"global batch {global_batch}, device {info.device}, "
                   f"amp {self.amp_dtype or 'fp32'}, steps {self.state.step}->{t.steps}", flush=True)
-        if self.state.step == 0 and self.eval_sets:
+        if self.state.step == 0 and self.do_eval:
             m = self.evaluate()
             self.logger.log(0, m, prefix="eval-untrained")
             self.untrained = m
@@ -268,16 +281,17 @@ class Trainer:
                 window, t_last, steps_last = [], now, step
             if t.ckpt_every and step % t.ckpt_every == 0 and step < stop:
                 self.save()
-            if t.eval_every and step % t.eval_every == 0 and step < stop and self.eval_sets:
+            if t.eval_every and step % t.eval_every == 0 and step < stop and self.do_eval:
                 self.logger.log(step, self.evaluate(), prefix="eval")
         if bar is not None:
             bar.close()
         path = self.save()
         if self.state.step < t.steps:  # stopped early on purpose: leave evaluation to the end
             return {}
-        final = self.evaluate()
+        final = self.evaluate() if self.do_eval else {}
         if info.is_main:
-            self.logger.log(self.state.step, final, prefix="eval")
+            if final:
+                self.logger.log(self.state.step, final, prefix="eval")
             summary = {"step": self.state.step, "checkpoint": str(path), **final}
             if self.untrained:
                 summary.update({f"untrained/{k}": v for k, v in self.untrained.items()})
