@@ -1,0 +1,343 @@
+"""Model-parallel Partial-FC classifier (after An et al., "Partial FC", 2021).
+
+Each rank holds a contiguous block of class centres W[lo:hi). A step gathers the
+embeddings and labels of the global batch, scores them against this rank's rows (all
+of them, or the positives plus a random sample of negatives), applies the logit
+transform, and computes the softmax cross-entropy over all classes of all ranks with
+O(B_global) scalars exchanged: a max, a sum of exponentials and the target logit per
+sample. Nothing of size C ever crosses ranks.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpface.dist import get_rank, get_world_size
+from dpface.dist.collectives import (all_gather, all_gather_with_grad, all_reduce_max,
+                                     all_reduce_sum)
+from dpface.heads.sharding import class_range, sample_count
+from dpface.losses.margin import LogitTransform
+
+INIT_STD = 0.01
+# Rows are initialised in fixed blocks, each from its own seed, so that row j's initial
+# value depends only on (seed, j): a run at any world size starts from the same W, and
+# no rank ever generates rows it does not own (beyond one block).
+INIT_BLOCK = 4096
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """Hash integers into a 63-bit seed (splitmix64 steps): nearby inputs such as
+    consecutive steps give unrelated seeds, unlike seed + step."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+_INIT_TAG = 0x1417  # keeps init streams apart from sampling streams with equal numbers
+
+
+def init_rows(lo: int, hi: int, dim: int, seed: int = 0, std: float = INIT_STD,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows [lo, hi) of a normal(0, std) class matrix, identical whatever the sharding."""
+    out = torch.empty(hi - lo, dim, dtype=dtype)
+    for b in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1 if hi > lo else 0):
+        g = torch.Generator().manual_seed(mix_seed(_INIT_TAG, seed, b, dim))
+        block = torch.randn(INIT_BLOCK, dim, generator=g, dtype=dtype).mul_(std)
+        b0 = b * INIT_BLOCK
+        a, z = max(lo, b0), min(hi, b0 + INIT_BLOCK)
+        out[a - lo:z - lo] = block[a - b0:z - b0]
+    return out
+
+
+# Input-check codes exchanged between ranks (see PartialFC._check_inputs).
+_OK, _BAD_EMBEDDINGS, _BAD_LABEL_SHAPE, _BAD_LABEL_DTYPE, _LABEL_OUT_OF_RANGE, _EMPTY_BATCH = range(6)
+
+
+@dataclass
+class HeadOutput:
+    loss: torch.Tensor  # scalar, mean over the global batch, the same on every rank
+    accuracy: torch.Tensor  # top-1 over the global batch (among the scored classes), no grad
+    num_sampled: int  # rows of this rank's shard scored this step
+
+
+def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 parameters (logits in half precision overflow and lose
+    the margin), fp64 for fp64 parameters (tight tests)."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+class _CosineScores(torch.autograd.Function):
+    """cos = x̂ · (W_j/‖W_j‖)ᵀ for unit rows x̂ [B, D] and raw rows W [K, D].
+
+    Same values as ``x̂ @ F.normalize(W).T`` but never materialises the normalised
+    [K, D] copy (as large as the shard at r = 1) nor keeps the [B, K] product: the
+    columns of x̂·Wᵀ are scaled by 1/‖W_j‖, and backward uses the closed form
+    dW_j = M_j − (Ŵ_j·M_j)·Ŵ_j with M = (G/‖W‖)ᵀ·x̂ (the gradient of a normalised row is
+    the tangential part).
+    """
+
+    @staticmethod
+    def forward(ctx, x_unit, w):
+        inv_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
+        ctx.save_for_backward(x_unit, w, inv_norm)
+        return (x_unit @ w.T).mul_(inv_norm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_unit, w, inv_norm = ctx.saved_tensors
+        g = grad * inv_norm  # [B, K]: gradient w.r.t. x̂·Wᵀ
+        grad_x = g @ w if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = g.T @ x_unit  # M [K, D]
+            # Row-wise dot products as a batched matmul: no [K, D] product temporary.
+            dots = torch.bmm(w.unsqueeze(1), grad_w.unsqueeze(2)).view(-1)
+            radial = dots * inv_norm.square()
+            grad_w.addcmul_(w, radial[:, None], value=-1.0)
+        return grad_x, grad_w
+
+
+class _DistSoftmaxCE(torch.autograd.Function):
+    """Softmax cross-entropy over columns spread across ranks.
+
+    Inputs: logits [B, K] (this rank's columns), target [B] (column or −1), scores
+    [B, K] (before the margin; only for the accuracy). Returns (loss, accuracy). The
+    gradient w.r.t. this rank's logits is (softmax − onehot)/B for its columns, the
+    same as the full softmax. Max and sums are exchanged as two stacked all-reduces.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, scores, group):
+        b = logits.shape[0]
+        rows = torch.arange(b, device=logits.device)
+        has = target >= 0
+        col = target.clamp(min=0)
+        maxes = all_reduce_max(torch.stack([logits.max(1).values, scores.max(1).values]), group)
+        gmax = maxes[0]  # treated as a constant: the loss does not depend on the shift
+        e = (logits - gmax[:, None]).exp_()
+        zero = logits.new_zeros(())
+        sums = all_reduce_sum(torch.stack([
+            e.sum(1),
+            torch.where(has, logits[rows, col], zero),
+            torch.where(has, scores[rows, col], zero),
+        ]), group)
+        # The max column contributes exp(0) = 1, so the sum is ≥ 1 in exact arithmetic;
+        # the clamp only guards log against a NaN/inf input turned into 0.
+        sum_exp = sums[0].clamp_min(torch.finfo(logits.dtype).tiny)
+        loss = (sum_exp.log() + gmax - sums[1]).mean()
+        # A sample is right when its true class's score reaches the global max score
+        # (ties count as right: they need exactly equal floats).
+        accuracy = (sums[2] >= maxes[1]).to(logits.dtype).mean()
+        e.div_(sum_exp[:, None])  # softmax, kept for backward
+        ctx.save_for_backward(e, target)
+        ctx.mark_non_differentiable(accuracy)
+        return loss, accuracy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_acc):
+        p, target = ctx.saved_tensors
+        scale = grad_loss / p.shape[0]
+        # Out of place: p stays valid should the graph be run twice (retain_graph).
+        grad = p * scale
+        rows = (target >= 0).nonzero().squeeze(1)
+        grad[rows, target[rows]] -= scale
+        return grad, None, None, None
+
+
+class PartialFC(nn.Module):
+    """Model-parallel margin-softmax classifier with optional class sampling.
+
+    Rank r owns classes [class_start, class_end) = ``class_range(C, world, r)``; its
+    parameter ``weight`` [C_local, D] (and ``bias`` [C_local] when the transform has
+    one) holds only those rows. Do not wrap the head in DDP: its gradients are local
+    and must not be averaged. Every rank must call ``forward`` and ``backward`` with
+    the same ``step`` (both contain collectives), with equal per-rank batch sizes.
+
+    The loss is the mean over the *global* batch and is identical on every rank; the
+    embedding gradient is multiplied by the world size on its way back (see
+    ``dpface.dist.collectives``) so that DDP's averaging of backbone gradients gives
+    the single-process gradient.
+
+    Sampling (``sample_rate`` r < 1): each step scores the positives (classes of this
+    shard present in the global batch) plus uniformly drawn negatives, up to
+    max(#positives, ceil(r·C_local)) rows, drawn from a generator seeded by (seed,
+    step, rank) — reproducible, different per step. ``weight.grad`` stays dense
+    [C_local, D]; rows not sampled get exactly zero there, but an optimizer still
+    moves them: SGD with momentum keeps applying the decaying momentum buffer, weight
+    decay (SGD's L2 term or AdamW's decoupled decay) shrinks them every step, and
+    AdamW's moments keep producing updates from past gradients for a while (m decays
+    by β1 per step, v more slowly). This is a known trait of Partial FC with dense
+    optimizers. Cosine logits ignore a row's norm, but the gradient of a normalised
+    row scales as 1/‖W_j‖, so a row shrunk by decay takes larger steps when next
+    sampled. The loss and accuracy only cover the scored classes.
+
+    ``rank``/``world_size`` overrides build a shard without a matching process group
+    (checkpoint tools, tests); such a head refuses ``forward``.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, transform: LogitTransform,
+                 sample_rate: float = 1.0, seed: int = 0, group=None, *,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if not isinstance(transform, LogitTransform):
+            raise TypeError(f"transform must be a LogitTransform, got {type(transform).__name__}")
+        if transform.normalize and transform.bias:
+            raise ValueError("a bias makes no sense with normalised (cosine) scores")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
+                or not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.transform = transform
+        self.sample_rate = float(sample_rate)
+        self.seed = int(seed)
+        self.group = group
+        self.world_size = get_world_size(group) if world_size is None else int(world_size)
+        self.rank = get_rank(group) if rank is None else int(rank)
+        self.class_start, self.class_end = class_range(self.num_classes, self.world_size, self.rank)
+        self.num_local = self.class_end - self.class_start
+        self.weight = nn.Parameter(init_rows(self.class_start, self.class_end,
+                                             self.embedding_size, self.seed))
+        if transform.bias:
+            self.bias = nn.Parameter(torch.zeros(self.num_local))
+        else:
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"classes=[{self.class_start}, {self.class_end}), rank={self.rank}/"
+                f"{self.world_size}, sample_rate={self.sample_rate}")
+
+    # -- input checks -------------------------------------------------------------
+    def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Diagnose locally, then share one small code per rank, so a bad input on any
+        rank raises the same error on all ranks instead of hanging the others in the
+        next collective. The exchanged batch size also checks equal per-rank batches."""
+        kind, pos, val = _OK, None, None
+        if x.dim() != 2 or x.shape[1] != self.embedding_size:
+            kind = _BAD_EMBEDDINGS
+        elif labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+            kind = _BAD_LABEL_SHAPE
+        elif labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            kind = _BAD_LABEL_DTYPE
+        elif labels.numel() == 0:
+            kind = _EMPTY_BATCH
+        else:
+            bad = (labels < 0) | (labels >= self.num_classes)
+            pos = bad.long().argmax()  # first offending position (0 if none)
+            val = labels[pos].long()
+            kind = bad.any().long() * _LABEL_OUT_OF_RANGE  # stays on device: no sync here
+
+        def t(v):
+            return torch.as_tensor(0 if v is None else v, dtype=torch.long, device=x.device)
+
+        code = torch.stack([t(kind), t(pos), t(val), t(x.shape[0] if x.dim() else -1)])
+        codes = all_gather(code[None], self.group, check_sizes=False).tolist()
+
+        for r, (k, p, v, _) in enumerate(codes):
+            if k == _OK:
+                continue
+            mine = f" (here: {tuple(x.shape)} / {tuple(labels.shape)} {labels.dtype})" \
+                if r == self.rank else ""
+            if k == _BAD_EMBEDDINGS:
+                raise ValueError(f"embeddings on rank {r} must be [batch, {self.embedding_size}]"
+                                 f"{mine}")
+            if k == _BAD_LABEL_SHAPE:
+                raise ValueError(f"labels on rank {r} must be 1-D with one label per embedding"
+                                 f"{mine}")
+            if k == _BAD_LABEL_DTYPE:
+                raise TypeError(f"labels on rank {r} must be an integer tensor (torch.long), not "
+                                f"floating-point or bool{mine}; float labels are a classic "
+                                f"cause of a constant loss")
+            if k == _EMPTY_BATCH:
+                raise ValueError(f"rank {r} passed an empty batch")
+            raise ValueError(f"label {v} at position {p} of rank {r}'s batch is outside "
+                             f"[0, {self.num_classes})")
+        sizes = [c[3] for c in codes]
+        if any(s != sizes[0] for s in sizes):
+            listed = ", ".join(f"rank {r}: {s}" for r, s in enumerate(sizes))
+            raise ValueError(f"PartialFC needs the same batch size on every rank; got {listed}. "
+                             f"Use drop_last=True in the data loader.")
+
+    def _check_group(self) -> None:
+        actual = (get_rank(self.group), get_world_size(self.group))
+        if actual != (self.rank, self.world_size):
+            raise RuntimeError(
+                f"this head was built as rank {self.rank} of {self.world_size} but the process "
+                f"group says rank {actual[0]} of {actual[1]}; heads built with rank/world_size "
+                f"overrides are for checkpoint tools only")
+
+    # -- sampling -----------------------------------------------------------------
+    def sample(self, labels: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Sorted local row indices to score this step, or None for all rows.
+
+        ``labels`` are the global batch's labels. Positives are always kept; the
+        negatives come from a generator seeded by (seed, step, rank) alone.
+        """
+        if self.sample_rate >= 1.0:
+            return None
+        local = labels - self.class_start
+        pos = torch.unique(local[(local >= 0) & (local < self.num_local)])
+        n = sample_count(self.num_local, self.sample_rate, pos.numel())
+        if n >= self.num_local:
+            return None
+        dev = self.weight.device
+        g = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, step, self.rank))
+        # Top-n of iid uniform keys is a uniform n-subset; positives get a key above
+        # any uniform so they are always in it.
+        keys = torch.rand(self.num_local, generator=g, device=dev)
+        keys[pos] = 2.0
+        return keys.topk(n, sorted=False).indices.sort().values
+
+    # -- forward ------------------------------------------------------------------
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> HeadOutput:
+        step = operator.index(step)
+        self._check_group()
+        self._check_inputs(embeddings, labels)
+        x = all_gather_with_grad(embeddings, self.group, check_sizes=False)
+        y = all_gather(labels.to(x.device, torch.long), self.group, check_sizes=False)
+        idx = self.sample(y, step)
+
+        local = y - self.class_start
+        mine = (local >= 0) & (local < self.num_local)
+        if idx is None:
+            w, b = self.weight, self.bias
+            target = torch.where(mine, local, -1)
+        else:
+            w = self.weight.index_select(0, idx)
+            b = None if self.bias is None else self.bias.index_select(0, idx)
+            # Positives are in idx (sorted), so searchsorted finds their exact column.
+            col = torch.searchsorted(idx, local.clamp(0, self.num_local - 1))
+            target = torch.where(mine, col, -1)
+
+        dtype = compute_dtype(self.weight.dtype)
+        # Logits in full precision even under autocast: the margin on s·cos θ and the
+        # exp-sum of a million columns do not survive fp16/bf16.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf, wf = x.to(dtype), w.to(dtype)
+            if self.transform.normalize:
+                scores = _CosineScores.apply(F.normalize(xf, dim=1), wf)
+            else:
+                scores = xf @ wf.T
+                if b is not None:
+                    scores = scores + b.to(dtype)
+            logits = self.transform(scores, target)
+            loss, accuracy = _DistSoftmaxCE.apply(logits, target,
+                                                  scores.detach().to(logits.dtype), self.group)
+        n = self.num_local if idx is None else idx.numel()
+        return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=n)
+
+
+__all__ = ["PartialFC", "HeadOutput", "init_rows", "mix_seed", "compute_dtype"]

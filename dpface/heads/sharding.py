@@ -1,0 +1,309 @@
+"""Class sharding of the head, and head checkpoints that survive a change of world size.
+
+A shard file holds one rank's rows of W (and bias) with the optimizer's per-row state
+(momentum, Adam moments) and its global class range. Loading at another world size
+reads each old shard memory-mapped and copies only the rows the new rank owns, so no
+rank ever holds the whole matrix; ``merge_shards`` (an offline export tool) is the one
+place that does.
+
+Shard state layout (a plain dict, loadable with ``weights_only=True``)::
+
+    {'format': 'dpface.head_shard/1', 'num_classes', 'class_start', 'class_end',
+     'world_size', 'rank',
+     'rows':    {'weight': [n, D], 'bias': [n], 'weight.momentum_buffer': [n, D],
+                 'weight.exp_avg': ..., 'weight.exp_avg_sq': ..., ...},
+     'scalars': {'state': {'weight.step': tensor, ...},          # non-row optimizer state
+                 'param_groups': [{'lr':..., 'param_names': [...], ...}, ...],
+                 'params': {'transform.s': tensor, ...}}}        # replicated head params
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+FORMAT = "dpface.head_shard/1"
+_ROW_PARAMS = ("weight", "bias")
+
+
+# -- the split -------------------------------------------------------------------
+def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous class block [lo, hi). The first C % W ranks get one
+    class more, so block sizes differ by at most one."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if world_size > num_classes:
+        raise ValueError(f"world size {world_size} exceeds the number of classes {num_classes}: "
+                         f"every rank must own at least one class")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    base, extra = divmod(num_classes, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def sample_count(num_local: int, sample_rate: float, num_positive: int = 0) -> int:
+    """Rows a shard scores per step: max(#positives, ceil(r·C_local)), at most C_local.
+
+    r·C_local is rounded to 6 decimals first: 0.3·10 is 3.0000000000000004 in floating
+    point and must not become 4."""
+    want = math.ceil(round(sample_rate * num_local, 6))
+    return min(num_local, max(num_positive, want))
+
+
+def shard_filename(rank: int, world_size: int) -> str:
+    return f"head-rank{rank:05d}-of-{world_size:05d}.pt"
+
+
+# -- saving ----------------------------------------------------------------------
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temp name in the same directory, fsync, then rename over
+    ``path``: a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor that owns exactly its bytes (torch.save writes a view's whole storage)."""
+    t = t.detach().cpu()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _param_names(head, optimizer) -> dict[int, str]:
+    names = {id(p): n for n, p in head.named_parameters()}
+    if optimizer is not None:
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                if id(p) not in names:
+                    raise ValueError("the head optimizer must hold only the head's parameters; "
+                                     f"found a parameter of shape {list(p.shape)} that is not "
+                                     "the head's")
+    return names
+
+
+def head_shard_state(head, optimizer=None) -> dict:
+    """This rank's shard: rows of the head's parameters and of the optimizer's per-row
+    state, plus the non-row optimizer state. Tensors are CPU views of the live ones
+    where possible: save them before the next step."""
+    names = _param_names(head, optimizer)
+    rows: dict[str, torch.Tensor] = {}
+    params: dict[str, torch.Tensor] = {}
+    for n, p in head.named_parameters():
+        (rows if n in _ROW_PARAMS else params)[n] = _own(p)
+    state: dict[str, Any] = {}
+    groups = []
+    if optimizer is not None:
+        for g in optimizer.param_groups:
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            hyper["param_names"] = [names[id(p)] for p in g["params"]]
+            groups.append(hyper)
+            for p in g["params"]:
+                n = names[id(p)]
+                for k, v in optimizer.state.get(p, {}).items():
+                    if v is None:
+                        continue
+                    if n in _ROW_PARAMS and torch.is_tensor(v) and v.shape == p.shape:
+                        rows[f"{n}.{k}"] = _own(v)
+                    else:
+                        state[f"{n}.{k}"] = _own(v) if torch.is_tensor(v) else v
+    return {
+        "format": FORMAT, "num_classes": head.num_classes, "class_start": head.class_start,
+        "class_end": head.class_end, "world_size": head.world_size, "rank": head.rank,
+        "rows": rows, "scalars": {"state": state, "param_groups": groups, "params": params},
+    }
+
+
+def save_head_shard(head, optimizer, path: str | os.PathLike) -> Path:
+    """Write this rank's shard atomically (every rank writes its own file)."""
+    return atomic_save(head_shard_state(head, optimizer), path)
+
+
+# -- loading at any world size ---------------------------------------------------
+def _equal(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and \
+            a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
+    return a == b
+
+
+def _open_shards(shard_files: Iterable[str | os.PathLike]) -> tuple[int, list[tuple[Path, dict]]]:
+    """Open (memory-mapped) and cross-check a complete set of shard files."""
+    opened = []
+    for f in map(Path, shard_files):
+        if not f.is_file():
+            raise FileNotFoundError(f"head shard file {f} does not exist")
+        try:
+            st = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # truncated, not a zip, unpicklable
+            raise ValueError(f"cannot read head shard file {f}: {e}") from e
+        if not isinstance(st, dict) or st.get("format") != FORMAT:
+            raise ValueError(f"{f} is not a dpface head shard (format {FORMAT!r} expected)")
+        opened.append((f, st))
+    if not opened:
+        raise ValueError("no head shard files given")
+    f0, s0 = opened[0]
+    num_classes = s0["num_classes"]
+    for f, st in opened[1:]:
+        if st["num_classes"] != num_classes:
+            raise ValueError(f"num_classes mismatch: {f0} has {num_classes}, {f} has "
+                             f"{st['num_classes']}")
+        if st["rows"].keys() != s0["rows"].keys():
+            raise ValueError(f"row tensors differ: {f0} has {sorted(s0['rows'])}, {f} has "
+                             f"{sorted(st['rows'])} (optimizer state missing on one rank?)")
+        for k, t in st["rows"].items():
+            if t.shape[1:] != s0["rows"][k].shape[1:] or t.dtype != s0["rows"][k].dtype:
+                raise ValueError(f"'{k}' of {f} is {t.dtype}{list(t.shape)}, of {f0} "
+                                 f"{s0['rows'][k].dtype}{list(s0['rows'][k].shape)}")
+        if not _equal(st["scalars"], s0["scalars"]):
+            raise ValueError(f"non-row state (optimizer step, hyper-parameters, replicated "
+                             f"params) differs between {f0} and {f}")
+    for f, st in opened:
+        lo, hi = st["class_start"], st["class_end"]
+        if not 0 <= lo < hi <= num_classes:
+            raise ValueError(f"{f} claims classes [{lo}, {hi}) outside [0, {num_classes})")
+        for k, t in st["rows"].items():
+            if t.shape[0] != hi - lo:
+                raise ValueError(f"'{k}' of {f} has {t.shape[0]} rows for classes [{lo}, {hi})")
+    opened.sort(key=lambda fs: fs[1]["class_start"])
+    covered = 0
+    prev = None
+    for f, st in opened:
+        lo, hi = st["class_start"], st["class_end"]
+        if lo < covered:
+            raise ValueError(f"shards overlap: {prev} covers up to class {covered}, {f} starts "
+                             f"at {lo}")
+        if lo > covered:
+            raise ValueError(f"classes [{covered}, {lo}) are in no shard (a shard file is "
+                             f"missing before {f})")
+        covered, prev = hi, f
+    if covered != num_classes:
+        raise ValueError(f"classes [{covered}, {num_classes}) are in no shard (a shard file is "
+                         f"missing after {prev})")
+    return num_classes, opened
+
+
+def _assemble(num_classes: int, opened, class_start: int, class_end: int) -> dict:
+    if not 0 <= class_start < class_end <= num_classes:
+        raise ValueError(f"requested classes [{class_start}, {class_end}) are not a non-empty "
+                         f"part of [0, {num_classes})")
+    s0 = opened[0][1]
+    rows = {k: torch.empty((class_end - class_start, *t.shape[1:]), dtype=t.dtype)
+            for k, t in s0["rows"].items()}
+    for _, st in opened:
+        a, z = max(class_start, st["class_start"]), min(class_end, st["class_end"])
+        if a >= z:
+            continue  # nothing of this shard is ours: its pages are never touched
+        for k, t in st["rows"].items():
+            lo = st["class_start"]
+            rows[k][a - class_start:z - class_start] = t[a - lo:z - lo]
+    return {"format": FORMAT, "num_classes": num_classes, "class_start": class_start,
+            "class_end": class_end, "world_size": None, "rank": None, "rows": rows,
+            "scalars": s0["scalars"]}
+
+
+def load_resharded(shard_files: Iterable[str | os.PathLike], class_start: int,
+                   class_end: int) -> dict:
+    """Rows [class_start, class_end) gathered from a complete set of shard files saved
+    at any world size. The files are memory-mapped; only overlapping rows are copied.
+
+    Errors (ValueError unless noted) name the file: missing file (FileNotFoundError),
+    unreadable file, num_classes mismatch, overlapping shards, classes in no shard."""
+    num_classes, opened = _open_shards(shard_files)
+    return _assemble(num_classes, opened, class_start, class_end)
+
+
+def apply_shard_state(head, optimizer, state: dict) -> None:
+    """Restore a (possibly resharded) state into ``head`` and its optimizer.
+
+    The optimizer is the plain torch optimizer over the head's parameters, built the
+    same way as at save time (same groups, same parameter order)."""
+    if (state["num_classes"], state["class_start"], state["class_end"]) != \
+            (head.num_classes, head.class_start, head.class_end):
+        raise ValueError(
+            f"shard state is for classes [{state['class_start']}, {state['class_end']}) of "
+            f"{state['num_classes']}, the head owns [{head.class_start}, {head.class_end}) of "
+            f"{head.num_classes}; use load_resharded for the head's range")
+    rows, scalars = state["rows"], state["scalars"]
+    params = dict(head.named_parameters())
+    names = _param_names(head, optimizer)
+    expected = {n for n in params if n in _ROW_PARAMS}
+    given = {k for k in rows if "." not in k}
+    if given != expected:
+        raise ValueError(f"shard state holds rows for {sorted(given)}, the head has "
+                         f"{sorted(expected)} (transform with/without bias?)")
+    with torch.no_grad():
+        for n, p in params.items():
+            src = rows[n] if n in _ROW_PARAMS else scalars["params"].get(n)
+            if src is None:
+                raise ValueError(f"shard state has no value for head parameter '{n}'")
+            if src.shape != p.shape:
+                raise ValueError(f"'{n}' in the shard state is {list(src.shape)}, the head's is "
+                                 f"{list(p.shape)}")
+            p.copy_(src)
+    if optimizer is None:
+        return
+    saved_groups = scalars["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"shard state has {len(saved_groups)} optimizer param groups, the "
+                         f"optimizer {len(optimizer.param_groups)}")
+    index: dict[str, int] = {}
+    groups = []
+    for saved, g in zip(saved_groups, optimizer.param_groups):
+        here = [names[id(p)] for p in g["params"]]
+        if saved.get("param_names") != here:
+            raise ValueError(f"optimizer group holds {here}, the saved one "
+                             f"{saved.get('param_names')}: build the optimizer as at save time")
+        ids = []
+        for n in here:
+            index[n] = len(index)
+            ids.append(index[n])
+        groups.append({**{k: v for k, v in saved.items() if k != "param_names"}, "params": ids})
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, v in list(scalars["state"].items()) + [(k, v) for k, v in rows.items() if "." in k]:
+        n, k = key.rsplit(".", 1)
+        if n not in index:
+            raise ValueError(f"optimizer state '{key}' is for a parameter the optimizer lacks")
+        opt_state.setdefault(index[n], {})[k] = v
+    # load_state_dict moves and casts the state to each parameter's device and dtype.
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+
+
+def merge_shards(shard_files: Iterable[str | os.PathLike], out_path: str | os.PathLike) -> Path:
+    """One file with the whole matrix (for ``dpface export-head``; offline only: it holds
+    all C rows in memory). The result is itself a one-shard checkpoint."""
+    num_classes, opened = _open_shards(shard_files)
+    state = _assemble(num_classes, opened, 0, num_classes)
+    state.update(world_size=1, rank=0)
+    return atomic_save(state, out_path)
+
+
+__all__ = ["class_range", "sample_count", "shard_filename", "atomic_save", "head_shard_state",
+           "save_head_shard", "load_resharded", "apply_shard_state", "merge_shards"]
