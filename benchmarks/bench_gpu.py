@@ -47,7 +47,7 @@ def time_head(head, classes: int, batch: int, dim: int, steps: int) -> dict:
     times.sort()
     return {"step_ms": 1e3 * times[len(times) // 2],
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-            "loss": float(out.loss)}
+            "loss": out.loss.item()}
 
 
 def bench_heads(classes_list, rates, batch, dim, steps) -> list[dict]:
