@@ -120,6 +120,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Embedding losses added to the classification loss: [{name: range, weight: 0.1, ...}].
+    aux_losses: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -278,11 +280,29 @@ def apply_overrides(data: dict, overrides) -> dict:
     return data
 
 
+# Filled in by the trainer, never by a config.
+AUX_PROVIDED = ("num_classes", "embedding_size")
+
+
 def _check_specs(cfg: Config, source: str) -> None:
     # Imported here: the registries pull in torch models, which config parsing alone
     # (e.g. `dpface plan`) does not need.
-    from dpface.losses import LOSSES
+    from dpface.losses import AUX_LOSSES, LOSSES
     from dpface.models import BACKBONES
+
+    for i, spec in enumerate(cfg.aux_losses):
+        key = f"aux_losses[{i}]"
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"{source}: '{key}' must be a mapping with a 'name'; "
+                              f"valid: {', '.join(AUX_LOSSES.names()) or '(none registered)'}")
+        weight = spec.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"{source}: '{key}.weight' must be a number > 0, got {weight!r}")
+        params = {k: v for k, v in spec.items() if k not in ("name", "weight")}
+        try:
+            AUX_LOSSES.check(spec["name"], params, provided=AUX_PROVIDED)
+        except SpecError as e:
+            raise ConfigError(f"{source}: '{key}': {e}") from None
 
     for key, spec, registry, provided in (
         ("model", cfg.model, BACKBONES, ("embedding_size",)),

@@ -88,6 +88,7 @@ class TrainState:
     head_opt: torch.optim.Optimizer
     scaler: object
     stream: object
+    aux_losses: torch.nn.Module  # per-rank state (e.g. class centres) of embedding losses
 
 
 def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, config: dict,
@@ -103,7 +104,8 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, con
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    atomic_save({"rng": rng, "data": state.stream.state_dict(), "world_size": info.world_size},
+    atomic_save({"rng": rng, "data": state.stream.state_dict(), "world_size": info.world_size,
+                 "aux_losses": state.aux_losses.state_dict()},
                 partial / f"rank{r:05d}.pt")
     if info.is_main:
         atomic_save({
@@ -158,9 +160,11 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo) -> int:
         if "cuda" in own["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(own["rng"]["cuda"])
         state.stream.load_state_dict(own["data"])
+        state.aux_losses.load_state_dict(own["aux_losses"])
     else:
         # Another world size: the data position is global (one count of global batches)
-        # and stays valid when the global batch is unchanged; per-rank RNG starts anew.
+        # and stays valid when the global batch is unchanged; per-rank RNG and per-rank
+        # embedding-loss state start anew.
         own = _load(path / "rank00000.pt")
         state.stream.load_state_dict(own["data"])
     return int(trainer["step"])

@@ -28,7 +28,7 @@ from dpface.engine.logging import MetricsLogger
 from dpface.engine.schedule import lr_at
 from dpface.eval import evaluate_pairs
 from dpface.heads import PartialFC
-from dpface.losses import build_loss
+from dpface.losses import build_aux_loss, build_loss
 from dpface.models import build_backbone
 
 
@@ -156,6 +156,11 @@ class Trainer:
         self.head = PartialFC(cfg.head.embedding_size, self.stream.num_classes,
                               build_loss(cfg.head.loss), sample_rate=cfg.head.sample_rate,
                               seed=cfg.experiment.seed).to(dev)
+        built = [build_aux_loss(spec, self.stream.num_classes, cfg.head.embedding_size)
+                 for spec in cfg.aux_losses]
+        self.aux_losses = torch.nn.ModuleList([m for m, _ in built]).to(dev)
+        self.aux_weights = [w for _, w in built]
+        self.aux_names = [spec["name"] for spec in cfg.aux_losses]
         self.model = (DistributedDataParallel(self.backbone, device_ids=[dev.index] if dev.type == "cuda" else None)
                       if self.info.world_size > 1 else self.backbone)
         self.backbone_opt = make_optimizer(self.backbone.parameters(), cfg, cfg.train.lr)
@@ -163,7 +168,7 @@ class Trainer:
         self.amp_dtype = resolve_amp(cfg.train.amp, dev)
         self.scaler = LossScaler(enabled=self.amp_dtype == torch.float16)
         self.state = TrainState(0, self.backbone, self.head, self.backbone_opt, self.head_opt,
-                                self.scaler, self.stream)
+                                self.scaler, self.stream, self.aux_losses)
         self.logger = MetricsLogger(self.run_dir, self.info.is_main, cfg.wandb, cfg.to_dict())
         self.do_eval = has_eval_sets(cfg)
         self.eval_sets = build_eval_sets(cfg) if self.info.is_main and self.do_eval else {}
@@ -204,7 +209,12 @@ class Trainer:
         with autocast(dev, self.amp_dtype):
             emb = self.model(x)
         out = self.head(emb.float(), labels, step)
-        self.scaler.scale_loss(out.loss).backward()
+        loss, aux_values = out.loss, {}
+        for name, fn, w in zip(self.aux_names, self.aux_losses, self.aux_weights):
+            value = fn(emb.float(), labels, step)
+            aux_values[f"aux/{name}"] = value.item()
+            loss = loss + w * value
+        self.scaler.scale_loss(loss).backward()
 
         bparams = [p for p in self.backbone.parameters() if p.grad is not None]
         hparams = [p for p in self.head.parameters() if p.grad is not None]
@@ -225,8 +235,8 @@ class Trainer:
         self.backbone_opt.zero_grad(set_to_none=True)
         self.head_opt.zero_grad(set_to_none=True)
         self.state.step += 1
-        return {"loss": out.loss.item(), "acc": float(out.accuracy), "lr": lr,
-                "grad_norm": grad_norm, "skipped": 0 if finite else 1}
+        return {"loss": loss.item(), "acc": float(out.accuracy), "lr": lr,
+                "grad_norm": grad_norm, "skipped": 0 if finite else 1, **aux_values}
 
     # -- loop ---------------------------------------------------------------------
     def fit(self, until: int | None = None) -> dict:
@@ -271,7 +281,8 @@ class Trainer:
             if step % t.log_every == 0 or step == stop:
                 now = time.perf_counter()
                 rate = global_batch * (step - steps_last) / max(now - t_last, 1e-9)
-                agg = {k: sum(w[k] for w in window) / len(window) for k in ("loss", "acc")}
+                means = ["loss", "acc", *(k for k in m if k.startswith("aux/"))]
+                agg = {k: sum(w[k] for w in window) / len(window) for k in means}
                 agg.update(lr=m["lr"], grad_norm=m["grad_norm"], img_s=rate,
                            skipped=sum(w["skipped"] for w in window), epoch=self.stream.epoch,
                            **{f"data/{k}": v for k, v in self.stream.stats().items()})
