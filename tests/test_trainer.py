@@ -53,14 +53,18 @@ def test_loss_scaler_halves_on_overflow_and_never_reaches_zero():
     assert torch.equal(p.grad, torch.full((3,), 2.0))
 
 
-def test_resume_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("opt", [
+    ["train.optimizer=sgd", "train.schedule=poly"],
+    ["train.optimizer=adamw", "train.schedule=cosine", "train.lr=0.002"],
+])
+def test_resume_continues_the_same_run(tmp_path, opt):
     """N steps, stop, resume, N steps == 2N uninterrupted steps: same losses, same weights."""
-    full = Trainer(tiny_cfg(tmp_path, "full"))
+    full = Trainer(tiny_cfg(tmp_path, "full", *opt))
     full.fit()
-    first = Trainer(tiny_cfg(tmp_path, "split"))
+    first = Trainer(tiny_cfg(tmp_path, "split", *opt))
     first.fit(until=3)
     assert [p.name for p in complete_checkpoints(first.ckpt_root)] == ["step-00000003"]
-    second = Trainer(tiny_cfg(tmp_path, "split"), resume="auto")
+    second = Trainer(tiny_cfg(tmp_path, "split", *opt), resume="auto")
     assert second.state.step == 3
     second.fit()
     a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
