@@ -77,3 +77,19 @@ def test_plan_and_python_dash_m():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "MiB" in r.stdout or "GiB" in r.stdout
+
+
+def test_eval_on_an_insightface_bin_set(trained, tmp_path, capsys):
+    """A .bin set written in insightface's format evaluates like the same pairs in memory."""
+    from dpface.data.synthetic import make_verification_pairs
+    from dpface.eval.bin_sets import write_bin
+
+    p = make_verification_pairs(num_pairs=40, identity_offset=12, num_identities=10, seed=0,
+                                num_folds=2)
+    write_bin(tmp_path / "synth.bin", p.images_a, p.images_b, p.issame)
+    ckpt = complete_checkpoints(trained / "checkpoints")[-1]
+    assert main(["eval", "--checkpoint", str(ckpt), "--bin", str(tmp_path / "synth.bin"),
+                 "data.backend=webdataset"]) == 0  # no synthetic set: only the .bin one
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(k.split("/")[0] for k in metrics) == {"synth"}
+    assert 0.0 <= metrics["synth/acc"] <= 1.0
