@@ -112,6 +112,18 @@ class WandbConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO for the backbone only; the model-parallel head stays a plain torch
+    module and optimizer (its shards must not be averaged across ranks). Precision
+    follows train.amp (bf16/fp16 become DeepSpeed's own mixed precision)."""
+    enabled: bool = False
+    zero_stage: int = 1  # 1: optimizer state sharded; 2: + gradients sharded
+    bucket_mb: int = 200  # reduce / all-gather bucket size (MB of fp32 elements)
+    overlap_comm: bool = False  # overlap gradient reduction with backward (GPU)
+    extra: dict = field(default_factory=dict)  # raw DeepSpeed keys, merged over the generated config
+
+
+@dataclass
 class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     model: dict = field(default_factory=lambda: {"name": "iresnet50"})
@@ -120,6 +132,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # Embedding losses added to the classification loss: [{name: range, weight: 0.1, ...}].
     aux_losses: list = field(default_factory=list)
 
@@ -153,6 +166,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.num_identities": (lambda v: v >= 2, ">= 2"),
     "eval.num_pairs": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2"),
     "eval.folds": (lambda v: v >= 2, ">= 2"),
+    "deepspeed.zero_stage": (lambda v: v in (1, 2), "1 or 2 (ZeRO-3 would shard the backbone's weights, which evaluation reads whole)"),
+    "deepspeed.bucket_mb": (lambda v: v > 0, "> 0"),
 }
 
 

@@ -89,6 +89,9 @@ class TrainState:
     scaler: object
     stream: object
     aux_losses: torch.nn.Module  # per-rank state (e.g. class centres) of embedding losses
+    # Writes/reads its own per-rank files in the step directory, on every rank: the
+    # DeepSpeed backbone engine, whose ZeRO optimizer state is partitioned over ranks.
+    engine: object = None
 
 
 def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, config: dict,
@@ -107,6 +110,8 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, con
     atomic_save({"rng": rng, "data": state.stream.state_dict(), "world_size": info.world_size,
                  "aux_losses": state.aux_losses.state_dict()},
                 partial / f"rank{r:05d}.pt")
+    if state.engine is not None:
+        state.engine.save_to(partial)
     if info.is_main:
         atomic_save({
             "step": state.step,
@@ -142,7 +147,12 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo) -> int:
         state.backbone.load_state_dict(trainer["backbone"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: backbone does not match this config's model: {e}") from None
+    if state.engine is None and "deepspeed" in trainer["backbone_opt"]:
+        raise CheckpointError(f"{path}: saved with deepspeed.enabled=true (the backbone optimizer "
+                              "state is in its deepspeed/ folder); resume it with deepspeed.enabled=true")
     state.backbone_opt.load_state_dict(trainer["backbone_opt"])
+    if state.engine is not None:
+        state.engine.load_from(path, meta)
     state.scaler.load_state_dict(trainer["scaler"])
 
     shard_files = sorted(path.glob("head-rank*.pt"))

@@ -4,6 +4,11 @@ W&B is optional: it is imported only when enabled, runs offline unless the confi
 otherwise (WANDB_MODE in the environment wins), never reads a key from a config (it
 uses its own login / WANDB_API_KEY), and any failure of it is reported once and then
 ignored: monitoring never stops training.
+
+Besides scalars: per-rank peak memory reduced to rank 0 (``memory_stats``, a collective
+every rank calls at a log step) and ROC curves of the evaluation sets (``log_roc``: a
+W&B line chart of (FAR, TAR) points — no matplotlib needed — plus a PNG in the run
+directory when matplotlib is installed).
 """
 from __future__ import annotations
 
@@ -11,8 +16,18 @@ import json
 import math
 import os
 import sys
+import resource
 import warnings
 from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from dpface import dist
+
+# A ROC of 6000 pairs has thousands of points; charts and tables need far fewer.
+ROC_POINTS = 200
 
 
 def _fmt(v) -> str:
@@ -23,6 +38,45 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def memory_stats(device: torch.device) -> dict:
+    """Peak memory of every rank, reduced for rank 0 (all ranks must call it together):
+    the max over ranks (the one that will run out first), the mean, and rank 0's.
+    Host: max RSS of the process; CUDA: max allocated by torch on its device."""
+    values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]  # KiB on Linux → MiB
+    names = ["rss_peak_mb"]
+    if device.type == "cuda":
+        values.append(torch.cuda.max_memory_allocated(device) / 2**20)
+        names.append("cuda_peak_mb")
+    local = torch.tensor(values, dtype=torch.float64, device=device)
+    world = dist.get_world_size()
+    if world > 1:
+        every = [torch.empty_like(local) for _ in range(world)]
+        tdist.all_gather(every, local)
+        table = torch.stack(every).cpu()
+    else:
+        table = local.cpu()[None]
+    out = {}
+    for i, name in enumerate(names):
+        col = table[:, i]
+        out[f"mem/{name}_max"] = float(col.max())
+        out[f"mem/{name}_mean"] = float(col.mean())
+        out[f"mem/{name}_rank0"] = float(col[0])
+    return out
+
+
+def roc_points(fpr, tpr, n: int = ROC_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n`` points of a ROC curve, FAR log-spaced (the operating points of face
+    verification sit at small FAR), TAR interpolated; FAR 0 and 1 kept."""
+    fpr = np.asarray(fpr, dtype=np.float64)
+    tpr = np.asarray(tpr, dtype=np.float64)
+    if len(fpr) <= n:
+        return fpr, tpr
+    positive = fpr[fpr > 0]
+    lo = positive.min() if len(positive) else 1e-6
+    grid = np.unique(np.concatenate([[0.0], np.geomspace(lo, 1.0, n - 1)]))
+    return grid, np.interp(grid, fpr, tpr)
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg=None, config: dict | None = None,
                  stream=None):
@@ -30,6 +84,7 @@ class MetricsLogger:
         self.stream = stream or sys.stdout
         self._file = None
         self._wandb = None
+        self.run_dir = run_dir
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,6 +118,35 @@ class MetricsLogger:
             except Exception as e:
                 warnings.warn(f"W&B logging failed, disabling it: {e}")
                 self._wandb = None
+
+    def log_roc(self, step: int, rocs: dict) -> None:
+        """``rocs``: set name → (fpr, tpr). W&B: a line chart per set under ``roc/<name>``;
+        run directory: ``plots/roc-<name>-step<N>.png`` when matplotlib is installed."""
+        if not self.enabled or not rocs:
+            return
+        for name, (fpr, tpr) in rocs.items():
+            far, tar = roc_points(fpr, tpr)
+            if self._wandb is not None:
+                try:
+                    import wandb
+
+                    table = wandb.Table(data=[[float(a), float(b)] for a, b in zip(far, tar)],
+                                        columns=["far", "tar"])
+                    self._wandb.log({f"roc/{name}": wandb.plot.line(
+                        table, "far", "tar", title=f"ROC {name} (step {step})")}, step=step)
+                except Exception as e:
+                    warnings.warn(f"W&B logging failed, disabling it: {e}")
+                    self._wandb = None
+            try:
+                from dpface.eval.plots import roc_plot
+
+                plots = self.run_dir / "plots"
+                plots.mkdir(exist_ok=True)
+                roc_plot(fpr, tpr, plots / f"roc-{name}-step{step:08d}.png", label=name)
+            except ImportError:
+                pass  # matplotlib is optional; the W&B chart and the metrics stand alone
+            except Exception as e:  # a plot must never stop training
+                warnings.warn(f"ROC plot of {name} failed: {type(e).__name__}: {e}")
 
     def close(self) -> None:
         if self._file is not None:

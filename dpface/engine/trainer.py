@@ -24,7 +24,8 @@ from dpface.data.transforms import normalize
 from dpface.engine.amp import LossScaler, autocast, grads_finite, resolve_amp
 from dpface.engine.checkpoint import (TrainState, complete_checkpoints, load_checkpoint,
                                       resolve_resume, save_checkpoint)
-from dpface.engine.logging import MetricsLogger
+from dpface.engine.faults import FaultInjection
+from dpface.engine.logging import MetricsLogger, memory_stats
 from dpface.engine.schedule import lr_at
 from dpface.eval import evaluate_pairs
 from dpface.heads import PartialFC
@@ -99,11 +100,15 @@ def build_eval_sets(cfg: Config) -> dict:
     return sets
 
 
-def evaluate(backbone: torch.nn.Module, eval_sets: dict, cfg: Config, device) -> dict:
+def evaluate(backbone: torch.nn.Module, eval_sets: dict, cfg: Config, device,
+             rocs: dict | None = None) -> dict:
+    """Scalar metrics per set; ``rocs``, when given, receives name → (fpr, tpr)."""
     metrics = {}
     for name, (a, b, same, folds) in eval_sets.items():
         r = evaluate_pairs(backbone, a, b, same, folds=folds, batch_size=cfg.eval.batch_size,
                            device=device, flip=cfg.eval.flip, fars=tuple(cfg.eval.fars))
+        if rocs is not None:
+            rocs[name] = r.roc[:2]
         metrics[f"{name}/acc"] = r.accuracy
         metrics[f"{name}/acc_std"] = r.accuracy_std
         metrics[f"{name}/auc"] = r.auc
@@ -161,26 +166,38 @@ class Trainer:
         self.aux_losses = torch.nn.ModuleList([m for m, _ in built]).to(dev)
         self.aux_weights = [w for _, w in built]
         self.aux_names = [spec["name"] for spec in cfg.aux_losses]
-        self.model = (DistributedDataParallel(self.backbone, device_ids=[dev.index] if dev.type == "cuda" else None)
-                      if self.info.world_size > 1 else self.backbone)
-        self.backbone_opt = make_optimizer(self.backbone.parameters(), cfg, cfg.train.lr)
+        self.ds = None  # DeepSpeed backbone engine (deepspeed.enabled), in place of DDP
+        if cfg.deepspeed.enabled:
+            from dpface.engine.deepspeed_backbone import DeepSpeedBackbone
+
+            self.ds = DeepSpeedBackbone(self.backbone, make_optimizer(self.backbone.parameters(), cfg, cfg.train.lr),
+                                        cfg, self.info)
+            self.model = self.backbone_opt = self.ds  # its forward; its optimizer's face
+        else:
+            self.model = (DistributedDataParallel(self.backbone, device_ids=[dev.index] if dev.type == "cuda" else None)
+                          if self.info.world_size > 1 else self.backbone)
+            self.backbone_opt = make_optimizer(self.backbone.parameters(), cfg, cfg.train.lr)
         self.head_opt = make_optimizer(self.head.parameters(), cfg, cfg.train.head_lr or cfg.train.lr)
         self.amp_dtype = resolve_amp(cfg.train.amp, dev)
-        self.scaler = LossScaler(enabled=self.amp_dtype == torch.float16)
+        # Under DeepSpeed fp16 its own dynamic loss scale is used; this one stays idle.
+        self.scaler = LossScaler(enabled=self.amp_dtype == torch.float16 and self.ds is None)
         self.state = TrainState(0, self.backbone, self.head, self.backbone_opt, self.head_opt,
-                                self.scaler, self.stream, self.aux_losses)
+                                self.scaler, self.stream, self.aux_losses, engine=self.ds)
         self.logger = MetricsLogger(self.run_dir, self.info.is_main, cfg.wandb, cfg.to_dict())
         self.do_eval = has_eval_sets(cfg)
         self.eval_sets = build_eval_sets(cfg) if self.info.is_main and self.do_eval else {}
         if self.resume_from is not None:
             self.state.step = load_checkpoint(self.resume_from, self.state, self.info)
         self.untrained: dict | None = None  # verification before training, for the report
+        self.fault = FaultInjection.from_env()  # recovery tests: DPFACE_FAULT_* (faults.py)
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
 
     # -- pieces -----------------------------------------------------------------
     def evaluate(self) -> dict:
-        metrics = evaluate(self.backbone, self.eval_sets, self.cfg, self.info.device) if self.info.is_main else {}
+        rocs = {}
+        metrics = evaluate(self.backbone, self.eval_sets, self.cfg, self.info.device, rocs) if self.info.is_main else {}
+        self.logger.log_roc(self.state.step, rocs)
         dist.barrier()
         return metrics
 
@@ -214,26 +231,30 @@ class Trainer:
             value = fn(emb.float(), labels, step)
             aux_values[f"aux/{name}"] = value.item()
             loss = loss + w * value
-        self.scaler.scale_loss(loss).backward()
+        if self.ds is not None:  # DeepSpeed: its own backward, loss scale, clipping and step
+            finite, grad_norm = self.ds.backward_and_step(loss, self.head, self.head_opt,
+                                                          self.cfg.train.grad_clip)
+        else:
+            self.scaler.scale_loss(loss).backward()
 
-        bparams = [p for p in self.backbone.parameters() if p.grad is not None]
-        hparams = [p for p in self.head.parameters() if p.grad is not None]
-        self.scaler.unscale_(bparams + hparams)
-        finite = grads_finite(bparams + hparams, dev)
-        self.scaler.update(finite)
-        grad_norm = float("nan")
-        if finite:
-            norm = _global_grad_norm(bparams, hparams, dev)
-            grad_norm = float(norm)
-            clip = self.cfg.train.grad_clip
-            if clip > 0 and grad_norm > clip:
-                coef = clip / (grad_norm + 1e-6)
-                for p in bparams + hparams:
-                    p.grad.mul_(coef)
-            self.backbone_opt.step()
-            self.head_opt.step()
-        self.backbone_opt.zero_grad(set_to_none=True)
-        self.head_opt.zero_grad(set_to_none=True)
+            bparams = [p for p in self.backbone.parameters() if p.grad is not None]
+            hparams = [p for p in self.head.parameters() if p.grad is not None]
+            self.scaler.unscale_(bparams + hparams)
+            finite = grads_finite(bparams + hparams, dev)
+            self.scaler.update(finite)
+            grad_norm = float("nan")
+            if finite:
+                norm = _global_grad_norm(bparams, hparams, dev)
+                grad_norm = float(norm)
+                clip = self.cfg.train.grad_clip
+                if clip > 0 and grad_norm > clip:
+                    coef = clip / (grad_norm + 1e-6)
+                    for p in bparams + hparams:
+                        p.grad.mul_(coef)
+                self.backbone_opt.step()
+                self.head_opt.step()
+            self.backbone_opt.zero_grad(set_to_none=True)
+            self.head_opt.zero_grad(set_to_none=True)
         self.state.step += 1
         return {"loss": loss.item(), "acc": float(out.accuracy), "lr": lr,
                 "grad_norm": grad_norm, "skipped": 0 if finite else 1, **aux_values}
@@ -266,6 +287,8 @@ class Trainer:
         while self.state.step < stop:
             images, labels = next(it)
             m = self.train_step(images, labels)
+            if self.fault is not None:
+                self.fault.after_step(self.state.step, info.rank)
             consecutive_skips = consecutive_skips + 1 if m["skipped"] else 0
             if consecutive_skips >= t.max_skipped_steps:
                 raise FloatingPointError(
@@ -288,6 +311,7 @@ class Trainer:
                            **{f"data/{k}": v for k, v in self.stream.stats().items()})
                 if self.scaler.enabled:
                     agg["loss_scale"] = self.scaler.scale
+                agg.update(memory_stats(info.device))  # a collective: every rank is here
                 self.logger.log(step, agg)
                 window, t_last, steps_last = [], now, step
             if t.ckpt_every and step % t.ckpt_every == 0 and step < stop:

@@ -1,0 +1,187 @@
+"""DeepSpeed ZeRO (stage 1/2) for the backbone, with the model-parallel head left outside.
+
+Why the head stays out: DeepSpeed averages every gradient it owns across the
+data-parallel ranks, but each rank's head shard holds *different* classes; averaging
+would mix unrelated rows. So only the backbone goes into ``deepspeed.initialize``; the
+head keeps its plain torch optimizer and is stepped here, after DeepSpeed's step, with
+the same skip decision.
+
+The class below plays two roles for the trainer, so the trainer's branch stays small:
+it is the backbone's forward (``self.model``) and its optimizer (``self.backbone_opt``:
+``param_groups`` for the LR schedule, ``state_dict`` for ``trainer.pt``). DeepSpeed's
+partitioned optimizer state is written by every rank into ``deepspeed/`` inside the
+checkpoint's step directory (``save_to`` / ``load_from``), which is renamed into place
+only when complete, as every other checkpoint file.
+
+Differences from the DDP path, by design:
+- gradient clipping: DeepSpeed clips the backbone by the backbone's norm; the head is
+  clipped by the norm over all its shards (DDP clips both by their joint norm);
+- bf16 is DeepSpeed's torch_autocast (fp32 weights, as dpface's own AMP); fp16 is
+  DeepSpeed's fp16 (weights and BatchNorm statistics in fp16) with its dynamic loss
+  scale (the trainer's scaler is idle); a step that overflows in the backbone is
+  skipped for the head too.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from dpface import dist
+from dpface.engine.amp import grads_finite, resolve_amp
+from dpface.engine.checkpoint import CheckpointError
+
+SUBDIR = "deepspeed"  # inside the step directory
+TAG = "zero"
+# What trainer.pt stores in place of the backbone optimizer's state (it lives in SUBDIR).
+OPT_MARKER = {"deepspeed": SUBDIR}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg, world_size: int, amp_dtype: torch.dtype | None) -> dict:
+    """The DeepSpeed JSON config generated from a dpface config."""
+    ds, t = cfg.deepspeed, cfg.train
+    bucket = int(ds.bucket_mb * 2**20 // 4)  # elements of fp32
+    generated = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world_size,
+        "gradient_clipping": float(t.grad_clip),
+        # dpface passes torch SGD/AdamW: their state is element-wise per parameter, so
+        # ZeRO's partitioning of it is exact (DeepSpeed only whitelists its own optimizers).
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            "overlap_comm": ds.overlap_comm,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
+        "steps_per_print": 2**62,  # dpface logs; DeepSpeed's own prints stay quiet
+        "wall_clock_breakdown": False,
+    }
+    if amp_dtype == torch.bfloat16:
+        # torch.autocast inside DeepSpeed: fp32 weights and BatchNorm statistics, bf16
+        # compute and bf16 gradient reduction of conv/linear weights. DeepSpeed's "bf16"
+        # section would cast the weights but keep BatchNorm's running statistics in fp32,
+        # which BatchNorm rejects ("expected scalar type BFloat16 but found Float").
+        generated["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif amp_dtype == torch.float16:
+        # DeepSpeed's own fp16 with its dynamic loss scale (loss_scale 0; min 1 like dpface's
+        # scaler). Buffers go to fp16 with the weights so BatchNorm sees one dtype.
+        generated["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                             "min_loss_scale": 1}
+        generated["data_types"] = {"buffer_dtype": "fp16"}
+    return _merge(generated, ds.extra)
+
+
+def _cast_inputs_hook(dtype: torch.dtype):
+    """Under fp16 DeepSpeed holds the module's weights in that dtype; evaluation feeds
+    fp32 images, so floating inputs are cast on the way in."""
+    def hook(module, args):
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a
+                     for a in args)
+    return hook
+
+
+class DeepSpeedBackbone:
+    def __init__(self, backbone: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg,
+                 info: dist.DistInfo):
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise ImportError("deepspeed.enabled=true needs DeepSpeed: pip install 'dpface[deepspeed]'") from e
+        self.info = info
+        self.amp_dtype = resolve_amp(cfg.train.amp, info.device)
+        self.config = deepspeed_config(cfg, info.world_size, self.amp_dtype)
+        # A torch optimizer instance (not a name) keeps DeepSpeed from JIT-building its
+        # fused Adam; ZeRO wraps it and shards its state.
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=backbone, optimizer=optimizer, config=self.config,
+            dist_init_required=False)
+        self.module = self.engine.module
+        if self.amp_dtype == torch.float16:
+            self.module.register_forward_pre_hook(_cast_inputs_hook(self.amp_dtype))
+
+    # -- the backbone's forward ----------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x)
+
+    # -- the backbone's optimizer, as the trainer sees it ---------------------------
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict:
+        return dict(OPT_MARKER)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state != OPT_MARKER:
+            raise CheckpointError("this checkpoint was saved without DeepSpeed (its backbone optimizer "
+                                  "state is a torch optimizer's); resume it with deepspeed.enabled=false")
+
+    @property
+    def loss_scale(self) -> float:
+        return float(getattr(self.optimizer, "loss_scale", 1.0)) if self.amp_dtype == torch.float16 else 1.0
+
+    # -- one update -----------------------------------------------------------------
+    def backward_and_step(self, loss: torch.Tensor, head: torch.nn.Module,
+                          head_opt: torch.optim.Optimizer, grad_clip: float) -> tuple[bool, float]:
+        """Backward through backbone and head, DeepSpeed step of the backbone, plain step
+        of the head shard; returns (stepped, global grad norm before clipping)."""
+        scale = self.loss_scale  # the scale this backward uses (step() may change it)
+        self.engine.backward(loss)
+        hparams = [p for p in head.parameters() if p.grad is not None]
+        if scale != 1.0:
+            for p in hparams:
+                p.grad.mul_(1.0 / scale)
+        head_finite = grads_finite(hparams, self.info.device)
+        head_sq = torch.zeros((), device=self.info.device)
+        for p in hparams:
+            head_sq = head_sq + p.grad.float().pow(2).sum()
+        if dist.is_initialized():
+            tdist.all_reduce(head_sq)  # shards are disjoint: squares add up
+        head_norm = float(head_sq.sqrt())
+
+        self.engine.step()  # reduce, overflow check, clip, step, zero the backbone grads
+        overflow = bool(getattr(self.optimizer, "overflow", False))
+        stepped = head_finite and not overflow
+        if stepped:
+            if grad_clip > 0 and head_norm > grad_clip:
+                for p in hparams:
+                    p.grad.mul_(grad_clip / (head_norm + 1e-6))
+            head_opt.step()
+        head_opt.zero_grad(set_to_none=True)
+        backbone_norm = self.engine.get_global_grad_norm()
+        if not stepped or backbone_norm is None:
+            return stepped, float("nan")
+        return stepped, math.sqrt(float(backbone_norm) ** 2 + head_norm ** 2)
+
+    # -- checkpoints (called on every rank, inside the step directory) ---------------
+    def save_to(self, step_dir: Path) -> None:
+        self.engine.save_checkpoint(str(Path(step_dir) / SUBDIR), tag=TAG, save_latest=False)
+
+    def load_from(self, step_dir: Path, meta: dict) -> None:
+        where = Path(step_dir) / SUBDIR
+        if not (where / TAG).is_dir():
+            raise CheckpointError(f"{step_dir}: no DeepSpeed state ({SUBDIR}/{TAG}/): it was saved "
+                                  "without DeepSpeed; resume it with deepspeed.enabled=false")
+        if meta["world_size"] != self.info.world_size:
+            raise CheckpointError(
+                f"{step_dir}: DeepSpeed ZeRO optimizer state was saved by {meta['world_size']} ranks, "
+                f"this run has {self.info.world_size}; ZeRO partitions are per rank. Resume at "
+                f"{meta['world_size']} ranks (or convert with DeepSpeed's ds_to_universal)")
+        path, _ = self.engine.load_checkpoint(str(where), tag=TAG, load_module_strict=True,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"{where}: DeepSpeed could not load tag '{TAG}'")
