@@ -2,7 +2,9 @@
 
 Deliberately naive — the whole W [C, D] and ``torch.nn.functional.cross_entropy`` on
 the transformed logits — so that the distributed head is checked against code that
-shares nothing with it but the logit transform and the row initialisation.
+shares nothing with it but the logit transform and the row initialisation. A
+per-sample weight (Knot-Magnify) is applied as w(p)·nll with p = exp(−nll) and plain
+autograd, where PartialFC uses a closed-form gradient factor.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpface.heads.partial_fc import HeadOutput, compute_dtype, init_rows
-from dpface.losses.margin import LogitTransform
+from dpface.losses.margin import HeadContext, LogitTransform
 
 
 class FullFC(nn.Module):
@@ -20,6 +22,7 @@ class FullFC(nn.Module):
         super().__init__()
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.transform = transform
+        transform.bind_head(self.num_classes)
         # Same rows as PartialFC's shards with the same seed, at any world size.
         self.weight = nn.Parameter(init_rows(0, num_classes, embedding_size, seed))
         self.bias = nn.Parameter(torch.zeros(num_classes)) if transform.bias else None
@@ -37,8 +40,16 @@ class FullFC(nn.Module):
                 scores = x @ w.T
                 if self.bias is not None:
                     scores = scores + self.bias.to(dtype)
-            logits = self.transform(scores, labels)
-            loss = F.cross_entropy(logits, labels)
+            # world_size 1: never a collective, even inside a distributed job.
+            ctx = HeadContext(step=step, world_size=1)
+            if self.transform.needs_norms:
+                ctx.x_norm, ctx.w_norm = x.norm(dim=1), w.norm(dim=1)
+            logits = self.transform(scores, labels, ctx)
+            if self.transform.weighted:
+                nll = F.cross_entropy(logits, labels, reduction="none")
+                loss = (self.transform.loss_weight(torch.exp(-nll)) * nll).mean()
+            else:
+                loss = F.cross_entropy(logits, labels)
         with torch.no_grad():
             accuracy = (scores.argmax(1) == labels).to(logits.dtype).mean()
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=self.num_classes)

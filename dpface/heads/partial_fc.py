@@ -20,7 +20,7 @@ from dpface.dist import get_rank, get_world_size
 from dpface.dist.collectives import (all_gather, all_gather_with_grad, all_reduce_max,
                                      all_reduce_sum)
 from dpface.heads.sharding import class_range, sample_count
-from dpface.losses.margin import LogitTransform
+from dpface.losses.margin import HeadContext, LogitTransform
 
 INIT_STD = 0.01
 # Rows are initialised in fixed blocks, each from its own seed, so that row j's initial
@@ -57,6 +57,12 @@ def init_rows(lo: int, hi: int, dim: int, seed: int = 0, std: float = INIT_STD,
         a, z = max(lo, b0), min(hi, b0 + INIT_BLOCK)
         out[a - lo:z - lo] = block[a - b0:z - b0]
     return out
+
+
+# Hard-negative selection scores the whole shard in row blocks of at most this many
+# [B_global × block] entries, so the selection never holds the full [B, C_local] matrix.
+HARD_BLOCK_ELEMENTS = 1 << 24
+NEGATIVES = ("uniform", "hard")
 
 
 # Input-check codes exchanged between ranks (see PartialFC._check_inputs).
@@ -107,17 +113,38 @@ class _CosineScores(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def weight_and_grad_factor(weight_fn, nll: torch.Tensor):
+    """Per-sample weight w(p) and the factor c with d(w·nll)/dlogits = c·(softmax − onehot).
+
+    With p = exp(−nll): d nll/dz = softmax − onehot and dp/dz = −p·(softmax − onehot),
+    so d(w·nll)/dz = (softmax − onehot)·(w − w'(p)·p·nll) = (...)·(w + w'(p)·p·ln p).
+    w'(p) comes from autograd through ``weight_fn`` (zero when it detaches p)."""
+    with torch.enable_grad():
+        p = torch.exp(-nll.detach()).requires_grad_(True)
+        w = weight_fn(p)
+        if w.shape != p.shape:
+            raise ValueError(f"loss_weight must return one weight per sample {list(p.shape)}, "
+                             f"got {list(w.shape)}")
+        dw = torch.autograd.grad(w.sum(), p, allow_unused=True)[0] if w.requires_grad else None
+    w = w.detach()
+    factor = w if dw is None else w - dw * p.detach() * nll
+    return w, factor
+
+
 class _DistSoftmaxCE(torch.autograd.Function):
     """Softmax cross-entropy over columns spread across ranks.
 
     Inputs: logits [B, K] (this rank's columns), target [B] (column or −1), scores
-    [B, K] (before the margin; only for the accuracy). Returns (loss, accuracy). The
-    gradient w.r.t. this rank's logits is (softmax − onehot)/B for its columns, the
-    same as the full softmax. Max and sums are exchanged as two stacked all-reduces.
+    [B, K] (before the margin; only for the accuracy), the group, and an optional
+    per-sample weight function of the true-class probability (Knot-Magnify). Returns
+    (loss, accuracy). The gradient w.r.t. this rank's logits is (softmax − onehot)/B
+    for its columns (times each sample's factor when weighted), the same as the full
+    softmax. Max and sums are exchanged as two stacked all-reduces; p_i =
+    exp(target − max)/Σexp needs nothing more.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, scores, group):
+    def forward(ctx, logits, target, scores, group, weight_fn=None):
         b = logits.shape[0]
         rows = torch.arange(b, device=logits.device)
         has = target >= 0
@@ -134,24 +161,35 @@ class _DistSoftmaxCE(torch.autograd.Function):
         # The max column contributes exp(0) = 1, so the sum is ≥ 1 in exact arithmetic;
         # the clamp only guards log against a NaN/inf input turned into 0.
         sum_exp = sums[0].clamp_min(torch.finfo(logits.dtype).tiny)
-        loss = (sum_exp.log() + gmax - sums[1]).mean()
+        nll = sum_exp.log() + gmax - sums[1]
+        factor = None
+        if weight_fn is None:
+            loss = nll.mean()
+        else:
+            w, factor = weight_and_grad_factor(weight_fn, nll)
+            loss = (w * nll).mean()
         # A sample is right when its true class's score reaches the global max score
         # (ties count as right: they need exactly equal floats).
         accuracy = (sums[2] >= maxes[1]).to(logits.dtype).mean()
         e.div_(sum_exp[:, None])  # softmax, kept for backward
-        ctx.save_for_backward(e, target)
+        ctx.save_for_backward(e, target, factor)
         ctx.mark_non_differentiable(accuracy)
         return loss, accuracy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_acc):
-        p, target = ctx.saved_tensors
+        p, target, factor = ctx.saved_tensors
         scale = grad_loss / p.shape[0]
+        if factor is not None:
+            scale = scale * factor[:, None]  # per sample [B, 1]
         # Out of place: p stays valid should the graph be run twice (retain_graph).
         grad = p * scale
         rows = (target >= 0).nonzero().squeeze(1)
-        grad[rows, target[rows]] -= scale
-        return grad, None, None, None
+        if factor is None:
+            grad[rows, target[rows]] -= scale
+        else:
+            grad[rows, target[rows]] -= scale[rows, 0]
+        return grad, None, None, None, None
 
 
 class PartialFC(nn.Module):
@@ -181,12 +219,27 @@ class PartialFC(nn.Module):
     row scales as 1/‖W_j‖, so a row shrunk by decay takes larger steps when next
     sampled. The loss and accuracy only cover the scored classes.
 
+    Hard negatives (``negatives="hard"``, after DP-Softmax's dominant prototypes):
+    instead of uniform negatives, each rank keeps its positives plus the rows with the
+    highest score against any sample of the global batch (the dominant negatives),
+    same count as uniform sampling. The price: picking them scores *every* row of the
+    shard each step — a [B_global × C_local × D] matmul under no_grad, the forward
+    FLOPs of rate 1.0 (about a third of a rate-1.0 step, since nothing of it is
+    backpropagated) — in row blocks of at most HARD_BLOCK_ELEMENTS scores, so memory
+    stays that of the sampled step; and every row of W is read each step. What it
+    saves is the backward, the logits kept for it and the gradient of unscored rows.
+    The choice is deterministic given the embeddings (no RNG).
+
+    The transform gets a :class:`HeadContext` (step, group, norms if it asks for them)
+    and may weight each sample's cross-entropy (``loss_weight``, Knot-Magnify).
+
     ``rank``/``world_size`` overrides build a shard without a matching process group
     (checkpoint tools, tests); such a head refuses ``forward``.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, transform: LogitTransform,
                  sample_rate: float = 1.0, seed: int = 0, group=None, *,
+                 negatives: str = "uniform",
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if not isinstance(transform, LogitTransform):
@@ -198,9 +251,13 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+        self.negatives = negatives
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.transform = transform
+        transform.bind_head(self.num_classes)
         self.sample_rate = float(sample_rate)
         self.seed = int(seed)
         self.group = group
@@ -218,7 +275,7 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"classes=[{self.class_start}, {self.class_end}), rank={self.rank}/"
-                f"{self.world_size}, sample_rate={self.sample_rate}")
+                f"{self.world_size}, sample_rate={self.sample_rate}, negatives={self.negatives}")
 
     # -- input checks -------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -280,11 +337,14 @@ class PartialFC(nn.Module):
                 f"overrides are for checkpoint tools only")
 
     # -- sampling -----------------------------------------------------------------
-    def sample(self, labels: torch.Tensor, step: int) -> torch.Tensor | None:
+    def sample(self, labels: torch.Tensor, step: int,
+               embeddings: torch.Tensor | None = None) -> torch.Tensor | None:
         """Sorted local row indices to score this step, or None for all rows.
 
-        ``labels`` are the global batch's labels. Positives are always kept; the
-        negatives come from a generator seeded by (seed, step, rank) alone.
+        ``labels`` are the global batch's labels (``embeddings`` its embeddings, needed
+        for hard negatives). Positives are always kept; uniform negatives come from a
+        generator seeded by (seed, step, rank) alone, hard ones are the rows scoring
+        highest against the batch.
         """
         if self.sample_rate >= 1.0:
             return None
@@ -293,13 +353,40 @@ class PartialFC(nn.Module):
         n = sample_count(self.num_local, self.sample_rate, pos.numel())
         if n >= self.num_local:
             return None
-        dev = self.weight.device
-        g = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, step, self.rank))
-        # Top-n of iid uniform keys is a uniform n-subset; positives get a key above
-        # any uniform so they are always in it.
-        keys = torch.rand(self.num_local, generator=g, device=dev)
-        keys[pos] = 2.0
+        if self.negatives == "hard":
+            if embeddings is None:
+                raise ValueError("hard negatives need the global batch's embeddings")
+            keys = self.hardness(embeddings)
+            keys[pos] = float("inf")
+        else:
+            dev = self.weight.device
+            g = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, step, self.rank))
+            # Top-n of iid uniform keys is a uniform n-subset; positives get a key above
+            # any uniform so they are always in it.
+            keys = torch.rand(self.num_local, generator=g, device=dev)
+            keys[pos] = 2.0
         return keys.topk(n, sorted=False).indices.sort().values
+
+    @torch.no_grad()
+    def hardness(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[C_local]: each row's highest score (cosine, or raw logit for unnormalised
+        transforms) against any sample of the batch, computed in row blocks."""
+        dtype = compute_dtype(self.weight.dtype)
+        x = embeddings.detach().to(dtype)
+        if self.transform.normalize:
+            x = F.normalize(x, dim=1)
+        block = max(1, HARD_BLOCK_ELEMENTS // max(1, x.shape[0]))
+        out = torch.empty(self.num_local, dtype=dtype, device=x.device)
+        for a in range(0, self.num_local, block):
+            w = self.weight[a:a + block].detach().to(dtype)
+            if self.transform.normalize:
+                s = x @ F.normalize(w, dim=1).T
+            else:
+                s = x @ w.T
+                if self.bias is not None:
+                    s = s + self.bias[a:a + block].detach().to(dtype)
+            out[a:a + block] = s.max(0).values
+        return out
 
     # -- forward ------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> HeadOutput:
@@ -308,7 +395,7 @@ class PartialFC(nn.Module):
         self._check_inputs(embeddings, labels)
         x = all_gather_with_grad(embeddings, self.group, check_sizes=False)
         y = all_gather(labels.to(x.device, torch.long), self.group, check_sizes=False)
-        idx = self.sample(y, step)
+        idx = self.sample(y, step, x if self.negatives == "hard" else None)
 
         local = y - self.class_start
         mine = (local >= 0) & (local < self.num_local)
@@ -333,9 +420,14 @@ class PartialFC(nn.Module):
                 scores = xf @ wf.T
                 if b is not None:
                     scores = scores + b.to(dtype)
-            logits = self.transform(scores, target)
+            ctx = HeadContext(step=step, group=self.group, world_size=self.world_size)
+            if self.transform.needs_norms:
+                ctx.x_norm, ctx.w_norm = xf.norm(dim=1), wf.norm(dim=1)
+            logits = self.transform(scores, target, ctx)
+            weight_fn = self.transform.loss_weight if self.transform.weighted else None
             loss, accuracy = _DistSoftmaxCE.apply(logits, target,
-                                                  scores.detach().to(logits.dtype), self.group)
+                                                  scores.detach().to(logits.dtype), self.group,
+                                                  weight_fn)
         n = self.num_local if idx is None else idx.numel()
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=n)
 

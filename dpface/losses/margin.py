@@ -6,28 +6,103 @@ never sees the whole class matrix: the head hands it the scores of the rows it h
 in those scores, or -1 when the true class lives on another rank. That is what lets
 every transform run unchanged inside the model-parallel head.
 
+Some transforms need more than the scores; the head passes a :class:`HeadContext`
+(optional, so ``transform(scores, target)`` keeps working): the training step (λ
+annealing of L-/A-Softmax), the process group with helpers that reduce across the
+head's shards (AdaCos's B_avg, MV-Softmax's per-sample threshold, a learned scale's
+gradient), and — for transforms with ``needs_norms`` — the embedding and row norms.
+A transform may also weight each sample's cross-entropy by a function of its
+true-class probability (:meth:`LogitTransform.loss_weight`, Knot-Magnify); both heads
+apply it. The heads call :meth:`LogitTransform.bind_head` once with the total class
+count (AdaCos's fixed scale depends on it).
+
 Combined margin (Deng et al.): target logit s·(cos(m1·θ + m2) − m3), others s·cos θ.
 (m1, m2, m3) = (1, 0.5, 0) is ArcFace, (1, 0, 0.35) CosFace, (1, 0, 0) NormFace.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from dpface.dist.collectives import all_reduce_max, all_reduce_sum
 
 # cos θ is clamped to [−1+ε, 1−ε] before acos/sqrt: d acos/dc = −1/sqrt(1−c²) is
 # unbounded at ±1 and is what sends ArcFace losses to NaN in fp16 runs.
 COS_EPS = 1e-7
 
 
+@dataclass
+class HeadContext:
+    """What a head tells its transform beyond the scores.
+
+    ``world_size`` is that of the head's class sharding, not of the process: a
+    single-process head (FullFC) inside a distributed job passes 1, so its transform
+    never enters a collective the other ranks do not join.
+    """
+
+    step: int = 0
+    group: Any = None
+    world_size: int = 1
+    x_norm: torch.Tensor | None = None  # [B] ‖x_i‖ (with grad), when transform.needs_norms
+    w_norm: torch.Tensor | None = None  # [K] ‖W_j‖ of the scored rows, when needs_norms
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over the head's shards (no autograd)."""
+        return all_reduce_sum(x, self.group) if self.world_size > 1 else x.detach()
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise max over the head's shards (no autograd)."""
+        return all_reduce_max(x, self.group) if self.world_size > 1 else x.detach()
+
+
+class _SumGradOverShards(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the head's shards.
+
+    A parameter replicated on every rank (a learned logit scale) gets, from each
+    rank's backward, only the part of dL/dp that flows through that rank's columns;
+    the sum is the full gradient, the same on every rank, so replicas stay equal
+    under identical optimizer steps.
+    """
+
+    @staticmethod
+    def forward(ctx, p, head_ctx):
+        ctx.head_ctx = head_ctx
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.head_ctx.sum(grad.contiguous()), None
+
+
+def replicated(p: torch.Tensor, ctx: "HeadContext") -> torch.Tensor:
+    """Use a rank-replicated parameter inside a transform (see _SumGradOverShards)."""
+    return _SumGradOverShards.apply(p, ctx) if ctx.world_size > 1 else p
+
+
+def target_positions(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the samples whose true class is among these columns."""
+    rows = (target >= 0).nonzero().squeeze(1)
+    return rows, target[rows]
+
+
 class LogitTransform(nn.Module):
     """Base class. ``normalize`` tells the head whether to feed cosines (L2-normalised
-    embeddings and centres) or raw dot products, and ``bias`` whether the class
-    centres carry a bias term."""
+    embeddings and centres) or raw dot products, ``bias`` whether the class centres
+    carry a bias term, ``needs_norms`` whether the context must carry ‖x‖ and ‖W_j‖.
+
+    Subclasses override :meth:`target_logit` (+ ``scale``) for a margin on the target
+    only, or :meth:`margin_logits` for anything else."""
 
     normalize: bool = True
     bias: bool = False
+    needs_norms: bool = False
+
+    def bind_head(self, num_classes: int) -> None:
+        """Called once by the head that owns this transform, with the total class count."""
 
     def target_logit(self, cos_t: torch.Tensor) -> torch.Tensor:
         """Transformed target score, in the units of the scores (before scaling)."""
@@ -37,15 +112,31 @@ class LogitTransform(nn.Module):
     def scale(self) -> float:
         return 1.0
 
-    def forward(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def margin_logits(self, scores: torch.Tensor, target: torch.Tensor, ctx: HeadContext):
+        """(unscaled logits [B, K], scale): a float, or a tensor broadcastable to [B, K]."""
+        rows, cols = target_positions(target)
+        t = scores[rows, cols]
+        return scores.index_put((rows, cols), self.target_logit(t)), self.scale
+
+    @property
+    def weighted(self) -> bool:
+        """Whether :meth:`loss_weight` weights the per-sample cross-entropy."""
+        return False
+
+    def loss_weight(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weight of the cross-entropy from the true-class probability p [B]
+        (None: unweighted). Autograd through it defines the weight's gradient."""
+        return None
+
+    def forward(self, scores: torch.Tensor, target: torch.Tensor,
+                ctx: HeadContext | None = None) -> torch.Tensor:
         """scores [B, K]; target [B] long: column of the true class, −1 if absent."""
         if scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()  # fp32 logits whatever the autocast dtype
-        rows = (target >= 0).nonzero().squeeze(1)
-        cols = target[rows]
-        t = scores[rows, cols]
-        logits = scores.index_put((rows, cols), self.target_logit(t))
-        return logits * self.scale if self.scale != 1.0 else logits
+        z, scale = self.margin_logits(scores, target, ctx if ctx is not None else HeadContext())
+        if isinstance(scale, (int, float)) and scale == 1.0:
+            return z
+        return z * scale
 
 
 class Softmax(LogitTransform):
@@ -108,8 +199,38 @@ class CombinedMargin(LogitTransform):
         return out
 
 
-def normface(s: float = 30.0) -> CombinedMargin:
-    return CombinedMargin(s=s, m1=1.0, m2=0.0, m3=0.0)
+class NormFace(LogitTransform):
+    """s·cos θ for every class (Wang et al., NormFace), s fixed or learned.
+
+    A learned s is a parameter replicated on every rank (it is tiny); its gradient is
+    summed over the head's shards in backward so that every replica takes the same
+    step. It is stored in the head checkpoint as ``transform.s`` (a replicated,
+    non-row parameter). It lives in the head's optimizer, so the head's weight decay
+    applies to it too (a slow pull towards 0, negligible against its gradient).
+    """
+
+    def __init__(self, s: float = 30.0, learn_s: bool = False):
+        super().__init__()
+        if not s > 0:
+            raise ValueError(f"scale s must be > 0, got {s}")
+        self.learn_s = bool(learn_s)
+        if self.learn_s:
+            self.s = nn.Parameter(torch.tensor(float(s)))
+        else:
+            self.s = float(s)
+
+    def extra_repr(self) -> str:
+        s = self.s.detach() if torch.is_tensor(self.s) else self.s
+        return f"s={float(s):g}, learn_s={self.learn_s}"
+
+    def margin_logits(self, scores, target, ctx):
+        if self.learn_s:
+            return scores, replicated(self.s, ctx).to(scores.dtype)
+        return scores, self.s
+
+
+def normface(s: float = 30.0, learn_s: bool = False) -> NormFace:
+    return NormFace(s=s, learn_s=learn_s)
 
 
 def cosface(s: float = 64.0, m: float = 0.35) -> CombinedMargin:
