@@ -37,6 +37,9 @@ class HeadConfig:
     embedding_size: int = 512
     # Partial-FC share of each rank's negative classes kept per step, in (0, 1].
     sample_rate: float = 1.0
+    # Which negatives fill the sample: uniform (Partial FC) or the highest-scoring ones
+    # (DP-Softmax's dominant prototypes; scores every row of the shard, without grad).
+    negatives: Literal["uniform", "hard"] = "uniform"
     loss: dict = field(default_factory=lambda: {"name": "arcface", "s": 64.0, "m": 0.5})
 
 
@@ -62,6 +65,10 @@ class WebDatasetConfig:
 class DataConfig:
     backend: Literal["synthetic", "webdataset", "dali"] = "synthetic"
     batch_size: int = 64  # per rank
+    # instance: shuffled images; pk: P identities × K images per batch (batch_size = P·K),
+    # for range/triplet/contrastive losses that need several images per identity.
+    sampler: Literal["instance", "pk"] = "instance"
+    pk_images: int = 4  # K of the P×K sampler
     num_workers: int = 2
     image_size: int = 112
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -147,6 +154,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "head.sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.batch_size": (lambda v: v > 0, "> 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.pk_images": (lambda v: v >= 1, ">= 1"),
     "data.image_size": (lambda v: v >= 16 and v % 16 == 0, "a multiple of 16, >= 16"),
     "data.synthetic.num_identities": (lambda v: v >= 2, ">= 2"),
     "data.synthetic.min_images": (lambda v: v >= 1, ">= 1"),
@@ -349,6 +357,14 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     """Validate a plain mapping (e.g. the config stored in a checkpoint)."""
     cfg = _build(Config, _merge(Config().to_dict(), data), "", source)
     _check_specs(cfg, source)
+    d = cfg.data
+    if d.sampler == "pk":
+        if d.backend != "synthetic":
+            raise ConfigError(f"{source}: 'data.sampler: pk' needs an indexable data set "
+                              f"(data.backend: synthetic), not '{d.backend}'")
+        if d.batch_size % d.pk_images:
+            raise ConfigError(f"{source}: 'data.batch_size' ({d.batch_size}) must be a multiple "
+                              f"of 'data.pk_images' ({d.pk_images}) with data.sampler: pk")
     return cfg
 
 

@@ -123,3 +123,32 @@ def test_training_beats_the_untrained_network(tmp_path):
     final = t.fit()
     untrained = t.untrained["synthetic/acc"]
     assert final["synthetic/acc"] > untrained + 0.1, (untrained, final["synthetic/acc"])
+
+
+def test_loss_family_options_wire_through_the_trainer(tmp_path):
+    """P×K batches, hard negatives, a wrapped logit loss and weighted embedding losses
+    all reach the training step from the config, and resume restores their state."""
+    extra = ["data.sampler=pk", "data.pk_images=4", "head.negatives=hard", "head.sample_rate=0.5",
+             "head.loss={name: km, gamma: 1.0, base: {name: cosface, s: 16.0, m: 0.2}}",
+             "aux_losses=[{name: range, weight: 0.01}, {name: center, weight: 0.003}]"]
+    t = Trainer(tiny_cfg(tmp_path, "family", *extra))
+    images, labels = next(iter(t.stream))
+    counts = torch.bincount(labels)
+    assert set(counts[counts > 0].tolist()) == {4}  # 16 = 4 identities × 4 images
+    t.fit(until=3)
+    rows = [json.loads(l) for l in (tmp_path / "family" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["kind"] == "train"][-1]
+    assert math.isfinite(last["loss"]) and last["aux/range"] >= 0 and last["aux/center"] > 0
+    centres = t.aux_losses[1].state_dict()
+    again = Trainer(tiny_cfg(tmp_path, "family", *extra), resume="auto")
+    for k, v in again.aux_losses[1].state_dict().items():
+        assert torch.equal(v, centres[k]), k
+
+
+def test_pk_sampler_config_errors(tmp_path):
+    from dpface.config import ConfigError
+
+    with pytest.raises(ConfigError, match="multiple of 'data.pk_images'"):
+        tiny_cfg(tmp_path, "x", "data.sampler=pk", "data.pk_images=5")
+    with pytest.raises(ConfigError, match="indexable"):
+        tiny_cfg(tmp_path, "x", "data.sampler=pk", "data.backend=webdataset")

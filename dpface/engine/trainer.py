@@ -29,6 +29,7 @@ from dpface.engine.logging import MetricsLogger, memory_stats
 from dpface.engine.schedule import lr_at
 from dpface.eval import evaluate_pairs
 from dpface.heads import PartialFC
+from dpface.heads.sharding import ROW_PARAMS
 from dpface.losses import build_aux_loss, build_loss
 from dpface.models import build_backbone
 
@@ -48,6 +49,11 @@ def build_stream(cfg: Config, info: dist.DistInfo):
                                   image_size=d.image_size, difficulty=s.difficulty,
                                   max_images=s.max_images, min_images=s.min_images,
                                   exponent=s.exponent)
+        if d.sampler == "pk":
+            from dpface.data.pk_sampler import PKMapStream
+
+            return PKMapStream(ds, d.batch_size // d.pk_images, d.pk_images, info.rank,
+                               info.world_size, seed=cfg.experiment.seed, num_workers=d.num_workers)
         return MapStream(ds, d.batch_size, info.rank, info.world_size, seed=cfg.experiment.seed,
                          num_workers=d.num_workers)
     if d.backend == "webdataset":
@@ -124,9 +130,10 @@ def make_optimizer(params, cfg: Config, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
 
 
-def _global_grad_norm(backbone_params, head_params, device) -> torch.Tensor:
-    """L2 norm of the whole model's gradient: backbone grads are identical on every rank
-    after DDP, head shards are disjoint, so their squares are summed across ranks."""
+def _global_grad_norm(replicated_params, sharded_params, device) -> torch.Tensor:
+    """L2 norm of the whole model's gradient: replicated gradients (backbone after DDP, a
+    head's learned scale) are identical on every rank and counted once; the head's row
+    shards are disjoint, so their squares are summed across ranks."""
     def sq(params):
         total = torch.zeros((), device=device, dtype=torch.float32)
         for p in params:
@@ -134,10 +141,10 @@ def _global_grad_norm(backbone_params, head_params, device) -> torch.Tensor:
                 total = total + p.grad.float().pow(2).sum()
         return total
 
-    head_sq = sq(head_params)
+    shard_sq = sq(sharded_params)
     if dist.is_initialized():
-        tdist.all_reduce(head_sq)
-    return (sq(backbone_params) + head_sq).sqrt()
+        tdist.all_reduce(shard_sq)
+    return (sq(replicated_params) + shard_sq).sqrt()
 
 
 class Trainer:
@@ -160,6 +167,7 @@ class Trainer:
             self.backbone.to(memory_format=torch.channels_last)
         self.head = PartialFC(cfg.head.embedding_size, self.stream.num_classes,
                               build_loss(cfg.head.loss), sample_rate=cfg.head.sample_rate,
+                              negatives=cfg.head.negatives,
                               seed=cfg.experiment.seed).to(dev)
         built = [build_aux_loss(spec, self.stream.num_classes, cfg.head.embedding_size)
                  for spec in cfg.aux_losses]
@@ -244,7 +252,10 @@ class Trainer:
             self.scaler.update(finite)
             grad_norm = float("nan")
             if finite:
-                norm = _global_grad_norm(bparams, hparams, dev)
+                rows = [p for n, p in self.head.named_parameters()
+                        if n in ROW_PARAMS and p.grad is not None]
+                replicated = bparams + [p for p in hparams if all(p is not r for r in rows)]
+                norm = _global_grad_norm(replicated, rows, dev)
                 grad_norm = float(norm)
                 clip = self.cfg.train.grad_clip
                 if clip > 0 and grad_norm > clip:

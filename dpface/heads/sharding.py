@@ -27,7 +27,9 @@ from typing import Any, Iterable
 import torch
 
 FORMAT = "dpface.head_shard/1"
-_ROW_PARAMS = ("weight", "bias")
+# The head's parameters split by class rows (one shard per rank); any other head
+# parameter (a learned scale) is replicated on every rank.
+ROW_PARAMS = ("weight", "bias")
 
 
 # -- the split -------------------------------------------------------------------
@@ -113,7 +115,7 @@ def head_shard_state(head, optimizer=None) -> dict:
     rows: dict[str, torch.Tensor] = {}
     params: dict[str, torch.Tensor] = {}
     for n, p in head.named_parameters():
-        (rows if n in _ROW_PARAMS else params)[n] = _own(p)
+        (rows if n in ROW_PARAMS else params)[n] = _own(p)
     state: dict[str, Any] = {}
     groups = []
     if optimizer is not None:
@@ -126,7 +128,7 @@ def head_shard_state(head, optimizer=None) -> dict:
                 for k, v in optimizer.state.get(p, {}).items():
                     if v is None:
                         continue
-                    if n in _ROW_PARAMS and torch.is_tensor(v) and v.shape == p.shape:
+                    if n in ROW_PARAMS and torch.is_tensor(v) and v.shape == p.shape:
                         rows[f"{n}.{k}"] = _own(v)
                     else:
                         state[f"{n}.{k}"] = _own(v) if torch.is_tensor(v) else v
@@ -254,14 +256,14 @@ def apply_shard_state(head, optimizer, state: dict) -> None:
     rows, scalars = state["rows"], state["scalars"]
     params = dict(head.named_parameters())
     names = _param_names(head, optimizer)
-    expected = {n for n in params if n in _ROW_PARAMS}
+    expected = {n for n in params if n in ROW_PARAMS}
     given = {k for k in rows if "." not in k}
     if given != expected:
         raise ValueError(f"shard state holds rows for {sorted(given)}, the head has "
                          f"{sorted(expected)} (transform with/without bias?)")
     with torch.no_grad():
         for n, p in params.items():
-            src = rows[n] if n in _ROW_PARAMS else scalars["params"].get(n)
+            src = rows[n] if n in ROW_PARAMS else scalars["params"].get(n)
             if src is None:
                 raise ValueError(f"shard state has no value for head parameter '{n}'")
             if src.shape != p.shape:
