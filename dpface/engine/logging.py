@@ -38,6 +38,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _on_console(key: str) -> bool:
+    """Keep the progress line short: the per-rank memory breakdown and the per-cause
+    data counters go to the JSONL file and W&B only (their totals stay on the line)."""
+    if key.startswith("mem/"):
+        return key.endswith("_max")
+    if key.startswith("data/"):
+        return key == "data/bad_samples"
+    return True
+
+
 def memory_stats(device: torch.device) -> dict:
     """Peak memory of every rank, reduced for rank 0 (all ranks must call it together):
     the max over ranks (the one that will run out first), the mean, and rank 0's.
@@ -109,7 +119,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        line = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        line = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if _on_console(k))
         print(f"[{prefix}] step {step} {line}", file=self.stream, flush=True)
         self._file.write(json.dumps({"step": step, "kind": prefix, **metrics}) + "\n")
         if self._wandb is not None:
