@@ -60,3 +60,33 @@ def test_two_ranks_reach_the_one_rank_accuracy(tmp_path):
     untrained = json.loads((tmp_path / "one" / "final_metrics.json").read_text())["untrained/synthetic/acc"]
     assert one > untrained + 0.1  # the 1-rank run learned something to match
     assert two >= one - 0.05, (one, two)
+
+
+def _resume_on_two_ranks(rank, world, out):
+    t = Trainer(cfg_for(out, "regrow", "data.batch_size=8", "train.steps=6"), resume="auto")
+    state = {"step": t.state.step, "rows": (t.head.class_start, t.head.class_end),
+             "weight": t.head.weight.detach().clone(),
+             "momentum": t.head_opt.state[t.head.weight]["momentum_buffer"].clone(),
+             "backbone": {k: v.clone() for k, v in t.backbone.state_dict().items()},
+             "data": t.stream.state_dict()}
+    t.fit()
+    state["final_step"] = t.state.step
+    return state
+
+
+def test_resume_at_another_world_size(tmp_path):
+    """Saved by 1 rank (global batch 16), resumed by 2 ranks (2 × 8): each rank loads its
+    own rows of the head and their momentum, the backbone, and the global data position."""
+    one = Trainer(cfg_for(str(tmp_path), "regrow", "data.batch_size=16", "train.steps=6"))
+    one.fit(until=3)
+    weight = one.head.weight.detach()
+    momentum = one.head_opt.state[one.head.weight]["momentum_buffer"]
+    ranks = run_distributed(_resume_on_two_ranks, 2, tmp_path, str(tmp_path), timeout_s=300)
+    assert [r["rows"] for r in ranks] == [(0, 6), (6, 12)]
+    for r in ranks:
+        lo, hi = r["rows"]
+        assert r["step"] == 3 and r["final_step"] == 6
+        assert torch.equal(r["weight"], weight[lo:hi]) and torch.equal(r["momentum"], momentum[lo:hi])
+        for k, v in one.backbone.state_dict().items():
+            assert torch.equal(r["backbone"][k], v), k
+        assert r["data"] == {"batches": 3, "global_batch": 16}
