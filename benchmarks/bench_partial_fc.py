@@ -15,6 +15,10 @@ Memory is measured two ways, per rank:
 
     python benchmarks/bench_partial_fc.py                       # C = 1e5 and 1e6
     python benchmarks/bench_partial_fc.py --classes 20000 --steps 2 --no-write
+    python benchmarks/bench_partial_fc.py --updates dense sampled --rates 1.0 0.1 --no-full
+
+``--updates sampled`` runs ``PartialFC(update="sampled")`` with ``SampledRowSGD`` (only
+the sampled rows get a gradient and an update; see ``dpface.heads.row_optim``).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dpface.heads import FullFC, PartialFC, plan  # noqa: E402
+from dpface.heads.row_optim import SampledRowSGD  # noqa: E402
 from dpface.losses import build_loss  # noqa: E402
 
 SECTION = "## Partial-FC head (benchmarks/bench_partial_fc.py)"
@@ -73,11 +78,13 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def tensor_bytes(head, opt) -> int:
+def tensor_bytes(head, opt, grad_rows=None) -> int:
     n = 0
     for p in head.parameters():
         n += p.numel() * p.element_size()
-        n += p.numel() * p.element_size()  # its gradient (dense, allocated every step)
+        # its gradient: dense, allocated every step, or (update="sampled") grad_rows rows
+        rows = p.shape[0] if grad_rows is None else grad_rows
+        n += p[:rows].numel() * p.element_size()
         for v in opt.state.get(p, {}).values():
             if torch.is_tensor(v):
                 n += v.numel() * v.element_size()
@@ -97,7 +104,10 @@ def worker(rank: int, world: int, cfg: dict, tmp: str) -> None:
 
     def make(num_classes):
         if cfg["kind"] == "partial":
-            head = PartialFC(dim, num_classes, transform, sample_rate=cfg["rate"], seed=0)
+            head = PartialFC(dim, num_classes, transform, sample_rate=cfg["rate"], seed=0,
+                             update=cfg["update"])
+            if cfg["update"] == "sampled":
+                return head, SampledRowSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
         else:
             head = FullFC(dim, num_classes, transform, seed=0)
         return head, torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -129,7 +139,8 @@ def worker(rank: int, world: int, cfg: dict, tmp: str) -> None:
     loss = train(head, opt, cfg["warmup"] + cfg["steps"], g, times, sampled)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     result = {"rank": rank, "times": times, "num_sampled": sampled, "peak_rss_delta": peak,
-              "tensor_bytes": tensor_bytes(head, opt), "loss": loss}
+              "tensor_bytes": tensor_bytes(head, opt, max(sampled) if cfg["update"] == "sampled"
+                                           else None), "loss": loss}
     with open(Path(tmp) / f"rank{rank}.json", "w") as f:
         json.dump(result, f)
     if tdist.is_initialized():
@@ -158,9 +169,11 @@ def run(args) -> list[dict]:
     base = {"dim": args.dim, "global_batch": args.global_batch, "steps": args.steps,
             "warmup": args.warmup, "timeout": args.timeout}
     for classes in args.classes:
-        configs = [{"kind": "partial", "rate": r, "threads": 1} for r in args.rates]
+        configs = [{"kind": "partial", "rate": r, "threads": 1, "update": u}
+                   for u in args.updates for r in args.rates]
         if args.full:
-            configs.append({"kind": "full", "rate": 1.0, "threads": args.world})
+            configs.append({"kind": "full", "rate": 1.0, "threads": args.world,
+                            "update": "dense"})
         for c in configs:
             cfg = {**base, **c, "classes": classes}
             world = args.world if c["kind"] == "partial" else 1
@@ -168,7 +181,7 @@ def run(args) -> list[dict]:
             est = plan(classes, args.dim, world, args.global_batch // world, c["rate"])
             row = {"classes": classes, "rate": c["rate"], "ranks": world,
                    "head": "PartialFC" if c["kind"] == "partial" else "FullFC",
-                   "threads": c["threads"], "plan_mib": est["memory_total"] / 2**20}
+                   "threads": c["threads"], "update": c["update"], "plan_mib": est["memory_total"] / 2**20}
             try:
                 res = launch(cfg, world)
             except Exception as e:  # e.g. a rank killed for memory: record it, go on
@@ -190,44 +203,49 @@ def run(args) -> list[dict]:
 
 
 def to_markdown(rows: list[dict], args) -> str:
-    title = f"### Further run: {ALLOCATORS[args.allocator][0]}" if args.append else SECTION
+    title = (f"### Further run: {ALLOCATORS[args.allocator][0]}; update "
+             f"{' / '.join(args.updates)}" if args.append else SECTION)
     out = [title, "",
            f"{datetime.date.today()} · {platform.machine()}, {os.cpu_count()} CPU cores shared "
            f"with other jobs (load average {os.getloadavg()[0]:.1f} at the end) · torch "
            f"{torch.__version__} · D = {args.dim}, global batch {args.global_batch}, ArcFace, "
            f"SGD(momentum 0.9, wd 5e-4) · median of {args.steps} steps after {args.warmup} "
-           f"warm-up · PartialFC: {args.world} gloo ranks x 1 thread; FullFC: 1 process x "
-           f"{args.world} threads · allocator: {ALLOCATORS[args.allocator][0]}.",
+           f"warm-up · PartialFC: {args.world} gloo ranks x 1 thread"
+           + (f"; FullFC: 1 process x {args.world} threads" if args.full else "")
+           + f" · allocator: {ALLOCATORS[args.allocator][0]}.",
            "",
            "Peak RSS delta = ru_maxrss at the end − RSS before building the head, worst rank. "
            "Tensor bytes = params + grads + optimizer state (exact). plan = `dpface.heads.plan` "
            "estimate incl. activations.",
            "",
-           "| classes | head | rate | ranks | step (s) | rows scored/rank | peak RSS Δ/rank (MiB) "
+           "| classes | head | update | rate | ranks | step (s) | rows scored/rank | peak RSS Δ/rank (MiB) "
            "| params+grad+state/rank (MiB) | plan (MiB) |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['classes']:,} | {r['head']} | {r['rate']} | {r['ranks']} | "
-                       f"failed: {r['error']} | | | | {r['plan_mib']:,.0f} |")
+            out.append(f"| {r['classes']:,} | {r['head']} | {r['update']} | {r['rate']} | "
+                       f"{r['ranks']} | failed: {r['error']} | | | | {r['plan_mib']:,.0f} |")
             continue
-        out.append(f"| {r['classes']:,} | {r['head']} | {r['rate']} | {r['ranks']} | "
-                   f"{r['step_s']:.3f} | {r['num_sampled']:,} | {r['peak_rss_mib']:,.0f} | "
+        out.append(f"| {r['classes']:,} | {r['head']} | {r['update']} | {r['rate']} | "
+                   f"{r['ranks']} | {r['step_s']:.3f} | {r['num_sampled']:,} | {r['peak_rss_mib']:,.0f} | "
                    f"{r['tensor_mib']:,.0f} | {r['plan_mib']:,.0f} |")
     if not args.append:
         out += ["", READING]
     out += ["", TARGETS]
     for c in sorted({r["classes"] for r in rows}):
-        sel = {(r["head"], r["rate"]): r for r in rows if r["classes"] == c and "error" not in r}
-        p1, p01 = sel.get(("PartialFC", 1.0)), sel.get(("PartialFC", 0.1))
-        full = sel.get(("FullFC", 1.0))
+        sel = {(r["head"], r["update"], r["rate"]): r for r in rows
+               if r["classes"] == c and "error" not in r}
+        p1, p01 = sel.get(("PartialFC", "dense", 1.0)), sel.get(("PartialFC", "dense", 0.1))
+        full = sel.get(("FullFC", "dense", 1.0))
         parts = []
         if p1 and full:
             parts.append(f"memory r=1 / FullFC: peak RSS "
                          f"{p1['peak_rss_mib'] / full['peak_rss_mib']:.2f}, "
                          f"tensors {p1['tensor_mib'] / full['tensor_mib']:.2f}")
-        if p1 and p01:
-            parts.append(f"step r=0.1 / r=1.0: {p01['step_s'] / p1['step_s']:.2f}")
+        for u in args.updates:
+            a, b = sel.get(("PartialFC", u, 1.0)), sel.get(("PartialFC", u, 0.1))
+            if a and b:
+                parts.append(f"step r=0.1 / r=1.0 ({u}): {b['step_s'] / a['step_s']:.2f}")
         if p1 and full:
             parts.append(f"step r=1 / FullFC: {p1['step_s'] / full['step_s']:.2f}")
         if parts:
@@ -264,6 +282,8 @@ def main(argv=None) -> None:
     ap.add_argument("--global-batch", type=int, default=256)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.3, 0.1])
+    ap.add_argument("--updates", nargs="+", choices=["dense", "sampled"], default=["dense"],
+                    help="PartialFC update modes to run (sampled: SampledRowSGD)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-full", dest="full", action="store_false", help="skip FullFC")

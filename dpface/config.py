@@ -40,6 +40,10 @@ class HeadConfig:
     # Which negatives fill the sample: uniform (Partial FC) or the highest-scoring ones
     # (DP-Softmax's dominant prototypes; scores every row of the shard, without grad).
     negatives: Literal["uniform", "hard"] = "uniform"
+    # Which W rows the optimizer moves: all (dense gradient; unsampled rows still get
+    # momentum and weight decay) or only the step's sampled rows (original Partial FC's
+    # lazy update, much cheaper at small sample_rate; SGD only).
+    update: Literal["dense", "sampled"] = "dense"
     loss: dict = field(default_factory=lambda: {"name": "arcface", "s": 64.0, "m": 0.5})
 
 

@@ -140,7 +140,8 @@ class DeepSpeedBackbone:
         of the head shard; returns (stepped, global grad norm before clipping)."""
         scale = self.loss_scale  # the scale this backward uses (step() may change it)
         self.engine.backward(loss)
-        hparams = [p for p in head.parameters() if p.grad is not None]
+        # + the sampled-row leaves of a head with update="sampled" (its row gradients)
+        hparams = [p for p in head.parameters() if p.grad is not None] + head.row_leaves()
         if scale != 1.0:
             for p in hparams:
                 p.grad.mul_(1.0 / scale)

@@ -29,6 +29,7 @@ from dpface.engine.logging import MetricsLogger, memory_stats
 from dpface.engine.schedule import lr_at
 from dpface.eval import evaluate_pairs
 from dpface.heads import PartialFC
+from dpface.heads.row_optim import make_head_optimizer
 from dpface.heads.sharding import ROW_PARAMS
 from dpface.losses import build_aux_loss, build_loss
 from dpface.models import build_backbone
@@ -167,7 +168,7 @@ class Trainer:
             self.backbone.to(memory_format=torch.channels_last)
         self.head = PartialFC(cfg.head.embedding_size, self.stream.num_classes,
                               build_loss(cfg.head.loss), sample_rate=cfg.head.sample_rate,
-                              negatives=cfg.head.negatives,
+                              negatives=cfg.head.negatives, update=cfg.head.update,
                               seed=cfg.experiment.seed).to(dev)
         built = [build_aux_loss(spec, self.stream.num_classes, cfg.head.embedding_size)
                  for spec in cfg.aux_losses]
@@ -185,7 +186,12 @@ class Trainer:
             self.model = (DistributedDataParallel(self.backbone, device_ids=[dev.index] if dev.type == "cuda" else None)
                           if self.info.world_size > 1 else self.backbone)
             self.backbone_opt = make_optimizer(self.backbone.parameters(), cfg, cfg.train.lr)
-        self.head_opt = make_optimizer(self.head.parameters(), cfg, cfg.train.head_lr or cfg.train.lr)
+        head_lr = cfg.train.head_lr or cfg.train.lr
+        if cfg.head.update == "sampled":  # lazy row updates; raises for adamw
+            self.head_opt = make_head_optimizer(self.head, cfg.train.optimizer, head_lr,
+                                                cfg.train.momentum, cfg.train.weight_decay)
+        else:
+            self.head_opt = make_optimizer(self.head.parameters(), cfg, head_lr)
         self.amp_dtype = resolve_amp(cfg.train.amp, dev)
         # Under DeepSpeed fp16 its own dynamic loss scale is used; this one stays idle.
         self.scaler = LossScaler(enabled=self.amp_dtype == torch.float16 and self.ds is None)
@@ -246,14 +252,15 @@ class Trainer:
             self.scaler.scale_loss(loss).backward()
 
             bparams = [p for p in self.backbone.parameters() if p.grad is not None]
-            hparams = [p for p in self.head.parameters() if p.grad is not None]
+            # + the sampled-row leaves (update=sampled): they hold the head's row gradients.
+            hparams = [p for p in self.head.parameters() if p.grad is not None] + self.head.row_leaves()
             self.scaler.unscale_(bparams + hparams)
             finite = grads_finite(bparams + hparams, dev)
             self.scaler.update(finite)
             grad_norm = float("nan")
             if finite:
                 rows = [p for n, p in self.head.named_parameters()
-                        if n in ROW_PARAMS and p.grad is not None]
+                        if n in ROW_PARAMS and p.grad is not None] + self.head.row_leaves()
                 replicated = bparams + [p for p in hparams if all(p is not r for r in rows)]
                 norm = _global_grad_norm(replicated, rows, dev)
                 grad_norm = float(norm)

@@ -63,6 +63,16 @@ def init_rows(lo: int, hi: int, dim: int, seed: int = 0, std: float = INIT_STD,
 # [B_global × block] entries, so the selection never holds the full [B, C_local] matrix.
 HARD_BLOCK_ELEMENTS = 1 << 24
 NEGATIVES = ("uniform", "hard")
+UPDATES = ("dense", "sampled")
+
+
+@dataclass
+class SampledRows:
+    """The last step's rows in ``update="sampled"`` mode: local indices (None = all rows)
+    and the leaves standing in for ``weight``/``bias`` rows, which receive the [K, D]
+    (and [K]) gradients the row optimizer applies."""
+    idx: torch.Tensor | None
+    leaves: dict  # "weight"/"bias" -> leaf tensor
 
 
 # Input-check codes exchanged between ranks (see PartialFC._check_inputs).
@@ -230,6 +240,13 @@ class PartialFC(nn.Module):
     saves is the backward, the logits kept for it and the gradient of unscored rows.
     The choice is deterministic given the embeddings (no RNG).
 
+    Update mode (``update``): "dense" (default) leaves the gradient dense as above.
+    "sampled" gives the step's rows to autograd as a separate leaf, so backward makes
+    only a [K, D] gradient (``sampled_rows()``/``row_leaves()``; ``weight.grad`` stays
+    None) and :class:`dpface.heads.row_optim.SampledRowSGD` updates just those rows —
+    the original Partial FC's lazy semantics: unsampled rows get no momentum step and no
+    weight decay. Equal to dense SGD at sample rate 1.
+
     The transform gets a :class:`HeadContext` (step, group, norms if it asks for them)
     and may weight each sample's cross-entropy (``loss_weight``, Knot-Magnify).
 
@@ -239,7 +256,7 @@ class PartialFC(nn.Module):
 
     def __init__(self, embedding_size: int, num_classes: int, transform: LogitTransform,
                  sample_rate: float = 1.0, seed: int = 0, group=None, *,
-                 negatives: str = "uniform",
+                 negatives: str = "uniform", update: str = "dense",
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if not isinstance(transform, LogitTransform):
@@ -254,6 +271,10 @@ class PartialFC(nn.Module):
         if negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
         self.negatives = negatives
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
+        self.update = update
+        self._sampled: SampledRows | None = None
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.transform = transform
@@ -275,7 +296,8 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"classes=[{self.class_start}, {self.class_end}), rank={self.rank}/"
-                f"{self.world_size}, sample_rate={self.sample_rate}, negatives={self.negatives}")
+                f"{self.world_size}, sample_rate={self.sample_rate}, negatives={self.negatives}, "
+                f"update={self.update}")
 
     # -- input checks -------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -336,6 +358,26 @@ class PartialFC(nn.Module):
                 f"group says rank {actual[0]} of {actual[1]}; heads built with rank/world_size "
                 f"overrides are for checkpoint tools only")
 
+    # -- sampled-update leaves -------------------------------------------------------
+    def sampled_rows(self) -> SampledRows | None:
+        """The last forward's rows and leaves (``update="sampled"``), until cleared."""
+        return self._sampled
+
+    def row_leaves(self) -> list[torch.Tensor]:
+        """The last forward's row leaves that hold a gradient: what the trainer must
+        unscale, check, count in the grad norm and clip alongside the parameters."""
+        if self._sampled is None:
+            return []
+        return [t for t in self._sampled.leaves.values() if t.grad is not None]
+
+    def clear_sampled(self) -> None:
+        # Drop the grads explicitly: a caller's live loss keeps the graph, and through it
+        # the leaves, alive until its next step (a [C_local, D] grad at r = 1).
+        if self._sampled is not None:
+            for t in self._sampled.leaves.values():
+                t.grad = None
+        self._sampled = None
+
     # -- sampling -----------------------------------------------------------------
     def sample(self, labels: torch.Tensor, step: int,
                embeddings: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -388,6 +430,20 @@ class PartialFC(nn.Module):
             out[a:a + block] = s.max(0).values
         return out
 
+    def _row_leaves(self, idx):
+        """Detached copies of the step's rows as fresh leaves: autograd stops there, so no
+        dense [C_local, D] gradient is ever made. At idx None the leaf aliases W (no copy;
+        the optimizer writes W only after backward)."""
+        leaves = {}
+        for name in ("weight", "bias"):
+            p = getattr(self, name)
+            if p is None:
+                continue
+            t = p.detach() if idx is None else p.detach().index_select(0, idx)
+            leaves[name] = t.requires_grad_(p.requires_grad and torch.is_grad_enabled())
+        self._sampled = SampledRows(idx, leaves) if torch.is_grad_enabled() else None
+        return leaves["weight"], leaves.get("bias")
+
     # -- forward ------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> HeadOutput:
         step = operator.index(step)
@@ -399,12 +455,16 @@ class PartialFC(nn.Module):
 
         local = y - self.class_start
         mine = (local >= 0) & (local < self.num_local)
-        if idx is None:
+        if self.update == "sampled":
+            w, b = self._row_leaves(idx)
+        elif idx is None:
             w, b = self.weight, self.bias
-            target = torch.where(mine, local, -1)
         else:
             w = self.weight.index_select(0, idx)
             b = None if self.bias is None else self.bias.index_select(0, idx)
+        if idx is None:
+            target = torch.where(mine, local, -1)
+        else:
             # Positives are in idx (sorted), so searchsorted finds their exact column.
             col = torch.searchsorted(idx, local.clamp(0, self.num_local - 1))
             target = torch.where(mine, col, -1)
@@ -432,4 +492,4 @@ class PartialFC(nn.Module):
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=n)
 
 
-__all__ = ["PartialFC", "HeadOutput", "init_rows", "mix_seed", "compute_dtype"]
+__all__ = ["PartialFC", "HeadOutput", "SampledRows", "init_rows", "mix_seed", "compute_dtype"]
