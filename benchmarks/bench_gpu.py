@@ -23,12 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dpface.heads import FullFC, PartialFC  # noqa: E402
+from dpface.heads.row_optim import make_head_optimizer  # noqa: E402
 from dpface.losses import build_loss  # noqa: E402
 
 
-def time_head(head, classes: int, batch: int, dim: int, steps: int) -> dict:
-    dev = torch.device("cuda")
-    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+def time_head(head, classes: int, batch: int, dim: int, steps: int, device: str = "cuda") -> dict:
+    dev = torch.device(device)
+    if getattr(head, "update", "dense") == "sampled":
+        opt = make_head_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator(device=dev).manual_seed(0)
     emb = torch.randn(batch, dim, device=dev, generator=g, requires_grad=True)
     times = []
@@ -41,6 +45,8 @@ def time_head(head, classes: int, batch: int, dim: int, steps: int) -> dict:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if hasattr(head, "clear_sampled"):
+            head.clear_sampled()
         torch.cuda.synchronize()
         if step >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t0)
@@ -50,15 +56,16 @@ def time_head(head, classes: int, batch: int, dim: int, steps: int) -> dict:
             "loss": out.loss.item()}
 
 
-def bench_heads(classes_list, rates, batch, dim, steps) -> list[dict]:
+def bench_heads(classes_list, rates, updates, batch, dim, steps, full: bool) -> list[dict]:
     rows = []
     arc = {"name": "arcface", "s": 64.0, "m": 0.5}
     for classes in classes_list:
-        variants = [("full-fc", None)] + [(f"partial-fc r={r:g}", r) for r in rates]
-        for name, r in variants:
+        variants = [("full-fc", None, None)] if full else []
+        variants += [(f"partial-fc {u} r={r:g}", r, u) for u in updates for r in rates]
+        for name, r, update in variants:
             torch.cuda.empty_cache()
             head = (FullFC(dim, classes, build_loss(arc)) if r is None
-                    else PartialFC(dim, classes, build_loss(arc), sample_rate=r)).cuda()
+                    else PartialFC(dim, classes, build_loss(arc), sample_rate=r, update=update)).cuda()
             row = {"classes": classes, "head": name, **time_head(head, classes, batch, dim, steps)}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -97,6 +104,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--classes", type=int, nargs="+", default=[1_000_000, 4_000_000])
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.3, 0.1])
+    ap.add_argument("--updates", nargs="+", default=["dense", "sampled"], choices=["dense", "sampled"])
+    ap.add_argument("--no-full", dest="full", action="store_false", help="skip the FullFC reference")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
@@ -108,7 +117,8 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "heads": bench_heads(args.classes, args.rates, args.batch, args.dim, args.steps)}
+              "heads": bench_heads(args.classes, args.rates, args.updates, args.batch, args.dim,
+                                   args.steps, args.full)}
     if not args.skip_train:
         result["train"] = []
         for amp in ("bf16", "fp16"):
