@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from dpface.dist.collectives import (all_gather, all_gather_with_grad, all_reduce_max,
+from dpface.distributed.collectives import (all_gather, all_gather_with_grad, all_reduce_max,
                                      all_reduce_sum)
 from dpface.heads import FullFC, PartialFC, class_range
 from dpface.heads.sharding import sample_count

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as tdist
 
-from dpface import dist
+from dpface import distributed as dist
 
 try:
     from tests.launch_utils import (CONFIG, FAULT_STEP, REPO, STEPS, assert_same_loss_curve,

@@ -15,7 +15,7 @@ import contextlib
 import torch
 import torch.distributed as tdist
 
-from dpface import dist
+from dpface import distributed as dist
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

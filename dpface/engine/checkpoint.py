@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dpface import dist
+from dpface import distributed as dist
 from dpface.heads.sharding import (apply_shard_state, atomic_save, head_shard_state, load_resharded,
                                    shard_filename)
 

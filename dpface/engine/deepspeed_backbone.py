@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from dpface import dist
+from dpface import distributed as dist
 from dpface.engine.amp import grads_finite, resolve_amp
 from dpface.engine.checkpoint import CheckpointError
 

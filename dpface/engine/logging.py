@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from dpface import dist
+from dpface import distributed as dist
 
 # A ROC of 6000 pairs has thousands of points; charts and tables need far fewer.
 ROC_POINTS = 200

@@ -2,7 +2,7 @@
 
 Ray Train starts one worker per rank, forms the torch process group (gloo on CPU
 workers, NCCL on GPU workers) and exports RANK / WORLD_SIZE / LOCAL_RANK /
-MASTER_ADDR / MASTER_PORT, so ``dpface.dist.init_from_env`` finds the group already
+MASTER_ADDR / MASTER_PORT, so ``dpface.distributed.init_from_env`` finds the group already
 initialised and only reads it. From there each worker runs ``Trainer.fit`` as a torchrun
 rank does; the validated config (file + overrides, resolved on the driver) is the only
 input.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dpface import dist
+from dpface import distributed as dist
 from dpface.config import Config, config_from_dict, load_config
 from dpface.engine.checkpoint import read_meta, resolve_resume
 from dpface.engine.trainer import Trainer

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-from dpface import dist
+from dpface import distributed as dist
 from dpface.config import Config, save_config
 from dpface.data.transforms import normalize
 from dpface.engine.amp import LossScaler, autocast, grads_finite, resolve_amp

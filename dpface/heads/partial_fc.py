@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpface.dist import get_rank, get_world_size
-from dpface.dist.collectives import (all_gather, all_gather_with_grad, all_reduce_max,
+from dpface.distributed import get_rank, get_world_size
+from dpface.distributed.collectives import (all_gather, all_gather_with_grad, all_reduce_max,
                                      all_reduce_sum)
 from dpface.heads.sharding import class_range, sample_count
 from dpface.losses.margin import HeadContext, LogitTransform
@@ -213,7 +213,7 @@ class PartialFC(nn.Module):
 
     The loss is the mean over the *global* batch and is identical on every rank; the
     embedding gradient is multiplied by the world size on its way back (see
-    ``dpface.dist.collectives``) so that DDP's averaging of backbone gradients gives
+    ``dpface.distributed.collectives``) so that DDP's averaging of backbone gradients gives
     the single-process gradient.
 
     Sampling (``sample_rate`` r < 1): each step scores the positives (classes of this

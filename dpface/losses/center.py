@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dpface.dist import get_rank, get_world_size
-from dpface.dist.collectives import all_gather, all_reduce_sum
+from dpface.distributed import get_rank, get_world_size
+from dpface.distributed.collectives import all_gather, all_reduce_sum
 from dpface.heads.sharding import class_range
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpface.dist.collectives import all_reduce_max, all_reduce_sum
+from dpface.distributed.collectives import all_reduce_max, all_reduce_sum
 
 # cos θ is clamped to [−1+ε, 1−ε] before acos/sqrt: d acos/dc = −1/sqrt(1−c²) is
 # unbounded at ±1 and is what sends ArcFace losses to NaN in fp16 runs.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
-from dpface.dist import get_rank, get_world_size, is_initialized
+from dpface.distributed import get_rank, get_world_size, is_initialized
 
 
 def _active(group) -> bool:
