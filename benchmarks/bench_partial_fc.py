@@ -235,7 +235,7 @@ def to_markdown(rows: list[dict], args) -> str:
     for c in sorted({r["classes"] for r in rows}):
         sel = {(r["head"], r["update"], r["rate"]): r for r in rows
                if r["classes"] == c and "error" not in r}
-        p1, p01 = sel.get(("PartialFC", "dense", 1.0)), sel.get(("PartialFC", "dense", 0.1))
+        p1 = sel.get(("PartialFC", "dense", 1.0))
         full = sel.get(("FullFC", "dense", 1.0))
         parts = []
         if p1 and full:

@@ -45,7 +45,6 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     the run is on CUDA, gloo otherwise.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

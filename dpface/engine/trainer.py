@@ -8,10 +8,8 @@ all head shards → SGD/AdamW step → metrics on rank 0.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from dpface import distributed as dist
 from dpface.config import Config, save_config
 from dpface.data.transforms import normalize
 from dpface.engine.amp import LossScaler, autocast, grads_finite, resolve_amp
-from dpface.engine.checkpoint import (TrainState, complete_checkpoints, load_checkpoint,
+from dpface.engine.checkpoint import (TrainState, load_checkpoint,
                                       resolve_resume, save_checkpoint)
 from dpface.engine.faults import FaultInjection
 from dpface.engine.logging import MetricsLogger, memory_stats
