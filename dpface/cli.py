@@ -20,7 +20,7 @@ def _cmd_eval(args) -> int:
     import torch
 
     from dpface.config import apply_overrides, config_from_dict, load_config
-    from dpface.engine.checkpoint import CheckpointError, _load, read_meta, resolve_resume
+    from dpface.engine.checkpoint import CheckpointError, load_file, read_meta, resolve_resume
     from dpface.engine.trainer import build_eval_sets, evaluate
     from dpface.models import build_backbone
 
@@ -36,7 +36,7 @@ def _cmd_eval(args) -> int:
     if args.bin:
         cfg.eval.bin_sets = list(args.bin)
     backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size)
-    state = _load(ckpt / "trainer.pt")["backbone"]
+    state = load_file(ckpt / "trainer.pt")["backbone"]
     saved = {k: tuple(v.shape) for k, v in state.items()}
     mine = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
     diff = [k for k in mine if k in saved and saved[k] != mine[k]]

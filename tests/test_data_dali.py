@@ -10,6 +10,7 @@ from PIL import Image
 
 from dpface.data.convert import convert_synthetic
 from dpface.data.webdataset_stream import WebDatasetStream
+from tests.test_data_stream import write_tar
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +107,8 @@ def test_dali_resume_continues_the_same_stream(dali, syn):
 
 
 def _write(path, members):
-    with tarfile.open(path, "w") as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
+    """A tar (as the webdataset tests write it) plus its DALI index."""
+    write_tar(path, members)
     from wds2idx import IndexCreator  # DALI's own indexer, shipped with the wheel
     with IndexCreator(str(path), str(path)[:-4] + ".idx", verbose=False) as ic:
         ic.create_index()

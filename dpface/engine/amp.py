@@ -40,15 +40,24 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def grads_finite(params, device: torch.device) -> bool:
-    """True when every gradient on every rank is finite (one all-reduce)."""
-    bad = torch.zeros((), device=device)
-    for p in params:
-        if p.grad is not None:
-            bad = bad + (~torch.isfinite(p.grad)).any().float()
+def global_grad_norm(replicated_params, sharded_params, device: torch.device) -> torch.Tensor:
+    """L2 norm of the whole model's gradient, the same number on every rank.
+
+    Replicated gradients (backbone after DDP, a head's learned scale) are identical on
+    every rank and counted once; the head's row shards are disjoint, so their squares are
+    summed across ranks (one all-reduce). The norm is non-finite iff some gradient on
+    some rank is, so it doubles as the cross-rank skip decision.
+    """
+    def sq(params):
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=device, dtype=torch.float32)
+        return torch.nn.utils.get_total_norm(grads).float().pow(2)  # foreach kernels
+
+    shard_sq = sq(sharded_params)
     if dist.is_initialized():
-        tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
-    return bool(bad.item() == 0)
+        tdist.all_reduce(shard_sq)
+    return (sq(replicated_params) + shard_sq).sqrt()
 
 
 class LossScaler:

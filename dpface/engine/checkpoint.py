@@ -37,7 +37,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
 
 
-def _load(path: Path, weights_only: bool = True):
+def load_file(path: Path, weights_only: bool = True):
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
@@ -142,7 +142,7 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo) -> int:
             f"{path}: checkpoint head has {meta['num_classes']} classes, this run has "
             f"{state.head.num_classes}: a different data set?"
         )
-    trainer = _load(path / "trainer.pt")
+    trainer = load_file(path / "trainer.pt")
     try:
         state.backbone.load_state_dict(trainer["backbone"])
     except RuntimeError as e:
@@ -165,7 +165,7 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo) -> int:
                       load_resharded(shard_files, head.class_start, head.class_end))
 
     if meta["world_size"] == info.world_size:
-        own = _load(path / f"rank{info.rank:05d}.pt")
+        own = load_file(path / f"rank{info.rank:05d}.pt")
         torch.set_rng_state(own["rng"]["torch"])
         if "cuda" in own["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(own["rng"]["cuda"])
@@ -175,6 +175,6 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo) -> int:
         # Another world size: the data position is global (one count of global batches)
         # and stays valid when the global batch is unchanged; per-rank RNG and per-rank
         # embedding-loss state start anew.
-        own = _load(path / "rank00000.pt")
+        own = load_file(path / "rank00000.pt")
         state.stream.load_state_dict(own["data"])
     return int(trainer["step"])

@@ -28,11 +28,11 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from dpface import distributed as dist
-from dpface.engine.amp import grads_finite, resolve_amp
+from dpface.engine.amp import global_grad_norm, resolve_amp
 from dpface.engine.checkpoint import CheckpointError
+from dpface.heads.sharding import head_grad_params
 
 SUBDIR = "deepspeed"  # inside the step directory
 TAG = "zero"
@@ -140,18 +140,13 @@ class DeepSpeedBackbone:
         of the head shard; returns (stepped, global grad norm before clipping)."""
         scale = self.loss_scale  # the scale this backward uses (step() may change it)
         self.engine.backward(loss)
-        # + the sampled-row leaves of a head with update="sampled" (its row gradients)
-        hparams = [p for p in head.parameters() if p.grad is not None] + head.row_leaves()
+        rows, replicated = head_grad_params(head)
+        hparams = rows + replicated
         if scale != 1.0:
             for p in hparams:
                 p.grad.mul_(1.0 / scale)
-        head_finite = grads_finite(hparams, self.info.device)
-        head_sq = torch.zeros((), device=self.info.device)
-        for p in hparams:
-            head_sq = head_sq + p.grad.float().pow(2).sum()
-        if dist.is_initialized():
-            tdist.all_reduce(head_sq)  # shards are disjoint: squares add up
-        head_norm = float(head_sq.sqrt())
+        head_norm = global_grad_norm(replicated, rows, self.info.device).item()
+        head_finite = math.isfinite(head_norm)
 
         self.engine.step()  # reduce, overflow check, clip, step, zero the backbone grads
         overflow = bool(getattr(self.optimizer, "overflow", False))

@@ -8,18 +8,18 @@ all head shards → SGD/AdamW step → metrics on rank 0.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from dpface import distributed as dist
 from dpface.config import Config, save_config
 from dpface.data.transforms import normalize
-from dpface.engine.amp import LossScaler, autocast, grads_finite, resolve_amp
+from dpface.engine.amp import LossScaler, autocast, global_grad_norm, resolve_amp
 from dpface.engine.checkpoint import (TrainState, load_checkpoint,
                                       resolve_resume, save_checkpoint)
 from dpface.engine.faults import FaultInjection
@@ -28,7 +28,7 @@ from dpface.engine.schedule import lr_at
 from dpface.eval import evaluate_pairs
 from dpface.heads import PartialFC
 from dpface.heads.row_optim import make_head_optimizer
-from dpface.heads.sharding import ROW_PARAMS
+from dpface.heads.sharding import head_grad_params
 from dpface.losses import build_aux_loss, build_loss
 from dpface.models import build_backbone
 
@@ -129,23 +129,6 @@ def make_optimizer(params, cfg: Config, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
 
 
-def _global_grad_norm(replicated_params, sharded_params, device) -> torch.Tensor:
-    """L2 norm of the whole model's gradient: replicated gradients (backbone after DDP, a
-    head's learned scale) are identical on every rank and counted once; the head's row
-    shards are disjoint, so their squares are summed across ranks."""
-    def sq(params):
-        total = torch.zeros((), device=device, dtype=torch.float32)
-        for p in params:
-            if p.grad is not None:
-                total = total + p.grad.float().pow(2).sum()
-        return total
-
-    shard_sq = sq(sharded_params)
-    if dist.is_initialized():
-        tdist.all_reduce(shard_sq)
-    return (sq(replicated_params) + shard_sq).sqrt()
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, info: dist.DistInfo | None = None):
         self.cfg = cfg
@@ -237,10 +220,11 @@ class Trainer:
         labels = labels.to(dev, non_blocking=True)
         with autocast(dev, self.amp_dtype):
             emb = self.model(x)
-        out = self.head(emb.float(), labels, step)
+        emb = emb.float()
+        out = self.head(emb, labels, step)
         loss, aux_values = out.loss, {}
         for name, fn, w in zip(self.aux_names, self.aux_losses, self.aux_weights):
-            value = fn(emb.float(), labels, step)
+            value = fn(emb, labels, step)
             aux_values[f"aux/{name}"] = value.item()
             loss = loss + w * value
         if self.ds is not None:  # DeepSpeed: its own backward, loss scale, clipping and step
@@ -249,26 +233,23 @@ class Trainer:
         else:
             self.scaler.scale_loss(loss).backward()
 
-            bparams = [p for p in self.backbone.parameters() if p.grad is not None]
-            # + the sampled-row leaves (update=sampled): they hold the head's row gradients.
-            hparams = [p for p in self.head.parameters() if p.grad is not None] + self.head.row_leaves()
-            self.scaler.unscale_(bparams + hparams)
-            finite = grads_finite(bparams + hparams, dev)
+            rows, head_replicated = head_grad_params(self.head)
+            replicated = [p for p in self.backbone.parameters() if p.grad is not None]
+            replicated += head_replicated
+            self.scaler.unscale_(replicated + rows)
+            # One pass, one all-reduce: the norm, and the skip decision all ranks share.
+            norm = global_grad_norm(replicated, rows, dev)
+            grad_norm = norm.item()
+            finite = math.isfinite(grad_norm)
             self.scaler.update(finite)
-            grad_norm = float("nan")
             if finite:
-                rows = [p for n, p in self.head.named_parameters()
-                        if n in ROW_PARAMS and p.grad is not None] + self.head.row_leaves()
-                replicated = bparams + [p for p in hparams if all(p is not r for r in rows)]
-                norm = _global_grad_norm(replicated, rows, dev)
-                grad_norm = float(norm)
                 clip = self.cfg.train.grad_clip
-                if clip > 0 and grad_norm > clip:
-                    coef = clip / (grad_norm + 1e-6)
-                    for p in bparams + hparams:
-                        p.grad.mul_(coef)
+                if 0 < clip < grad_norm:
+                    torch.nn.utils.clip_grads_with_norm_(replicated + rows, clip, norm)
                 self.backbone_opt.step()
                 self.head_opt.step()
+            else:
+                grad_norm = float("nan")
             self.backbone_opt.zero_grad(set_to_none=True)
             self.head_opt.zero_grad(set_to_none=True)
         self.state.step += 1

@@ -32,6 +32,15 @@ FORMAT = "dpface.head_shard/1"
 ROW_PARAMS = ("weight", "bias")
 
 
+def head_grad_params(head) -> tuple[list, list]:
+    """(row gradients holders, replicated parameters) of a head after backward. Rows are
+    the weight/bias shard, or with ``update="sampled"`` the step's sampled-row leaves."""
+    rows = [p for n, p in head.named_parameters() if n in ROW_PARAMS and p.grad is not None]
+    rows += head.row_leaves()
+    ids = {id(p) for p in rows}
+    return rows, [p for p in head.parameters() if p.grad is not None and id(p) not in ids]
+
+
 # -- the split -------------------------------------------------------------------
 def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
     """Rank ``rank``'s contiguous class block [lo, hi). The first C % W ranks get one
