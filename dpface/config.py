@@ -44,6 +44,16 @@ class HeadConfig:
     # momentum and weight decay) or only the step's sampled rows (original Partial FC's
     # lazy update, much cheaper at small sample_rate; SGD only).
     update: Literal["dense", "sampled"] = "dense"
+    # Margin-softmax implementation: the compiled fused op (kernels/, never materialises
+    # the [B, K] logits), the PyTorch reference, or auto (fused where built and the loss
+    # is one the op expresses; the trainer's start-up line says which).
+    kernel: Literal["auto", "fused", "reference"] = "auto"
+    # Head GEMM operands: fp32, or bf16 with fp32 accumulation (fused op only; softmax,
+    # margin, parameters and optimizer state stay fp32).
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # MiB of the step's logits the fused op may keep for backward; columns beyond it are
+    # recomputed (one more GEMM over them) instead of stored.
+    logits_budget_mb: int = 256
     loss: dict = field(default_factory=lambda: {"name": "arcface", "s": 64.0, "m": 0.5})
 
 
@@ -156,6 +166,7 @@ class Config:
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "head.embedding_size": (lambda v: v > 0, "> 0"),
     "head.sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "head.logits_budget_mb": (lambda v: v >= 0, ">= 0"),
     "data.batch_size": (lambda v: v > 0, "> 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.pk_images": (lambda v: v >= 1, ">= 1"),

@@ -1,0 +1,42 @@
+// The C++ signatures of the dpface ops; the CPU backend implements them in cpu/, the CUDA
+// backend in cuda_ops.cpp (built only where torch has CUDA). Contract: kernels/OPS.md.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <optional>
+#include <tuple>
+
+namespace dpface {
+
+using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+#define DPFACE_DECLARE_OPS(SUFFIX)                                                              \
+  Tensors6 margin_softmax_fwd_##SUFFIX(                                                         \
+      const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& idx,           \
+      const at::Tensor& target, const std::optional<at::Tensor>& bias, double s, double m1,     \
+      double m2, double m3, bool easy_margin, bool normalize, bool bf16, int64_t keep_cols);    \
+  Tensors3 margin_softmax_bwd_##SUFFIX(                                                         \
+      const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& lse,         \
+      const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& idx,           \
+      const at::Tensor& target, const std::optional<at::Tensor>& bias,                          \
+      const at::Tensor& inv_norm, const at::Tensor& saved, double s, double m1, double m2,      \
+      double m3, bool easy_margin, bool normalize, bool bf16);                                  \
+  std::tuple<at::Tensor, at::Tensor> range_loss_fwd_##SUFFIX(                                   \
+      const at::Tensor& x, const at::Tensor& labels, int64_t k, double margin);                 \
+  at::Tensor range_loss_bwd_##SUFFIX(const at::Tensor& grad_intra, const at::Tensor& grad_inter, \
+                                     const at::Tensor& x, const at::Tensor& labels, int64_t k,  \
+                                     double margin);
+
+DPFACE_DECLARE_OPS(cpu)
+#ifdef DPFACE_WITH_CUDA
+DPFACE_DECLARE_OPS(cuda)
+#endif
+
+// Argument checks shared by every backend (binding.cpp): each names the argument.
+void check_margin_inputs(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& idx,
+                         const at::Tensor& target, const std::optional<at::Tensor>& bias, double s,
+                         double m1, double m2, double m3, bool normalize, int64_t keep_cols);
+void check_range_inputs(const at::Tensor& x, const at::Tensor& labels, int64_t k, double margin);
+
+}  // namespace dpface
