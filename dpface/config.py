@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,17 @@ from dpface.registry import SpecError, closest
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names key and source."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` and ``1e6`` (no dot, or no exponent sign) as strings;
+    people write them as floats, so they are resolved as floats here (YAML 1.2 rule)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 @dataclass
@@ -181,6 +194,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),
     "train.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "train.poly_power": (lambda v: v >= 0, ">= 0"),
+    "train.min_lr": (lambda v: v >= 0, ">= 0"),
     "train.grad_clip": (lambda v: v >= 0, ">= 0"),
     "train.log_every": (lambda v: v > 0, "> 0"),
     "train.eval_every": (lambda v: v >= 0, ">= 0"),
@@ -189,6 +204,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.num_identities": (lambda v: v >= 2, ">= 2"),
     "eval.num_pairs": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2"),
     "eval.folds": (lambda v: v >= 2, ">= 2"),
+    "eval.batch_size": (lambda v: v > 0, "> 0"),
+    "eval.fars": (lambda v: all(not isinstance(f, bool) and isinstance(f, (int, float)) and 0 < f <= 1
+                                for f in v), "a list of numbers in (0, 1]"),
     "deepspeed.zero_stage": (lambda v: v in (1, 2), "1 or 2 (ZeRO-3 would shard the backbone's weights, which evaluation reads whole)"),
     "deepspeed.bucket_mb": (lambda v: v > 0, "> 0"),
 }
@@ -278,7 +296,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -299,7 +317,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': bad key '{key}'")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_Loader) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': cannot parse value: {e}") from None
     return key.split("."), value
@@ -320,6 +338,29 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 # Filled in by the trainer, never by a config.
 AUX_PROVIDED = ("num_classes", "embedding_size")
+
+
+def _check_spec_types(registry, spec: dict, key: str, source: str) -> None:
+    """Type-check a spec's parameters against the constructor's annotations (scalar
+    ones; others are left to the constructor), recursing into nested specs (``base``)."""
+    fn = registry.get(spec["name"])
+    try:
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:  # noqa: BLE001 — unresolvable annotations: nothing to check against
+        hints = {}
+    for name, value in spec.items():
+        tp = hints.get(name)
+        if isinstance(value, dict) and value.get("name") in registry:
+            _check_spec_types(registry, value, f"{key}.{name}", source)
+            continue
+        if name == "name" or tp is None:
+            continue
+        scalar = {float, int, bool, str}
+        args = set(typing.get_args(tp)) - {type(None)}
+        if tp in scalar or (typing.get_origin(tp) in (typing.Union, types.UnionType) and args <= scalar):
+            if not _type_ok(value, tp)[0] and not (value is None and type(None) in typing.get_args(tp)):
+                raise ConfigError(f"{source}: '{key}.{name}' expects {_type_name(tp)}, "
+                                  f"got {type(value).__name__} {value!r}")
 
 
 def _check_specs(cfg: Config, source: str) -> None:
@@ -353,6 +394,21 @@ def _check_specs(cfg: Config, source: str) -> None:
             registry.check(spec["name"], params, provided=provided)
         except SpecError as e:
             raise ConfigError(f"{source}: '{key}': {e}") from None
+        _check_spec_types(registry, spec, key, source)
+    # Range checks live in the loss constructors; building the (small) loss once here
+    # turns them into a load-time error naming key and file instead of a traceback later.
+    try:
+        LOSSES.build(cfg.head.loss)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: 'head.loss': {e}") from None
+    # Backbones take a fixed input side (a constructor parameter, default 112).
+    p = BACKBONES.parameters(cfg.model["name"]).get("input_size")
+    side = cfg.model.get("input_size", p.default if p is not None else None)
+    if side is not None and side != cfg.data.image_size:
+        raise ConfigError(f"{source}: 'data.image_size' is {cfg.data.image_size} but backbone "
+                          f"'{cfg.model['name']}' takes {side}-pixel input; set both "
+                          f"(e.g. data.image_size={cfg.data.image_size} and model.input_size="
+                          f"{cfg.data.image_size})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -372,7 +428,10 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     """Validate a plain mapping (e.g. the config stored in a checkpoint)."""
     cfg = _build(Config, _merge(Config().to_dict(), data), "", source)
     _check_specs(cfg, source)
-    d = cfg.data
+    d, t = cfg.data, cfg.train
+    if t.min_lr > min(t.lr, t.head_lr or t.lr):
+        raise ConfigError(f"{source}: 'train.min_lr' ({t.min_lr}) must not exceed 'train.lr' "
+                          f"({t.lr}) or 'train.head_lr' ({t.head_lr or t.lr})")
     if d.sampler == "pk":
         if d.backend != "synthetic":
             raise ConfigError(f"{source}: 'data.sampler: pk' needs an indexable data set "

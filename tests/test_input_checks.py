@@ -1,0 +1,179 @@
+"""Issue 10 items 11-16 and the small ones: every bad input stops with one
+`dpface: error:` line naming the key (and file), with a documented exit code."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from dpface.cli import main
+from dpface.config import ConfigError, load_config
+
+DEMO = "configs/cpu_demo.yaml"
+
+
+def run_cli(*argv, env=None):
+    """The CLI as a user runs it: a subprocess, so stderr and the exit code are real."""
+    import os
+    return subprocess.run([sys.executable, "-m", "dpface", *argv], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def one_error_line(err: str) -> str:
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dpface: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# -- 11: loss parameters are type- and range-checked at load ---------------------------
+@pytest.mark.parametrize("override, words", [
+    ("head.loss.s=abc", ["'head.loss.s'", "float", "'abc'"]),
+    ("head.loss.s=-1", ["'head.loss'", "s must be > 0"]),
+    ("head.loss.m=4", ["'head.loss'", "m2 must be in [0, pi)"]),
+])
+def test_loss_parameters_checked_at_load(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, [override])
+    msg = str(e.value)
+    assert DEMO in msg and all(w in msg for w in words), msg
+
+
+def test_nested_and_model_spec_types_checked():
+    with pytest.raises(ConfigError, match="'head.loss.base.s' expects float"):
+        load_config(None, ["head.loss={name: km, base: {name: arcface, s: x}}"])
+    with pytest.raises(ConfigError, match="'model.dropout' expects float"):
+        load_config(None, ["model={name: iresnet18, dropout: lots}"])
+
+
+# -- 12: YAML 1.1 exponent floats --------------------------------------------------------
+def test_exponent_floats_accepted(tmp_path):
+    cfg = load_config(DEMO, ["train.lr=1e-3", "train.weight_decay=5e-4", "head.loss.s=3e1"])
+    assert cfg.train.lr == 1e-3 and cfg.train.weight_decay == 5e-4
+    assert cfg.head.loss["s"] == 30.0 and isinstance(cfg.head.loss["s"], float)
+    p = tmp_path / "r.yaml"
+    p.write_text("train: {lr: 1e-3, min_lr: 1e-6, weight_decay: 1e-4}\n"
+                 "head: {loss: {name: arcface, s: 6.4e1, m: 5e-1}}\n")
+    cfg = load_config(p)
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay) == (1e-3, 1e-6, 1e-4)
+    assert cfg.head.loss == {"name": "arcface", "s": 64.0, "m": 0.5}
+    with pytest.raises(ConfigError, match="'train.steps' expects int"):
+        load_config(None, ["train.steps=1e3"])  # an exponent is a float, not a step count
+
+
+# -- 13: no CUDA device ----------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_gpu_is_a_clear_error():
+    from dpface import distributed as dist
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        dist.init_from_env("cuda")
+
+
+# -- 14: accepted but wrong later ------------------------------------------------------------
+@pytest.mark.parametrize("overrides, match", [
+    (["data.image_size=64"], "'data.image_size' is 64 but backbone 'iresnet_tiny' takes 112"),
+    (["eval.fars=[2.0]"], "'eval.fars' must be a list of numbers in \\(0, 1\\]"),
+    (["eval.batch_size=0"], "'eval.batch_size' must be > 0"),
+    (["train.poly_power=-1"], "'train.poly_power' must be >= 0"),
+    (["train.min_lr=0.5"], "'train.min_lr' \\(0.5\\) must not exceed 'train.lr' \\(0.1\\)"),
+])
+def test_values_wrong_later_are_refused_at_load(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(DEMO, overrides)
+
+
+def test_unset_shards_is_refused_before_training():
+    from dpface import distributed as dist
+    from dpface.engine.trainer import build_stream
+    with pytest.raises(ConfigError, match="'data.webdataset.shards' must name"):
+        build_stream(load_config(DEMO, ["data.backend=webdataset"]), dist.init_from_env("cpu"))
+
+
+def test_image_size_with_matching_backbone_input_is_fine():
+    cfg = load_config(DEMO, ["data.image_size=64", "model={name: iresnet_tiny, input_size: 64}"])
+    assert cfg.data.image_size == 64
+
+
+# -- 15: overrides on both sides of --resume ------------------------------------------------
+def test_overrides_on_both_sides_of_resume(monkeypatch):
+    from dpface import cli
+    seen = {}
+    monkeypatch.setattr(cli, "_cmd_train", lambda a: seen.update(vars(a)) or 0)
+    assert cli.main(["train", "--config", DEMO, "train.lr=0.05", "--resume", "auto",
+                     "train.steps=3"]) == 0
+    assert seen["overrides"] == ["train.lr=0.05", "train.steps=3"] and seen["resume"] == "auto"
+
+
+# -- 16: one error style -------------------------------------------------------------------
+def test_errors_are_one_line_and_debug_shows_traceback(tmp_path):
+    r = run_cli("train", "--config", DEMO, "head.loss.s=abc")
+    assert r.returncode == 2 and "head.loss.s" in one_error_line(r.stderr)
+    r = run_cli("--debug", "train", "--config", DEMO, "head.loss.s=abc")
+    assert r.returncode == 2 and "Traceback" in r.stderr
+    r = run_cli("train", "--config", DEMO, "head.loss.s=abc", env={"DPFACE_DEBUG": "1"})
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_eval_of_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "somedir").mkdir()
+    assert main(["eval", "--checkpoint", str(tmp_path / "somedir")]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "interrupted" not in err
+    assert "not a checkpoint" in err and "somedir" in err
+    (tmp_path / "step-00000010.partial").mkdir()
+    assert main(["eval", "--checkpoint", str(tmp_path / "step-00000010.partial")]) == 2
+    assert "interrupted" in capsys.readouterr().err  # a real partial save says so
+
+
+def test_plan_bin_and_convert_errors_are_one_line(tmp_path):
+    r = run_cli("plan", "--classes", "0", "--world", "2", "--batch", "8")
+    assert r.returncode == 2 and "classes" in one_error_line(r.stderr)
+    out = tmp_path / "wds"
+    r = run_cli("convert", "synthetic", "--identities", "3", "--max-images", "2", str(out),
+                "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "\x1b" not in r.stderr  # clean lines when not a terminal
+    r = run_cli("convert", "synthetic", "--identities", "4", "--max-images", "2", str(out),
+                "--workers", "0")
+    line = one_error_line(r.stderr)
+    assert r.returncode == 2 and "--overwrite" in line and "overwrite=True" not in line
+    r = run_cli("convert", "folder", str(tmp_path / "nope"), str(tmp_path / "o2"))
+    assert r.returncode == 2 and "nope" in one_error_line(r.stderr)
+
+
+def test_disk_full_save_names_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from dpface.cli import _error_message
+    e = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "trainer.pt"))
+    msg, code = _error_message(e)
+    assert "no space left on device" in msg and "trainer.pt" in msg and code == 5
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 0")
+    wrapped.__context__ = OSError(errno.ENOSPC, "No space left on device")
+    msg, code = _error_message(wrapped)
+    assert "no space left on device" in msg and code == 5
+
+
+# -- small -----------------------------------------------------------------------------------
+def test_version_and_print_config(tmp_path):
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("dpface ")
+    r = run_cli("train", "--config", DEMO, "train.lr=0.05", "--print-config")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["train"]["lr"] == 0.05 and cfg["model"] == {"name": "iresnet_tiny"}
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fp16_on_cpu_warns():
+    from dpface.engine.amp import resolve_amp
+    with pytest.warns(UserWarning, match="fp16 on the CPU"):
+        resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_eval_json_has_no_bare_nan():
+    from dpface.cli import _json_metrics
+    text = _json_metrics({"a/acc": 0.5, "a/tar@far=0.001": float("nan")})
+    assert "NaN" not in text and json.loads(text)["a/tar@far=0.001"] is None
