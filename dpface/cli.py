@@ -2,9 +2,58 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
 from pathlib import Path
+
+# Exit codes (README "Errors"): 0 ok; 1 an unexpected failure (a bug: traceback);
+# 2 bad input (config, override, spec, checkpoint, command arguments, missing file);
+# 3 bad data (shards, labels, too many unusable samples); 4 training diverged
+# (non-finite gradients); 5 no space left on device.
+EXIT_INPUT, EXIT_DATA, EXIT_DIVERGED, EXIT_NO_SPACE = 2, 3, 4, 5
+
+
+class InputError(Exception):
+    """A command's arguments are wrong (plan, convert, --bin): exit 2, no traceback."""
+
+
+def _error_message(e: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) for an expected failure; None for anything else,
+    which keeps its traceback."""
+    from dpface.config import ConfigError
+    from dpface.data.shards import ShardError
+    from dpface.engine.checkpoint import CheckpointError
+    from dpface.registry import SpecError
+
+    chain, c = [], e
+    while c is not None and len(chain) < 10:  # torch wraps a failed write in its own error
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    for c in chain:
+        if isinstance(c, OSError) and c.errno == errno.ENOSPC:
+            where = next((x.filename for x in chain if isinstance(x, OSError) and x.filename), None)
+            return f"no space left on device{f' writing {where}' if where else ''}", EXIT_NO_SPACE
+    text = str(e)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep its last line
+        last = [l for l in text.splitlines() if l.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ":") else last
+    if isinstance(e, ShardError):
+        return text, EXIT_DATA
+    if isinstance(e, FloatingPointError):
+        return text, EXIT_DIVERGED
+    if isinstance(e, (ConfigError, CheckpointError, SpecError, InputError, FileNotFoundError)):
+        return text, EXIT_INPUT
+    return None
+
+
+def _json_metrics(metrics: dict) -> str:
+    """JSON without bare NaN/Infinity (not JSON; strict parsers reject them): null instead."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+             for k, v in metrics.items()}
+    return json.dumps(clean, indent=1, allow_nan=False)
 
 
 def _cmd_train(args) -> int:
@@ -12,6 +61,11 @@ def _cmd_train(args) -> int:
     from dpface.engine.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     train(cfg, resume=args.resume)
     return 0
 
@@ -20,11 +74,18 @@ def _cmd_eval(args) -> int:
     import torch
 
     from dpface.config import apply_overrides, config_from_dict, load_config
-    from dpface.engine.checkpoint import CheckpointError, load_file, read_meta, resolve_resume
+    from dpface.engine.checkpoint import CheckpointError, load_file, read_meta
     from dpface.engine.trainer import build_eval_sets, evaluate
     from dpface.models import build_backbone
 
-    ckpt = resolve_resume(str(args.checkpoint), Path(args.checkpoint))
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"--checkpoint: no checkpoint directory at {ckpt}")
+    if not (ckpt / "meta.json").is_file():
+        raise CheckpointError(
+            f"--checkpoint: {ckpt} is an interrupted save (no meta.json); use a complete step-N"
+            if ckpt.name.endswith(".partial") else
+            f"--checkpoint: {ckpt} is not a checkpoint (no meta.json; expected …/checkpoints/step-N)")
     meta = read_meta(ckpt)
     if args.config:
         cfg = load_config(args.config, args.overrides)
@@ -41,29 +102,42 @@ def _cmd_eval(args) -> int:
     mine = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
     diff = [k for k in mine if k in saved and saved[k] != mine[k]]
     if diff or saved.keys() != mine.keys():
-        saved_dim = meta["config"]["head"]["embedding_size"]
+        # Name only what differs: the embedding size, the model spec, or neither.
+        saved_dim, saved_model = meta["config"]["head"]["embedding_size"], meta["config"]["model"]
+        what = [f"checkpoint embedding size {saved_dim}, config {cfg.head.embedding_size}"
+                ] if saved_dim != cfg.head.embedding_size else []
+        if saved_model != cfg.model:
+            what.append(f"checkpoint model {saved_model}, config model {cfg.model}")
         raise CheckpointError(
-            f"{ckpt}: checkpoint backbone does not fit this config (checkpoint embedding size "
-            f"{saved_dim}, config {cfg.head.embedding_size}; first differing tensor: "
-            f"{(diff or sorted(saved.keys() ^ mine.keys()))[0]})"
+            f"{ckpt}: checkpoint backbone does not fit this config ({'; '.join(what) or 'same spec'}"
+            f"; first differing tensor: {(diff or sorted(saved.keys() ^ mine.keys()))[0]})"
         )
     backbone.load_state_dict(state)
     device = "cuda" if torch.cuda.is_available() and cfg.experiment.device != "cpu" else "cpu"
     backbone.to(device)
-    metrics = evaluate(backbone, build_eval_sets(cfg), cfg, device)
-    if not metrics:
-        print("nothing to evaluate: synthetic data or --bin sets are needed", file=sys.stderr)
-        return 1
-    print(json.dumps(metrics, indent=1))
+    try:
+        sets = build_eval_sets(cfg)
+    except (ValueError, OSError) as e:  # a missing or unreadable --bin / eval.bin_sets file
+        raise InputError(str(e)) from e
+    if not sets:
+        raise InputError("nothing to evaluate: synthetic data or --bin sets are needed")
+    # Progress on stderr (stdout is the JSON): one line per set, cheap.
+    print("dpface eval: " + ", ".join(f"{k} ({len(v[2])} pairs)" for k, v in sets.items()),
+          file=sys.stderr, flush=True)
+    metrics = evaluate(backbone, sets, cfg, device)
+    print(_json_metrics(metrics))
     return 0
 
 
 def _cmd_plan(args) -> int:
     from dpface.heads.plan import format_plan, plan
 
-    print(format_plan(plan(classes=args.classes, dim=args.dim, world=args.world, batch=args.batch,
-                           sample_rate=args.sample_rate, param_dtype=args.dtype,
-                           optimizer=args.optimizer)))
+    try:
+        p = plan(classes=args.classes, dim=args.dim, world=args.world, batch=args.batch,
+                 sample_rate=args.sample_rate, param_dtype=args.dtype, optimizer=args.optimizer)
+    except ValueError as e:
+        raise InputError(f"plan: {e}") from e
+    print(format_plan(p))
     return 0
 
 
@@ -84,26 +158,38 @@ def _cmd_convert(args) -> int:
 
     common = dict(image_size=args.image_size, max_shard_bytes=args.shard_mb << 20,
                   num_workers=args.workers, overwrite=args.overwrite)
-    if args.source == "folder":
-        m = convert.convert_image_folder(args.src, args.out, **common)
-    elif args.source == "recordio":
-        m = convert.convert_recordio(args.src, args.out, idx_path=args.idx, **common)
-    else:
-        m = convert.convert_synthetic(args.out, num_identities=args.identities, seed=args.seed,
-                                      max_images=args.max_images, min_images=args.min_images,
-                                      exponent=args.exponent, **common)
+    try:
+        if args.source == "folder":
+            m = convert.convert_image_folder(args.src, args.out, **common)
+        elif args.source == "recordio":
+            m = convert.convert_recordio(args.src, args.out, idx_path=args.idx, **common)
+        else:
+            m = convert.convert_synthetic(args.out, num_identities=args.identities, seed=args.seed,
+                                          max_images=args.max_images, min_images=args.min_images,
+                                          exponent=args.exponent, **common)
+    except (ValueError, RuntimeError, OSError) as e:  # bad source / output directory
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise
+        raise InputError(f"convert {args.source}: {e}") from e
     print(f"wrote {m['num_images']} images of {m['num_classes']} classes in "
           f"{len(m['shards'])} shard(s); manifest: {Path(args.out) / 'manifest.json'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpface import __version__
+
     p = argparse.ArgumentParser(prog="dpface", description=__doc__)
+    p.add_argument("--version", action="version", version=f"dpface {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (also: environment DPFACE_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML recipe")
     t.add_argument("--config", required=True, help="recipe, e.g. configs/cpu_demo.yaml")
     t.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint of this run) or a checkpoint dir")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (recipe + overrides) as YAML and exit")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.05")
     t.set_defaults(fn=_cmd_train)
 
@@ -153,16 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dpface.config import ConfigError
-    from dpface.engine.checkpoint import CheckpointError
-    from dpface.registry import SpecError
-
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may stand on both sides of an option (`a=1 --resume auto b=2`): argparse
+    # fills a positional list once, so the later ones come back as extras.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    debug = args.debug or os.environ.get("DPFACE_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError, SpecError) as e:
-        print(f"dpface: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 — expected failures become one line; bugs keep a traceback
+        found = _error_message(e)
+        if found is None:
+            raise
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"dpface: error: {found[0]}", file=sys.stderr)
+        return found[1]
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ class _Progress:
         self.total, self.desc, self.enabled = total, desc, enabled
         self.n, self._bar, self._next = 0, None, 0.1
         self._t0 = time.time()
-        if enabled:
+        if enabled and sys.stderr.isatty():  # a log file gets plain lines, not \r redraws
             try:
                 from tqdm import tqdm
                 self._bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
@@ -218,7 +218,7 @@ def _prepare_out_dir(out_dir: str, params: dict, prefix: str, overwrite: bool) -
                 diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
                 raise ValueError(f"{out_dir} holds a conversion with other parameters "
                                  f"(differing: {', '.join(diff)}); use an empty directory or "
-                                 "overwrite=True")
+                                 "--overwrite")
             for name in os.listdir(out_dir):
                 if name.startswith(prefix + "-") or name in (sh.MANIFEST_NAME, PARAMS_NAME):
                     os.remove(os.path.join(out_dir, name))
@@ -231,7 +231,7 @@ def _prepare_out_dir(out_dir: str, params: dict, prefix: str, overwrite: bool) -
     elif any(n.startswith(prefix + "-") for n in os.listdir(out_dir)) and not overwrite:
         raise ValueError(f"{out_dir} holds {prefix}-* files but no {PARAMS_NAME}: not a "
                          "conversion this tool can resume; use an empty directory or "
-                         "overwrite=True")
+                         "--overwrite")
     sh.atomic_write_bytes(ppath, json.dumps(params, indent=1, sort_keys=True).encode("utf-8"))
     return None
 

@@ -49,6 +49,15 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
+        # Checked here: torch's own failure without CUDA is an AttributeError deep inside.
+        from dpface.config import ConfigError
+
+        if not torch.cuda.is_available():
+            raise ConfigError("experiment.device is 'cuda' but there is no CUDA device (torch "
+                              f"{torch.__version__} sees none); use experiment.device=cpu or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                              "CUDA device(s) are visible on this node")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

@@ -39,6 +39,7 @@ def run_dir_of(cfg: Config) -> Path:
 
 def build_stream(cfg: Config, info: dist.DistInfo):
     d = cfg.data
+    _check_shards_set(cfg)
     if d.backend == "synthetic":
         from dpface.data.loader import MapStream
         from dpface.data.synthetic import SyntheticFaceDataset
@@ -76,6 +77,17 @@ def build_stream(cfg: Config, info: dist.DistInfo):
                           max_bad_fraction=w.max_bad_fraction, device="gpu" if on_gpu else "cpu",
                           device_id=info.local_rank if on_gpu else None)
     raise ValueError(f"unknown data.backend '{d.backend}'")
+
+
+def _check_shards_set(cfg: Config) -> None:
+    # Here, not at config load: `dpface eval` uses a shard backend without shards to
+    # mean "no synthetic set, only --bin sets".
+    if cfg.data.backend != "synthetic" and not cfg.data.webdataset.shards:
+        from dpface.config import ConfigError
+
+        raise ConfigError(f"'data.webdataset.shards' must name the manifest.json (or shard "
+                          f"pattern) of a converted data set with data.backend: "
+                          f"{cfg.data.backend} (see `dpface convert`)")
 
 
 def has_eval_sets(cfg: Config) -> bool:
