@@ -27,7 +27,32 @@ EXTRAS["all"] = sorted({r for k, v in EXTRAS.items() for r in v if k != "dali"})
 
 
 def ext_modules():
-    return []  # kernels/ extension: added with the fused margin-softmax ops
+    """kernels/ as ``dpface._kernels``: the CPU ops always; the CUDA sources too where torch
+    has CUDA and nvcc is found. Optional: a machine without a C++ compiler still installs,
+    and dpface falls back to the PyTorch reference with one warning (``dpface kernels``)."""
+    import glob
+    import os
+
+    import torch
+    from torch.utils import cpp_extension
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    csrc = os.path.join("kernels", "csrc")
+    sources = [os.path.join(csrc, "binding.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    args = {"cxx": ["-O3", "-fopenmp"]}
+    kw = dict(include_dirs=[os.path.join(root, csrc)], extra_link_args=["-fopenmp"], optional=True)
+    if torch.version.cuda and cpp_extension.CUDA_HOME and os.environ.get("DPFACE_NO_CUDA") != "1":
+        sources += [os.path.join(csrc, "cuda_ops.cpp")] + sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+        args["cxx"].append("-DDPFACE_WITH_CUDA")
+        args["nvcc"] = ["-O3", "-std=c++17", "-DDPFACE_WITH_CUDA"]
+        return [cpp_extension.CUDAExtension("dpface._kernels", sources, extra_compile_args=args, **kw)]
+    return [cpp_extension.CppExtension("dpface._kernels", sources, extra_compile_args=args, **kw)]
+
+
+def cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension}
 
 
 setup(
@@ -39,5 +64,6 @@ setup(
     install_requires=CORE,
     extras_require=EXTRAS,
     ext_modules=ext_modules(),
+    cmdclass=cmdclass(),
     entry_points={"console_scripts": ["dpface=dpface.cli:main"]},
 )

@@ -1,0 +1,3 @@
+from dpface.ops.build import report
+
+print(report())

@@ -1,0 +1,122 @@
+"""``dpface::margin_softmax_fwd`` / ``_bwd``: the fused margin softmax over a shard's rows.
+
+Forward returns per sample the local log-sum-exp of the logits, the target logit (with its
+margin), the target score and the max score (for accuracy): O(B) numbers per rank, which
+the distributed cross-entropy combines across ranks between forward and backward. Backward
+recomputes each column tile (or reads the logits kept within the memory budget) and returns
+the gradients of x and of the scored rows. Contract: kernels/OPS.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from dpface.ops.build import available, warn_missing
+
+
+@dataclass(frozen=True)
+class FusedMargin:
+    """What the fused op expresses: logits s·ψ(score) on the target, s·score elsewhere, with
+    ψ the combined margin cos(m1·θ + m2) − m3; ``normalize`` False means raw x·W (+ b)
+    scores with no scale or margin (plain softmax)."""
+
+    s: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    easy_margin: bool = False
+    normalize: bool = True
+
+
+class MarginSoftmaxOut(NamedTuple):
+    lse: torch.Tensor  # [B] local log-sum-exp (differentiable)
+    target_logit: torch.Tensor  # [B] (differentiable; 0 where the target is elsewhere)
+    target_score: torch.Tensor  # [B] no grad
+    max_score: torch.Tensor  # [B] no grad
+    inv_norm: torch.Tensor  # [K] no grad
+    saved: torch.Tensor  # [B, n_keep] logits kept for backward, no grad
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register() -> None:
+    """Fake implementations and autograd of the compiled ops (the library is loaded)."""
+
+    @torch.library.register_fake("dpface::margin_softmax_fwd")
+    def _fwd_fake(x, w, idx, target, bias, w_sink, b_sink, s, m1, m2, m3, easy, normalize, bf16,
+                  keep_cols):
+        acc = _acc(x.dtype)
+        b = x.shape[0]
+        k = idx.shape[0] if idx is not None else w.shape[0]
+        n_keep = torch.sym_min(k, keep_cols)
+        vec = x.new_empty(b, dtype=acc)
+        return (vec, torch.empty_like(vec), torch.empty_like(vec), torch.empty_like(vec),
+                x.new_empty(k, dtype=acc), x.new_empty(b, n_keep, dtype=acc))
+
+    @torch.library.register_fake("dpface::margin_softmax_bwd")
+    def _bwd_fake(g_lse, g_t, lse, x, w, idx, target, bias, inv_norm, saved, s, m1, m2, m3, easy,
+                  normalize, bf16):
+        k = idx.shape[0] if idx is not None else w.shape[0]
+        gb = w.new_empty(k if bias is not None else 0, dtype=bias.dtype if bias is not None
+                         else _acc(x.dtype))
+        return torch.empty_like(x), w.new_empty(k, w.shape[1]), gb
+
+    def setup_context(ctx, inputs, output):
+        x, w, idx, target, bias, _ws, _bs, s, m1, m2, m3, easy, normalize, bf16, _keep = inputs
+        lse, _tl, ts, ms, inv, saved = output
+        ctx.save_for_backward(x, w, idx, target, bias, lse, inv, saved)
+        ctx.params = (s, m1, m2, m3, easy, normalize, bf16)
+        ctx.mark_non_differentiable(ts, ms, inv, saved)
+
+    def backward(ctx, g_lse, g_t, *_):
+        x, w, idx, target, bias, lse, inv, saved = ctx.saved_tensors
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
+        g_t = torch.zeros_like(lse) if g_t is None else g_t
+        gx, grows, gb = torch.ops.dpface.margin_softmax_bwd(
+            g_lse.contiguous(), g_t.contiguous(), lse, x, w, idx, target, bias, inv, saved,
+            *ctx.params)
+        need = ctx.needs_input_grad
+
+        def dense(g, like):  # rows outside idx get exactly zero
+            return g if idx is None else like.new_zeros(like.shape).index_copy_(0, idx, g)
+
+        return (gx if need[0] else None, dense(grows, w) if need[1] else None, None, None,
+                dense(gb, bias) if need[4] else None, grows if need[5] else None,
+                gb if need[6] else None) + (None,) * 8
+
+    torch.library.register_autograd("dpface::margin_softmax_fwd", backward,
+                                    setup_context=setup_context)
+
+
+def margin_softmax(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None,
+                   target: torch.Tensor, margin: FusedMargin, *, bias: torch.Tensor | None = None,
+                   w_rows_sink: torch.Tensor | None = None,
+                   bias_rows_sink: torch.Tensor | None = None, bf16: bool = False,
+                   keep_cols: int = 0) -> MarginSoftmaxOut:
+    """The fused op where built for x's device, else the PyTorch reference (one warning)."""
+    args = (x, w, idx, target, bias, w_rows_sink, bias_rows_sink, float(margin.s),
+            float(margin.m1), float(margin.m2), float(margin.m3), bool(margin.easy_margin),
+            bool(margin.normalize), bool(bf16), int(keep_cols))
+    if available(x.device.type):
+        return MarginSoftmaxOut(*torch.ops.dpface.margin_softmax_fwd(*args))
+    warn_missing("margin_softmax")
+    from dpface.ops.reference import margin_softmax_reference
+
+    return margin_softmax_reference(*args)
+
+
+def rows_sink(k: int, d: int | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
+    """A zero-stride [k, d] (or [k]) leaf whose gradient receives the scored rows' gradient
+    (``update: sampled``); one element of storage."""
+    shape = (k,) if d is None else (k, d)
+    return torch.zeros((), dtype=dtype, device=device).expand(shape).requires_grad_(True)
+
+
+if available("cpu"):
+    _register()
+
+__all__ = ["FusedMargin", "MarginSoftmaxOut", "margin_softmax", "rows_sink"]

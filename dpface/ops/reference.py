@@ -1,0 +1,100 @@
+"""Pure-PyTorch references of the compiled ops: the same contract (kernels/OPS.md), written
+the obvious way — the [B, K] logits materialised, autograd for the gradients — so that the
+kernels are checked against code that shares nothing with them but the formulas."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dpface.ops.margin_softmax import MarginSoftmaxOut
+
+COS_EPS = 1e-7
+# Squared distances are clamped here before the square root: two identical samples
+# (duplicates from a sampler with replacement) would give 1/D = inf and NaN gradients.
+DIST_EPS = 1e-12
+
+
+def psi_reference(c: torch.Tensor, s: float, m1: float, m2: float, m3: float,
+                  easy_margin: bool) -> torch.Tensor:
+    """s-free combined margin cos(m1·θ + m2) − m3 with the θ* fallback (margin_math.h)."""
+    if m1 == 1.0 and m2 == 0.0:
+        return c - m3
+    cc = c.clamp(-1 + COS_EPS, 1 - COS_EPS)
+    theta_star = min(math.pi, (math.pi - m2) / m1)
+    if m1 == 1.0:
+        margin = torch.cos(torch.acos(cc) + m2)
+        fallback = cc - m2 * math.sin(m2)
+    else:
+        margin = torch.cos(m1 * torch.acos(cc) + m2)
+        fallback = cc - (math.cos(theta_star) + 1.0)
+    out = torch.where(cc > math.cos(theta_star), margin, fallback) - m3
+    return torch.where(cc > 0, out, c) if easy_margin else out
+
+
+def margin_softmax_reference(x, w, idx, target, bias, w_rows_sink, bias_rows_sink, s, m1, m2,
+                             m3, easy_margin, normalize, bf16, keep_cols) -> MarginSoftmaxOut:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = w if idx is None else w[idx]
+    if w_rows_sink is not None:  # route the rows' gradient to the sink (adds exactly 0)
+        rows = rows + (w_rows_sink - w_rows_sink.detach())
+    xa, ra = x.to(acc), rows.to(acc)
+    rnd = bf16 or x.dtype == torch.bfloat16
+    xg = xa.bfloat16().to(acc) if rnd else xa
+    rg = ra.bfloat16().to(acc) if rnd else ra
+    if normalize:
+        inv = 1.0 / ra.norm(dim=1).clamp_min(1e-12)
+        scores = (xg @ rg.T) * inv
+    else:
+        inv = torch.ones(ra.shape[0], dtype=acc, device=x.device)
+        scores = xg @ rg.T
+        if bias is not None:
+            b = bias if idx is None else bias[idx]
+            if bias_rows_sink is not None:
+                b = b + (bias_rows_sink - bias_rows_sink.detach())
+            scores = scores + b.to(acc)
+    has = target >= 0
+    col = target.clamp(min=0)
+    rows_b = torch.arange(x.shape[0], device=x.device)
+    k = scores.shape[1]
+    if k:
+        t_score = torch.where(has, scores[rows_b, col.clamp(max=k - 1)], 0.0)
+    else:
+        t_score = torch.zeros(x.shape[0], dtype=acc, device=x.device)
+    t_logit = s * psi_reference(t_score, s, m1, m2, m3, easy_margin)
+    onehot = F.one_hot(col, k).to(torch.bool) & has[:, None] if k else \
+        torch.zeros_like(scores, dtype=torch.bool)
+    z = torch.where(onehot, t_logit[:, None], s * scores)
+    lse = torch.logsumexp(z, dim=1) if k else torch.full_like(t_score, -math.inf)
+    t_logit = torch.where(has, t_logit, 0.0)
+    max_score = scores.detach().amax(1) if k else torch.full_like(t_score, -math.inf)
+    n_keep = min(k, keep_cols)
+    return MarginSoftmaxOut(lse, t_logit, t_score.detach(), max_score, inv.detach(),
+                            z.detach()[:, :n_keep].contiguous())
+
+
+def range_loss_terms_reference(x: torch.Tensor, labels: torch.Tensor, k: int,
+                               margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_intra, L_inter): per identity the k largest pairwise distances' harmonic mean,
+    summed; the hinge on the closest pair of identity centres."""
+    labels = labels.long()
+    ids, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    intra = x.new_zeros(())
+    for g in (counts >= 2).nonzero().squeeze(1).tolist():
+        xi = x[inverse == g]
+        a, b = torch.triu_indices(xi.shape[0], xi.shape[0], offset=1, device=x.device)
+        d = (xi[a] - xi[b]).pow(2).sum(1).clamp_min(DIST_EPS).sqrt()
+        top = d.topk(min(k, d.numel())).values
+        intra = intra + top.numel() / top.reciprocal().sum()
+    inter = x.new_zeros(())
+    if ids.numel() >= 2:
+        centres = x.new_zeros(ids.numel(), x.shape[1]).index_add(0, inverse, x)
+        centres = centres / counts[:, None].to(x.dtype)
+        a, b = torch.triu_indices(ids.numel(), ids.numel(), offset=1, device=x.device)
+        d_centre = (centres[a] - centres[b]).pow(2).sum(1).min()
+        inter = (margin - d_centre).clamp_min(0.0)
+    return intra, inter
+
+
+__all__ = ["psi_reference", "margin_softmax_reference", "range_loss_terms_reference"]

@@ -1,0 +1,204 @@
+// The one binding file: the dpface op schemas, the argument checks every backend shares,
+// and the CPU (always) and CUDA (DPFACE_WITH_CUDA) registrations. Contract: kernels/OPS.md.
+// Fake (meta) implementations and autograd are registered from Python (dpface/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "ops.h"
+
+namespace dpface {
+namespace {
+
+#define DPFACE_CHECK(cond, op, ...) TORCH_CHECK(cond, "dpface::", op, ": ", __VA_ARGS__)
+
+void check_matrix(const char* op, const char* name, const at::Tensor& t) {
+  DPFACE_CHECK(t.dim() == 2, op, "argument '", name, "' must be 2-D, got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  DPFACE_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, "argument '",
+               name, "' must be float32, float64 or bfloat16, got ", dt);
+  DPFACE_CHECK(t.is_contiguous(), op, "argument '", name,
+               "' must be contiguous (call .contiguous() first)");
+}
+
+void check_index(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                 int64_t size) {
+  DPFACE_CHECK(t.dim() == 1, op, "argument '", name, "' must be 1-D, got shape ", t.sizes());
+  DPFACE_CHECK(t.scalar_type() == at::kLong, op, "argument '", name, "' must be int64, got ",
+               t.scalar_type());
+  DPFACE_CHECK(t.is_contiguous(), op, "argument '", name, "' must be contiguous");
+  DPFACE_CHECK(t.device() == like.device(), op, "argument '", name, "' is on ", t.device(),
+               " but x is on ", like.device());
+  if (size >= 0)
+    DPFACE_CHECK(t.numel() == size, op, "argument '", name, "' must have ", size,
+                 " entries, got ", t.numel());
+}
+
+}  // namespace
+
+void check_margin_inputs(const at::Tensor& x, const at::Tensor& w,
+                         const std::optional<at::Tensor>& idx, const at::Tensor& target,
+                         const std::optional<at::Tensor>& bias, double s, double m1, double m2,
+                         double m3, bool normalize, int64_t keep_cols) {
+  const char* op = "margin_softmax";
+  check_matrix(op, "x", x);
+  check_matrix(op, "w", w);
+  DPFACE_CHECK(w.device() == x.device(), op, "argument 'w' is on ", w.device(),
+               " but x is on ", x.device());
+  DPFACE_CHECK(w.scalar_type() == x.scalar_type(), op, "arguments 'x' (", x.scalar_type(),
+               ") and 'w' (", w.scalar_type(), ") must have the same dtype");
+  DPFACE_CHECK(w.size(1) == x.size(1), op, "embedding size mismatch: 'x' has ", x.size(1),
+               " columns, 'w' has ", w.size(1));
+  const int64_t C = w.size(0);
+  int64_t K = C;
+  if (idx.has_value()) {
+    check_index(op, "idx", *idx, x, -1);
+    K = idx->numel();
+    if (K > 0) {
+      const int64_t lo = idx->min().item<int64_t>(), hi = idx->max().item<int64_t>();
+      DPFACE_CHECK(lo >= 0 && hi < C, op, "argument 'idx' holds rows outside [0, ", C,
+                   "): min ", lo, ", max ", hi);
+    }
+  }
+  check_index(op, "target", target, x, x.size(0));
+  if (target.numel() > 0) {
+    const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
+    DPFACE_CHECK(lo >= -1 && hi < K, op, "argument 'target' holds columns outside [-1, ", K,
+                 "): min ", lo, ", max ", hi);
+  }
+  if (bias.has_value()) {
+    DPFACE_CHECK(!normalize, op, "a 'bias' needs normalize=false (cosine scores have no bias)");
+    DPFACE_CHECK(bias->dim() == 1 && bias->size(0) == C, op, "argument 'bias' must be [", C,
+                 "], got shape ", bias->sizes());
+    DPFACE_CHECK(bias->scalar_type() == w.scalar_type() && bias->device() == w.device() &&
+                     bias->is_contiguous(),
+                 op, "argument 'bias' must be a contiguous ", w.scalar_type(), " tensor on ",
+                 w.device());
+  }
+  DPFACE_CHECK(std::isfinite(s) && s > 0, op, "scale 's' must be > 0, got ", s);
+  DPFACE_CHECK(m1 >= 1, op, "'m1' must be >= 1, got ", m1);
+  DPFACE_CHECK(m2 >= 0 && m2 < M_PI, op, "'m2' must be in [0, pi), got ", m2);
+  DPFACE_CHECK(m3 >= 0, op, "'m3' must be >= 0, got ", m3);
+  DPFACE_CHECK(normalize || (s == 1 && m1 == 1 && m2 == 0 && m3 == 0), op,
+               "raw scores (normalize=false) take no scale or margin: need s=1, m1=1, m2=m3=0");
+  DPFACE_CHECK(keep_cols >= 0, op, "'keep_cols' must be >= 0, got ", keep_cols);
+}
+
+void check_range_inputs(const at::Tensor& x, const at::Tensor& labels, int64_t k, double margin) {
+  const char* op = "range_loss";
+  check_matrix(op, "x", x);
+  DPFACE_CHECK(x.scalar_type() != at::kBFloat16, op, "argument 'x' must be float32 or float64");
+  check_index(op, "labels", labels, x, x.size(0));
+  DPFACE_CHECK(k >= 1, op, "'k' must be >= 1, got ", k);
+  DPFACE_CHECK(std::isfinite(margin) && margin >= 0, op, "'margin' must be >= 0, got ", margin);
+}
+
+namespace {
+
+void check_backward(const char* op, const at::Tensor& grad, const at::Tensor& x, const char* name) {
+  DPFACE_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), op, "argument '", name,
+               "' must be [", x.size(0), "], got shape ", grad.sizes());
+}
+
+// Each backend's entry points get the shared checks first.
+#define DPFACE_CHECKED_OPS(SUFFIX)                                                             \
+  Tensors6 margin_fwd_##SUFFIX(const at::Tensor& x, const at::Tensor& w,                       \
+                               const std::optional<at::Tensor>& idx, const at::Tensor& target, \
+                               const std::optional<at::Tensor>& bias,                          \
+                               const std::optional<at::Tensor>& /*w_rows_sink*/,               \
+                               const std::optional<at::Tensor>& /*bias_rows_sink*/, double s,  \
+                               double m1,                                                      \
+                               double m2, double m3, bool easy, bool normalize, bool bf16,     \
+                               int64_t keep) {                                                 \
+    check_margin_inputs(x, w, idx, target, bias, s, m1, m2, m3, normalize, keep);              \
+    return margin_softmax_fwd_##SUFFIX(x, w, idx, target, bias, s, m1, m2, m3, easy,           \
+                                       normalize, bf16, keep);                                 \
+  }                                                                                            \
+  Tensors3 margin_bwd_##SUFFIX(const at::Tensor& g_lse, const at::Tensor& g_t,                 \
+                               const at::Tensor& lse, const at::Tensor& x, const at::Tensor& w, \
+                               const std::optional<at::Tensor>& idx, const at::Tensor& target, \
+                               const std::optional<at::Tensor>& bias, const at::Tensor& inv,   \
+                               const at::Tensor& saved, double s, double m1, double m2,        \
+                               double m3, bool easy, bool normalize, bool bf16) {              \
+    check_margin_inputs(x, w, idx, target, bias, s, m1, m2, m3, normalize, saved.size(1));     \
+    check_backward("margin_softmax_bwd", g_lse, x, "grad_lse");                                \
+    check_backward("margin_softmax_bwd", g_t, x, "grad_target");                               \
+    check_backward("margin_softmax_bwd", lse, x, "lse");                                       \
+    const int64_t K = idx.has_value() ? idx->numel() : w.size(0);                              \
+    DPFACE_CHECK(inv.dim() == 1 && inv.size(0) == K, "margin_softmax_bwd",                     \
+                 "argument 'inv_norm' must be [", K, "]");                                     \
+    DPFACE_CHECK(saved.dim() == 2 && saved.size(0) == x.size(0) && saved.size(1) <= K &&       \
+                     saved.is_contiguous(),                                                    \
+                 "margin_softmax_bwd", "argument 'saved' must be a contiguous [", x.size(0),   \
+                 ", <=", K, "] tensor, got shape ", saved.sizes());                            \
+    return margin_softmax_bwd_##SUFFIX(g_lse, g_t, lse, x, w, idx, target, bias, inv, saved,   \
+                                       s, m1, m2, m3, easy, normalize, bf16);                  \
+  }                                                                                            \
+  std::tuple<at::Tensor, at::Tensor> range_fwd_##SUFFIX(const at::Tensor& x,                   \
+                                                        const at::Tensor& labels, int64_t k,   \
+                                                        double margin) {                       \
+    check_range_inputs(x, labels, k, margin);                                                  \
+    return range_loss_fwd_##SUFFIX(x, labels, k, margin);                                      \
+  }                                                                                            \
+  at::Tensor range_bwd_##SUFFIX(const at::Tensor& gi, const at::Tensor& ge, const at::Tensor& x, \
+                                const at::Tensor& labels, int64_t k, double margin) {          \
+    check_range_inputs(x, labels, k, margin);                                                  \
+    DPFACE_CHECK(gi.dim() == 0 && ge.dim() == 0, "range_loss_bwd",                             \
+                 "grad_intra and grad_inter must be scalars");                                 \
+    return range_loss_bwd_##SUFFIX(gi, ge, x, labels, k, margin);                              \
+  }
+
+DPFACE_CHECKED_OPS(cpu)
+#ifdef DPFACE_WITH_CUDA
+DPFACE_CHECKED_OPS(cuda)
+#endif
+
+}  // namespace
+}  // namespace dpface
+
+TORCH_LIBRARY(dpface, m) {
+  m.def("margin_softmax_fwd(Tensor x, Tensor w, Tensor? idx, Tensor target, Tensor? bias, "
+        "Tensor? w_rows_sink, Tensor? bias_rows_sink, float s, float m1, float m2, float m3, bool easy_margin, bool normalize, bool bf16, "
+        "int keep_cols) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("margin_softmax_bwd(Tensor grad_lse, Tensor grad_target, Tensor lse, Tensor x, "
+        "Tensor w, Tensor? idx, Tensor target, Tensor? bias, Tensor inv_norm, Tensor saved, "
+        "float s, float m1, float m2, float m3, bool easy_margin, bool normalize, bool bf16) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("range_loss_fwd(Tensor x, Tensor labels, int k, float margin) -> (Tensor, Tensor)");
+  m.def("range_loss_bwd(Tensor grad_intra, Tensor grad_inter, Tensor x, Tensor labels, int k, "
+        "float margin) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dpface, CPU, m) {
+  m.impl("margin_softmax_fwd", &dpface::margin_fwd_cpu);
+  m.impl("margin_softmax_bwd", &dpface::margin_bwd_cpu);
+  m.impl("range_loss_fwd", &dpface::range_fwd_cpu);
+  m.impl("range_loss_bwd", &dpface::range_bwd_cpu);
+}
+
+#ifdef DPFACE_WITH_CUDA
+TORCH_LIBRARY_IMPL(dpface, CUDA, m) {
+  m.impl("margin_softmax_fwd", &dpface::margin_fwd_cuda);
+  m.impl("margin_softmax_bwd", &dpface::margin_bwd_cuda);
+  m.impl("range_loss_fwd", &dpface::range_fwd_cuda);
+  m.impl("range_loss_bwd", &dpface::range_bwd_cuda);
+}
+#endif
+
+// `import dpface._kernels` loads the library (registering the ops); the module itself is
+// empty apart from what it was built with.
+static PyModuleDef dpface_kernels_module = {PyModuleDef_HEAD_INIT, "_kernels",
+                                            "dpface compiled ops (torch.ops.dpface)", -1,
+                                            nullptr};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+  PyObject* m = PyModule_Create(&dpface_kernels_module);
+  if (m == nullptr) return nullptr;
+#ifdef DPFACE_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}

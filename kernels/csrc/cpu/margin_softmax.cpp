@@ -1,0 +1,280 @@
+// Fused margin softmax on the CPU: ATen GEMMs on column tiles of the shard, fused
+// element-wise loops over rows, never the [B, K] logits (contract: kernels/OPS.md).
+//
+// A tile is TILE_ELEMS / B columns wide, so its [B, n] scores stay in the L2/L3 cache
+// between the GEMM that writes them and the loops that read them; ATen's exp (vectorised,
+// dispatched to the CPU's widest ISA at run time) is the only transcendental pass.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../margin_math.h"
+#include "../ops.h"
+
+namespace dpface {
+namespace {
+
+constexpr int64_t TILE_ELEMS = 1 << 18;  // 1 MiB of fp32 scores per tile
+constexpr int64_t MIN_TILE = 64, MAX_TILE = 4096;
+
+int64_t tile_width(int64_t B) {
+  return std::clamp<int64_t>(TILE_ELEMS / std::max<int64_t>(B, 1), MIN_TILE, MAX_TILE);
+}
+
+// What every tile needs: the gathered rows (accumulation dtype), their inverse norms and
+// the GEMM operand (the rows rounded to bf16 when asked).
+struct Tile {
+  at::Tensor rows, gemm_rows, inv;
+};
+
+struct Ctx {
+  const at::Tensor& w;
+  const std::optional<at::Tensor>& idx;
+  at::ScalarType acc;
+  bool bf16, normalize;
+  at::Tensor gather_buf;
+
+  at::Tensor round(const at::Tensor& t) const {
+    return bf16 ? t.to(at::kBFloat16).to(acc) : t;
+  }
+
+  Tile load(int64_t t0, int64_t n) {
+    Tile t;
+    at::Tensor raw;
+    if (idx.has_value()) {
+      // Gather this tile's rows into a reused buffer: no [K, D] copy of the sample.
+      raw = gather_buf.narrow(0, 0, n);
+      at::index_select_out(raw, w, 0, idx->narrow(0, t0, n));
+    } else {
+      raw = w.narrow(0, t0, n);
+    }
+    t.rows = raw.scalar_type() == acc ? raw : raw.to(acc);
+    if (normalize)
+      t.inv = at::linalg_vector_norm(t.rows, 2, {1}).clamp_min_(1e-12).reciprocal_();
+    t.gemm_rows = round(t.rows);
+    return t;
+  }
+};
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename T>
+void forward_tile(const Margin<T>& g, bool normalize, int64_t B, int64_t n, int64_t t0,
+                  T* a, const T* inv, const T* bias, const int64_t* target, T* run_max,
+                  T* run_sum, T* tlogit, T* tscore, T* mscore, T* saved, int64_t n_keep,
+                  at::Tensor& tile_buf) {
+  const int64_t keep = std::clamp<int64_t>(n_keep - t0, 0, n);
+  // Pass 1: scores -> logits in place, per-row statistics, margin on the target.
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      T* row = a + i * n;
+      T smax = mscore[i];
+      if (normalize) {
+        for (int64_t j = 0; j < n; ++j) row[j] *= inv[j];
+      } else if (bias != nullptr) {
+        for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
+      }
+      for (int64_t j = 0; j < n; ++j) smax = std::max(smax, row[j]);
+      mscore[i] = smax;
+      const int64_t tj = target[i] - t0;
+      T ts = 0;
+      if (tj >= 0 && tj < n) ts = row[tj];
+      for (int64_t j = 0; j < n; ++j) row[j] *= g.s;
+      if (tj >= 0 && tj < n) {
+        row[tj] = g.s * psi(g, ts);
+        tscore[i] = ts;
+        tlogit[i] = row[tj];
+      }
+      if (keep > 0) std::copy(row, row + keep, saved + i * n_keep + t0);
+      T zmax = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < n; ++j) zmax = std::max(zmax, row[j]);
+      const T m_new = std::max(run_max[i], zmax);
+      run_sum[i] = run_max[i] == -std::numeric_limits<T>::infinity()
+                       ? T(0) : run_sum[i] * std::exp(run_max[i] - m_new);
+      run_max[i] = m_new;
+      for (int64_t j = 0; j < n; ++j) row[j] -= m_new;
+    }
+  });
+  tile_buf.exp_();  // the one transcendental pass, vectorised by ATen
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      const T* row = a + i * n;
+      T s = 0;
+      for (int64_t j = 0; j < n; ++j) s += row[j];
+      run_sum[i] += s;
+    }
+  });
+}
+
+}  // namespace
+
+Tensors6 margin_softmax_fwd_cpu(const at::Tensor& x, const at::Tensor& w,
+                                const std::optional<at::Tensor>& idx, const at::Tensor& target,
+                                const std::optional<at::Tensor>& bias, double s, double m1,
+                                double m2, double m3, bool easy_margin, bool normalize, bool bf16,
+                                int64_t keep_cols) {
+  const auto acc = acc_type(x);
+  const bool round_bf16 = bf16 || x.scalar_type() == at::kBFloat16;
+  const int64_t B = x.size(0), D = x.size(1);
+  const int64_t K = idx.has_value() ? idx->numel() : w.size(0);
+  const int64_t n_keep = std::min<int64_t>(K, keep_cols);
+  auto opts = x.options().dtype(acc);
+  at::Tensor run_max = at::full({B}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor run_sum = at::zeros({B}, opts);
+  at::Tensor tlogit = at::zeros({B}, opts), tscore = at::zeros({B}, opts);
+  at::Tensor mscore = at::full({B}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor inv_norm = at::ones({K}, opts);
+  at::Tensor saved = at::empty({B, n_keep}, opts);
+  const int64_t T = tile_width(B);
+  at::Tensor xg = x.to(acc);
+  if (round_bf16) xg = xg.to(at::kBFloat16).to(acc);
+  at::Tensor buf = at::empty({B * std::min(T, std::max<int64_t>(K, 1))}, opts);
+  Ctx ctx{w, idx, acc, round_bf16, normalize,
+          idx.has_value() ? at::empty({std::min(T, K), D}, w.options()) : at::Tensor()};
+  at::Tensor bias_acc;
+  if (bias.has_value()) {
+    bias_acc = idx.has_value() ? bias->index_select(0, *idx).to(acc) : bias->to(acc);
+  }
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  MarginParams p{s, m1, m2, m3, easy_margin, normalize};
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "margin_softmax_fwd_cpu", [&] {
+    const Margin<scalar_t> g = make_margin<scalar_t>(p);
+    for (int64_t t0 = 0; t0 < K; t0 += T) {
+      const int64_t n = std::min(T, K - t0);
+      Tile tile = ctx.load(t0, n);
+      at::Tensor a = buf.narrow(0, 0, B * n).view({B, n});
+      at::mm_out(a, xg, tile.gemm_rows.t());
+      if (normalize) inv_norm.narrow(0, t0, n).copy_(tile.inv);
+      forward_tile<scalar_t>(
+          g, normalize, B, n, t0, a.data_ptr<scalar_t>(),
+          normalize ? tile.inv.data_ptr<scalar_t>() : nullptr,
+          bias_acc.defined() ? bias_acc.data_ptr<scalar_t>() + t0 : nullptr, tgt,
+          run_max.data_ptr<scalar_t>(), run_sum.data_ptr<scalar_t>(),
+          tlogit.data_ptr<scalar_t>(), tscore.data_ptr<scalar_t>(),
+          mscore.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(), n_keep, a);
+    }
+  });
+  at::Tensor lse = run_max + run_sum.log();
+  return {lse, tlogit, tscore, mscore, inv_norm, saved};
+}
+
+Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& grad_target,
+                                const at::Tensor& lse, const at::Tensor& x, const at::Tensor& w,
+                                const std::optional<at::Tensor>& idx, const at::Tensor& target,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& inv_norm,
+                                const at::Tensor& saved, double s, double m1, double m2, double m3,
+                                bool easy_margin, bool normalize, bool bf16) {
+  const auto acc = acc_type(x);
+  const bool round_bf16 = bf16 || x.scalar_type() == at::kBFloat16;
+  const int64_t B = x.size(0), D = x.size(1);
+  const int64_t K = idx.has_value() ? idx->numel() : w.size(0);
+  const int64_t n_keep = saved.size(1);
+  auto opts = x.options().dtype(acc);
+  at::Tensor xg = x.to(acc);
+  if (round_bf16) xg = xg.to(at::kBFloat16).to(acc);
+  at::Tensor grad_x = at::zeros({B, D}, opts);
+  at::Tensor grad_rows = at::empty({K, D}, w.options().dtype(acc));
+  at::Tensor grad_bias = bias.has_value() ? at::empty({K}, opts) : at::empty({0}, opts);
+  at::Tensor bias_acc;
+  if (bias.has_value())
+    bias_acc = idx.has_value() ? bias->index_select(0, *idx).to(acc) : bias->to(acc);
+  const int64_t T = tile_width(B);
+  at::Tensor buf = at::empty({B * std::min(T, std::max<int64_t>(K, 1))}, opts);
+  Ctx ctx{w, idx, acc, round_bf16, normalize,
+          idx.has_value() ? at::empty({std::min(T, K), D}, w.options()) : at::Tensor()};
+  at::Tensor g_lse = grad_lse.to(acc).contiguous(), g_t = grad_target.to(acc).contiguous();
+  at::Tensor lse_c = lse.to(acc).contiguous();
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  MarginParams p{s, m1, m2, m3, easy_margin, normalize};
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "margin_softmax_bwd_cpu", [&] {
+    const Margin<scalar_t> g = make_margin<scalar_t>(p);
+    const scalar_t* gl = g_lse.data_ptr<scalar_t>();
+    const scalar_t* gt = g_t.data_ptr<scalar_t>();
+    const scalar_t* ls = lse_c.data_ptr<scalar_t>();
+    const scalar_t* xp = xg.data_ptr<scalar_t>();
+    // Tiles never straddle n_keep: each is read from `saved` or recomputed whole.
+    for (int64_t t0 = 0; t0 < K;) {
+      const int64_t end = t0 < n_keep ? n_keep : K;
+      const int64_t n = std::min(T, end - t0);
+      Tile tile = ctx.load(t0, n);
+      const scalar_t* inv = normalize ? inv_norm.data_ptr<scalar_t>() + t0 : nullptr;
+      const scalar_t* bp = bias_acc.defined() ? bias_acc.data_ptr<scalar_t>() + t0 : nullptr;
+      at::Tensor e = buf.narrow(0, 0, B * n).view({B, n});
+      const bool from_saved = t0 < n_keep;
+      if (!from_saved) at::mm_out(e, xg, tile.gemm_rows.t());
+      scalar_t* ep = e.data_ptr<scalar_t>();
+      const scalar_t* sv = saved.data_ptr<scalar_t>();
+      const scalar_t* rp = tile.gemm_rows.data_ptr<scalar_t>();
+      // z - lse, with the target's score kept aside for dpsi (recomputed as one dot
+      // product from the same operands as the GEMM).
+      at::Tensor tsc = at::zeros({B}, opts);
+      scalar_t* tsp = tsc.data_ptr<scalar_t>();
+      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t i = b0; i < b1; ++i) {
+          scalar_t* row = ep + i * n;
+          const int64_t tj = tgt[i] - t0;
+          if (tj >= 0 && tj < n) {
+            scalar_t d = 0;
+            for (int64_t k = 0; k < D; ++k) d += xp[i * D + k] * rp[tj * D + k];
+            tsp[i] = normalize ? d * inv[tj] : d + (bp ? bp[tj] : scalar_t(0));
+          }
+          if (from_saved) {
+            const scalar_t* z = sv + i * n_keep + t0;
+            for (int64_t j = 0; j < n; ++j) row[j] = z[j] - ls[i];
+          } else {
+            if (normalize) {
+              for (int64_t j = 0; j < n; ++j) row[j] = row[j] * inv[j] * g.s - ls[i];
+            } else {
+              for (int64_t j = 0; j < n; ++j) row[j] = (row[j] + (bp ? bp[j] : 0)) * g.s - ls[i];
+            }
+            if (tj >= 0 && tj < n) row[tj] = g.s * psi(g, tsp[i]) - ls[i];
+          }
+        }
+      });
+      e.exp_();
+      // G = grad_lse * p + grad_target * onehot; dscore = s * G (* dpsi at the target);
+      // da = dscore * inv (normalised scores).
+      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t i = b0; i < b1; ++i) {
+          scalar_t* row = ep + i * n;
+          const scalar_t c = gl[i] * g.s;
+          for (int64_t j = 0; j < n; ++j) row[j] *= c;
+          const int64_t tj = tgt[i] - t0;
+          if (tj >= 0 && tj < n) row[tj] = (row[tj] + gt[i] * g.s) * dpsi(g, tsp[i]);
+          if (normalize)
+            for (int64_t j = 0; j < n; ++j) row[j] *= inv[j];
+        }
+      });
+      if (bias.has_value()) grad_bias.narrow(0, t0, n).copy_(e.sum(0));
+      at::Tensor eg = ctx.round(e);
+      grad_x.addmm_(eg, tile.gemm_rows);
+      at::Tensor gr = grad_rows.narrow(0, t0, n);
+      at::mm_out(gr, eg.t(), xg);
+      if (normalize) {
+        // Tangential part: grad_j = M_j - (w_j . M_j) inv_j^2 w_j.
+        const scalar_t* wr = tile.rows.data_ptr<scalar_t>();
+        scalar_t* mp = gr.data_ptr<scalar_t>();
+        at::parallel_for(0, n, 16, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {
+            scalar_t d = 0;
+            for (int64_t k = 0; k < D; ++k) d += wr[j * D + k] * mp[j * D + k];
+            const scalar_t f = d * inv[j] * inv[j];
+            for (int64_t k = 0; k < D; ++k) mp[j * D + k] -= f * wr[j * D + k];
+          }
+        });
+      }
+      t0 += n;
+    }
+  });
+  return {grad_x.to(x.scalar_type()), grad_rows.to(w.scalar_type()),
+          bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias};
+}
+
+}  // namespace dpface
