@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .shards import ShardError, read_index, resolve_shards
+from .webdataset_stream import LabelError, PositionError
 
 AUGMENTS = ("flip", "crop", "color")
 STATE_FORMAT = "dpface-dali-stream/1"
@@ -64,7 +65,8 @@ def parse_label(raw) -> int:
 
 def _empty_stats() -> dict:
     return {"samples": 0, "bad_label": 0, "lost_samples": 0, "failed_batches": 0,
-            "missing_image": 0, "missing_label": 0, "truncated_shards": 0, "empty_shards": 0}
+            "missing_image": 0, "missing_label": 0, "truncated_shards": 0, "empty_shards": 0,
+            "lost_index_samples": 0}
 
 
 class DaliStream:
@@ -156,12 +158,14 @@ class DaliStream:
                 samples = read_index(idx)
             except ShardError as e:
                 raise ShardError(f"index file of shard {tar} is unusable: {e}") from e
-            if not samples:
+            if not samples or os.path.getsize(tar) == 0:  # a 0-byte tar is empty, not truncated
                 self._stats["empty_shards"] += 1
+                self._stats["lost_index_samples"] += len(samples)
                 continue
             end = max(off + size for s in samples for off, size in s.values())
             if end > os.path.getsize(tar):
                 self._stats["truncated_shards"] += 1
+                self._stats["lost_index_samples"] += len(samples)  # DALI skips the whole shard
                 continue
             self._stats["missing_image"] += sum("jpg" not in s for s in samples)
             self._stats["missing_label"] += sum("jpg" in s and "cls" not in s for s in samples)
@@ -177,13 +181,14 @@ class DaliStream:
         """Index-time counts are judged against the indexed total (``seen``); run-time
         counts against the samples delivered so far."""
         s = self._stats
-        if seen is not None:
-            bad = s["missing_image"] + s["missing_label"]
+        if seen is not None:  # lost shards count against the data set too
+            bad = s["missing_image"] + s["missing_label"] + s["lost_index_samples"]
+            seen += s["lost_index_samples"]
         else:
             bad = s["bad_label"] + s["lost_samples"]
             seen = bad + s["samples"]
         if seen >= self.bad_check_min_samples and bad > self.max_bad_fraction * seen:
-            raise RuntimeError(f"too much bad data in {where}: {bad} of {seen} samples unusable "
+            raise ShardError(f"too much bad data in {where}: {bad} of {seen} samples unusable "
                                f"(stats: {s}), above max_bad_fraction={self.max_bad_fraction}")
 
     def _build(self):
@@ -253,7 +258,7 @@ class DaliStream:
                 labels.append(-1)
                 continue
             if not 0 <= label < self.num_classes:
-                raise ValueError(f"sample {cls[i].source_info()!r} has label {label}, outside "
+                raise LabelError(f"sample {cls[i].source_info()!r} has label {label}, outside "
                                  f"[0, {self.num_classes}) (num_classes of the manifest)")
             labels.append(label)
             good.append(i)
@@ -299,12 +304,19 @@ class DaliStream:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a DaliStream state (format={state.get('format')!r})")
+            raise PositionError(f"not a DaliStream state (format={state.get('format')!r})")
         mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if set(diff) == {"world_size", "batch_size"} and (
+                state["world_size"] * state["batch_size"] == self.world_size * self.batch_size):
+            raise PositionError(
+                f"a DALI stream position saved at world size {state['world_size']} cannot continue "
+                f"at world size {self.world_size}, even at the same global batch: DALI's reader "
+                "checkpoint is tied to its shard_id/num_shards split. Resume at world size "
+                f"{state['world_size']}, or use data.backend: webdataset (same shards), which reshards")
         if diff:
-            raise ValueError(f"the saved data position belongs to a different stream (saved vs "
+            raise PositionError(f"the saved data position belongs to a different stream (saved vs "
                              f"now: {diff}); it cannot continue where it stopped")
         self._batches = int(state["batches"])
         self._stats = dict(state["stats"])
@@ -316,4 +328,5 @@ class DaliStream:
         s = dict(self._stats)
         s["bad_samples"] = (s["bad_label"] + s["lost_samples"] + s["missing_image"]
                             + s["missing_label"])
+        s["bad_shards"] = s["truncated_shards"] + s["empty_shards"]
         return s

@@ -41,20 +41,26 @@ in :meth:`state_dict`; shards re-read while resuming are not counted twice.
 """
 from __future__ import annotations
 
+import copy
 import io
+import itertools
 import math
+import os
 import random
 from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import resolve_shards
+from dpface import distributed as dist
+
+from .shards import ShardError, resolve_shards
 
 AUGMENTS = ("flip", "crop", "color")
-STATE_FORMAT = "dpface-wds-stream/1"
+STATE_FORMAT = "dpface-wds-stream/2"  # /1 (per-rank cursor) could not reshard
 _SHARD_TAG, _SHUFFLE_TAG, _AUG_TAG = 11, 12, 13
 _BAD_KINDS = ("bad_image", "missing_image", "missing_label", "bad_label")
 _SHARD_KINDS = ("truncated_shards", "empty_shards", "unreadable_shards")
@@ -67,6 +73,14 @@ _ZERO_BLOCK = bytes(512)
 
 class TarFormatError(ValueError):
     """A tar stream is truncated or has a corrupt header."""
+
+
+class LabelError(ShardError, ValueError):
+    """A sample's label is outside [0, num_classes): the data set and the manifest disagree."""
+
+
+class PositionError(ShardError, ValueError):
+    """A saved data position cannot be continued by this stream (what differs is named)."""
 
 
 def iter_tar_members(f, keep=None) -> Iterator[dict]:
@@ -130,7 +144,7 @@ def _seed_int(*key: int) -> int:
 
 
 def _empty_stats() -> dict:
-    return {"samples": 0, **{k: 0 for k in _BAD_KINDS + _SHARD_KINDS}}
+    return {"samples": 0, "lost_samples": 0, **{k: 0 for k in _BAD_KINDS + _SHARD_KINDS}}
 
 
 class _Config:
@@ -164,16 +178,18 @@ def shards_for(cfg: _Config, slot: int, round_: int) -> list[int]:
 
 
 class _WorkerStream(IterableDataset):
-    """The per-worker half of :class:`WebDatasetStream` (runs inside DataLoader workers)."""
+    """The per-worker half of :class:`WebDatasetStream` (runs inside DataLoader workers):
+    worker w runs the virtual slots ``groups[w]`` and yields one item per step holding
+    each slot's chunk of the step and its position after it."""
 
-    def __init__(self, cfg: _Config, positions: list[dict], ended: list[int]):
+    def __init__(self, cfg: _Config, groups: list[list[int]], positions: dict[int, dict]):
         super().__init__()
-        self.cfg, self.positions, self.ended = cfg, positions, set(ended)
+        self.cfg, self.groups, self.positions = cfg, groups, positions
 
     # -- raw samples ---------------------------------------------------------------
-    def _shard_samples(self, shard: int, stats: dict, count: bool = True) -> Iterator[dict]:
-        """Samples of one shard; truncation/unreadable/empty shards are counted (when
-        ``count``), not raised."""
+    def _shard_samples(self, shard: int, pos: dict, count: bool = True) -> Iterator[dict]:
+        """Samples of one shard; truncated, unreadable and empty shards are counted (when
+        ``count``) with the samples they lost, not raised."""
         from webdataset.tariterators import group_by_keys, tar_file_iterator
 
         path = self.cfg.tars[shard]
@@ -185,8 +201,9 @@ class _WorkerStream(IterableDataset):
 
         try:
             stream = open(path, "rb", buffering=1 << 20)
+            empty = os.fstat(stream.fileno()).st_size == 0
         except OSError:  # deleted or unreadable since the stream was set up
-            stats["unreadable_shards"] += count
+            self._lost(shard, pos, 0, "unreadable_shards", count)
             return
 
         def files():
@@ -203,16 +220,34 @@ class _WorkerStream(IterableDataset):
 
         n = 0
         with stream:
-            for sample in group_by_keys(files(), handler=handler, suffixes=_KEEP):
-                n += 1
-                yield sample
-        if errors:
-            stats["truncated_shards"] += count
-        elif n == 0:
-            stats["empty_shards"] += count
+            if not empty:
+                for sample in group_by_keys(files(), handler=handler, suffixes=_KEEP):
+                    n += 1
+                    yield sample
+        if empty or (n == 0 and not errors):
+            self._lost(shard, pos, n, "empty_shards", count)  # a 0-byte file is empty, not truncated
+        elif errors:
+            self._lost(shard, pos, n, "truncated_shards", count)
+        elif count:
+            pos["intact"] = [pos["intact"][0] + 1, pos["intact"][1] + n]
 
-    def _round_samples(self, slot: int, round_: int, stats: dict,
-                       progress: dict) -> Iterator[dict]:
+    def _lost(self, shard: int, pos: dict, read: int, kind: str, count: bool) -> None:
+        """Count a damaged shard and the samples it lost: the manifest's count for it, or
+        (without a manifest) the mean size of the intact shards read so far (at least 1)."""
+        if not count:
+            return
+        stats = pos["stats"]
+        stats[kind] += 1
+        sizes = self.cfg.shard_samples
+        if sizes is not None:
+            expected = sizes[shard]
+        else:
+            k, n = pos["intact"]
+            expected = round(n / k) if k else 1
+        stats["lost_samples"] += max(0, expected - read)
+        _check_bad_fraction(stats, self.cfg, f"{kind.split('_')[0]} shard {self.cfg.tars[shard]}")
+
+    def _round_samples(self, slot: int, round_: int, pos: dict, progress: dict) -> Iterator[dict]:
         """The round's samples, shuffled. ``progress["done"]`` counts shards read to the
         end (their bad-shard counts made); the first ``progress["counted"]`` were
         counted before a resume and are not counted again."""
@@ -220,7 +255,7 @@ class _WorkerStream(IterableDataset):
 
         def raw():
             for i, shard in enumerate(shards_for(self.cfg, slot, round_)):
-                yield from self._shard_samples(shard, stats, count=i >= progress["counted"])
+                yield from self._shard_samples(shard, pos, count=i >= progress["counted"])
                 progress["done"] = i + 1
 
         buf = self.cfg.shuffle_buffer
@@ -243,7 +278,7 @@ class _WorkerStream(IterableDataset):
             stats["bad_label"] += 1
             return None
         if not 0 <= label < cfg.num_classes:
-            raise ValueError(f"sample {key!r} in {sample.get('__url__')} has label {label}, "
+            raise LabelError(f"sample {key!r} in {sample.get('__url__')} has label {label}, "
                              f"outside [0, {cfg.num_classes}) (num_classes of the manifest)")
         data = sample.get("jpg")
         if data is None:
@@ -262,68 +297,77 @@ class _WorkerStream(IterableDataset):
             return None
         return _augment(img, draws, cfg.augment), label
 
-    def __iter__(self):
+    def _slot_samples(self, slot: int, pos: dict) -> Iterator[tuple]:
+        """Good (image, label) samples of one virtual slot from position ``pos``, which
+        is kept up to date: after each yield it is the position after that sample."""
         cfg = self.cfg
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        slot = cfg.rank * cfg.workers + worker
-        if worker in self.ended:
-            yield None, {"worker": worker, "end": True}
-            return
-        pos = self.positions[worker]
-        round_, skip = pos["round"], pos["raw"]
-        stats = dict(pos["stats"])
-        progress = {"done": 0, "counted": pos.get("done", 0)}
-        images, labels = [], []
+        skip = pos["raw"]
         barren = 0  # consecutive shards without any usable sample (guards an endless loop)
         while True:
+            round_ = pos["round"]
+            progress = {"done": 0, "counted": pos["done"]}
             aug_rng = np.random.default_rng([cfg.seed, _AUG_TAG, slot, round_])
-            raw = 0
-            got_any = False
-            for sample in self._round_samples(slot, round_, stats, progress):
+            raw, got_any = 0, False
+            for sample in self._round_samples(slot, round_, pos, progress):
                 draws = aug_rng.random(_N_DRAWS)  # drawn for every raw sample, even skipped ones
                 raw += 1
                 if raw <= skip:
                     continue
-                out = self._decode(sample, draws, stats)
+                out = self._decode(sample, draws, pos["stats"])
+                pos["raw"], pos["done"] = raw, progress["done"]
                 if out is None:
-                    _check_bad_fraction(stats, cfg, sample)
+                    _check_bad_fraction(pos["stats"], cfg, f"sample {sample.get('__key__')!r} "
+                                                           f"in {sample.get('__url__')}")
                     continue
                 got_any = True
-                images.append(out[0])
-                labels.append(out[1])
-                stats["samples"] += 1
-                if len(images) == cfg.batch_size:
-                    yield _collate(images, labels), {"worker": worker, "round": round_,
-                                                     "raw": raw, "done": progress["done"],
-                                                     "stats": dict(stats)}
-                    images, labels = [], []
+                pos["stats"]["samples"] += 1
+                yield out
+            pos["raw"], pos["done"] = raw, progress["done"]
             if not cfg.resampled:
-                if images:  # short last batch: every sample exactly once per epoch
-                    yield _collate(images, labels), {"worker": worker, "round": round_,
-                                                     "raw": raw, "done": progress["done"],
-                                                     "stats": dict(stats)}
-                yield None, {"worker": worker, "end": True, "stats": dict(stats)}
+                pos["ended"] = True
                 return
             skip = 0
-            progress = {"done": 0, "counted": 0}
             barren = 0 if got_any else barren + max(1, len(shards_for(cfg, slot, round_)))
             if barren > 2 * len(cfg.tars) + cfg.slots:
-                raise RuntimeError(f"worker {worker} of rank {cfg.rank} read {barren} shards in a "
-                                   f"row without one usable sample (stats: {stats}); are the "
-                                   "shards empty or corrupt?")
-            round_ += 1
+                raise ShardError(f"slot {slot} read {barren} shards in a row without one usable "
+                                 f"sample (stats: {pos['stats']}); are the shards empty or corrupt?")
+            pos.update(round=round_ + 1, raw=0, done=0)
+
+    def __iter__(self):
+        cfg = self.cfg
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        slots = self.groups[worker]
+        pos = {v: copy.deepcopy(self.positions[v]) for v in slots}
+        gens = {v: self._slot_samples(v, pos[v]) for v in slots if not pos[v].get("ended")}
+        while True:
+            chunks = {}
+            for v in slots:
+                got = list(itertools.islice(gens[v], chunk_size(cfg, v))) if v in gens else []
+                if len(got) < chunk_size(cfg, v):
+                    gens.pop(v, None)  # only without resampling: the slot's epoch is over
+                batch = _collate([g[0] for g in got], [g[1] for g in got]) if got else None
+                chunks[v] = (batch, copy.deepcopy(pos[v]))
+            yield {"worker": worker, "chunks": chunks, "end": not gens}
+            if not gens:
+                return
 
 
-def _check_bad_fraction(stats: dict, cfg: _Config, sample: dict) -> None:
-    bad = sum(stats[k] for k in _BAD_KINDS)
+def chunk_size(cfg: _Config, slot: int) -> int:
+    """Samples slot ``slot`` adds to every global batch: the global batch split as evenly
+    as possible over the slots; a rank's contiguous block of slots sums to batch_size."""
+    g, s = cfg.global_batch, cfg.slots
+    return (slot + 1) * g // s - slot * g // s
+
+
+def _check_bad_fraction(stats: dict, cfg: _Config, last: str) -> None:
+    bad = sum(stats[k] for k in _BAD_KINDS) + stats["lost_samples"]
     seen = bad + stats["samples"]
     if seen >= cfg.bad_check_min_samples and bad > cfg.max_bad_fraction * seen:
-        raise RuntimeError(
-            f"too much bad data: {bad} of {seen} samples seen by one worker are unusable "
-            f"({ {k: stats[k] for k in _BAD_KINDS} }), above max_bad_fraction="
-            f"{cfg.max_bad_fraction}; last bad sample {sample.get('__key__')!r} in "
-            f"{sample.get('__url__')}")
+        raise ShardError(
+            f"too much bad data: {bad} of {seen} samples seen by one slot are unusable or "
+            f"lost ({ {k: stats[k] for k in _BAD_KINDS + _SHARD_KINDS + ('lost_samples',)} }), "
+            f"above max_bad_fraction={cfg.max_bad_fraction}; last: {last}")
 
 
 def _augment(img: np.ndarray, draws: np.ndarray, augment: tuple) -> np.ndarray:
@@ -364,20 +408,24 @@ class WebDatasetStream:
         rank, world_size: this process's place among the data-parallel ranks.
         num_workers: DataLoader worker processes (0: read in the calling process).
         seed: the stream is a pure function of the seed (and the other arguments).
-        shuffle_buffer: samples held by each worker's shuffle buffer (0/1: no shuffle).
+        shuffle_buffer: samples held by each slot's shuffle buffer (0/1: no shuffle).
         augment: subset of ("flip", "crop", "color"): random horizontal flip, random
             shift by ≤ size/28 px, brightness/contrast ±20 %.
         image_size: output side; other sizes are resized (bilinear).
         resampled: True → infinite, always-full batches for training; False → one
-            exact pass per ``__iter__`` (short last batch per worker).
-        max_bad_fraction: fail when more than this fraction of samples is unusable …
-        bad_check_min_samples: … once a worker has seen at least this many samples.
+            exact pass per ``__iter__`` (short last batches).
+        max_bad_fraction: fail when more than this fraction of samples is unusable or
+            lost with a damaged shard …
+        bad_check_min_samples: … once a slot has seen at least this many samples.
         num_classes: required without a manifest; with one, may only enlarge it.
         shuffle_shards: permute the shard order per epoch (False: manifest order).
         prefetch_factor: batches prefetched per worker.
         tar_reader: "fast" (:func:`iter_tar_members`) or "webdataset" (the library's
             tarfile-based ``tar_file_iterator``); grouping and shuffling are
             webdataset's either way.
+        virtual_slots: V, the number of independent sample streams the global batch is
+            split over (default world_size × max(1, num_workers), at most the global
+            batch). A resume adopts the saved V; it must be divisible by the new world size.
     """
 
     def __init__(self, manifest_or_shards, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -385,7 +433,8 @@ class WebDatasetStream:
                  augment=("flip",), image_size: int = 112, resampled: bool = True,
                  max_bad_fraction: float = 0.01, bad_check_min_samples: int = 200,
                  num_classes: int | None = None, shuffle_shards: bool = True,
-                 prefetch_factor: int = 4, tar_reader: str = "fast"):
+                 prefetch_factor: int = 4, tar_reader: str = "fast",
+                 virtual_slots: int | None = None):
         for name, v, lo in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                             ("num_workers", num_workers, 0), ("seed", seed, 0),
                             ("shuffle_buffer", shuffle_buffer, 0), ("image_size", image_size, 8),
@@ -403,31 +452,42 @@ class WebDatasetStream:
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         shards = resolve_shards(manifest_or_shards, num_classes)
-        workers = max(1, int(num_workers))
+        global_batch = int(batch_size) * int(world_size)
+        if virtual_slots is None:
+            virtual_slots = int(world_size) * min(max(1, int(num_workers)), int(batch_size))
+        if not 1 <= virtual_slots <= global_batch or virtual_slots % world_size:
+            raise ValueError(f"virtual_slots must be a multiple of world_size ({world_size}) in "
+                             f"[1, global batch {global_batch}], got {virtual_slots}")
         self.cfg = _Config(
-            tars=shards.tars, num_classes=shards.num_classes, batch_size=int(batch_size),
-            rank=int(rank), world_size=int(world_size), workers=workers,
-            slots=int(world_size) * workers, seed=int(seed), shuffle_buffer=int(shuffle_buffer),
-            augment=augment, image_size=int(image_size), resampled=bool(resampled),
-            max_bad_fraction=float(max_bad_fraction),
+            tars=shards.tars, shard_samples=shards.samples_per_shard, num_classes=shards.num_classes,
+            batch_size=int(batch_size), global_batch=global_batch, rank=int(rank),
+            world_size=int(world_size), slots=int(virtual_slots), seed=int(seed),
+            shuffle_buffer=int(shuffle_buffer), augment=augment, image_size=int(image_size),
+            resampled=bool(resampled), max_bad_fraction=float(max_bad_fraction),
             bad_check_min_samples=int(bad_check_min_samples), shuffle_shards=bool(shuffle_shards),
             tar_reader=tar_reader)
         self.num_workers = int(num_workers)
         self.prefetch_factor = int(prefetch_factor)
         self.num_classes = shards.num_classes
         self.num_images = shards.num_images
+        self._positions: dict[int, dict] = {}
         self._reset_epoch(0)
+
+    def _own(self) -> list[int]:
+        """This rank's virtual slots: a contiguous block (their chunks sum to batch_size)."""
+        per = self.cfg.slots // self.cfg.world_size
+        return list(range(self.cfg.rank * per, (self.cfg.rank + 1) * per))
 
     @property
     def batches_per_epoch(self) -> int | None:
-        """Global data epoch in per-rank batches (num_images // (B × world)); None if unknown."""
+        """Global data epoch in per-rank batches (num_images // global batch); None if unknown."""
         if self.num_images is None:
             return None
-        return self.num_images // (self.cfg.batch_size * self.cfg.world_size)
+        return self.num_images // self.cfg.global_batch
 
     @property
     def epoch(self) -> float:
-        """Data epochs consumed by this rank, fractional (for logging)."""
+        """Data epochs consumed, fractional (for logging)."""
         per = self.batches_per_epoch
         if self.cfg.resampled:
             return self._batches / per if per else 0.0
@@ -436,84 +496,116 @@ class WebDatasetStream:
     def _reset_epoch(self, epoch: int) -> None:
         self._epoch = epoch
         self._batches = 0
-        self._cursor = 0
-        self._ended: list[int] = []
         start_round = epoch if not self.cfg.resampled else 0
-        # Counts are cumulative over epochs: each worker continues from its own.
-        old = getattr(self, "_positions", None) or [{"stats": _empty_stats()}] * self.cfg.workers
-        self._positions = [{"round": start_round, "raw": 0, "stats": dict(p["stats"])}
-                           for p in old]
+        # Counts are cumulative over epochs: each slot continues from its own.
+        self._positions = {v: {"round": start_round, "raw": 0, "done": 0, "ended": False,
+                               "stats": dict(self._positions[v]["stats"]) if v in self._positions
+                               else _empty_stats(),
+                               "intact": list(self._positions.get(v, {}).get("intact", [0, 0]))}
+                           for v in self._own()}
 
     # -- the loader protocol ---------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.cfg
-        dataset = _WorkerStream(cfg, [dict(p) for p in self._positions], self._ended)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+        own = self._own()
+        nw = min(self.num_workers, len(own))
+        groups = [own[w::max(1, nw)] for w in range(max(1, nw))]
+        dataset = _WorkerStream(cfg, groups, {v: copy.deepcopy(self._positions[v]) for v in own})
+        loader = DataLoader(dataset, batch_size=None, num_workers=nw,
+                            prefetch_factor=self.prefetch_factor if nw else None,
                             persistent_workers=False)
-        # Workers' batches are handed out in a fixed cyclic order (from the saved cursor,
-        # skipping workers that ended), whatever order the loader delivers them in.
-        pending: dict[int, list] = {w: [] for w in range(cfg.workers)}
         it = iter(loader)
-        ended = set(self._ended)
-        while len(ended) < cfg.workers:
-            w = self._cursor
-            if w in ended:
-                self._cursor = (w + 1) % cfg.workers
-                continue
-            while not pending[w]:
-                try:
-                    batch, meta = next(it)
-                except StopIteration:
-                    raise RuntimeError(f"data worker {w} stopped without finishing its stream") \
-                        from None
-                pending[meta["worker"]].append((batch, meta))
-            batch, meta = pending[w].pop(0)
-            if meta.get("end"):
-                ended.add(w)
-                self._ended = sorted(ended)
-                if "stats" in meta:
-                    self._positions[w]["stats"] = meta["stats"]
-                self._cursor = (w + 1) % cfg.workers
-                continue
-            self._positions[w] = {"round": meta["round"], "raw": meta["raw"],
-                                  "done": meta["done"], "stats": meta["stats"]}
-            self._batches += 1
-            self._cursor = (w + 1) % cfg.workers
-            yield batch
+        live = [w for w, g in enumerate(groups)
+                if not all(self._positions[v]["ended"] for v in g)]
+        pending: dict[int, list] = {w: [] for w in range(len(groups))}
+        while live:
+            # One item per live worker per step, whatever order the loader delivers them in.
+            for w in live:
+                while not pending[w]:
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        raise RuntimeError(f"data worker {w} stopped without finishing its "
+                                           "stream") from None
+                    pending[item["worker"]].append(item)
+            items = [pending[w].pop(0) for w in live]
+            chunks = sorted((v, c) for item in items for v, c in item["chunks"].items())
+            for v, (_, pos) in chunks:
+                self._positions[v] = pos
+            live = [w for w, item in zip(live, items) if not item["end"]]
+            parts = [c[0] for _, c in chunks if c[0] is not None]
+            if parts:
+                self._batches += 1
+                yield (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
         self._reset_epoch(self._epoch + 1)  # only reached without resampling
 
     def state_dict(self) -> dict:
-        """Position after the last yielded batch (plain data: JSON/torch.save friendly)."""
+        """Position after the last yielded batch (plain data: JSON/torch.save friendly).
+
+        Under a process group of this stream's world size it holds every rank's slots
+        (one all-gather; every rank calls it when checkpointing), so any one rank's copy
+        can resume the whole stream at another world size."""
         c = self.cfg
-        return {"format": STATE_FORMAT, "seed": c.seed, "rank": c.rank,
-                "world_size": c.world_size, "workers": c.workers, "batch_size": c.batch_size,
-                "resampled": c.resampled, "num_shards": len(c.tars), "epoch": self._epoch,
-                "batches": self._batches, "cursor": self._cursor, "ended": list(self._ended),
-                "positions": [dict(p, stats=dict(p["stats"])) for p in self._positions]}
+        positions = {str(v): copy.deepcopy(self._positions[v]) for v in self._own()}
+        if c.world_size > 1 and dist.get_world_size() == c.world_size:
+            every = [None] * c.world_size
+            tdist.all_gather_object(every, positions)
+            positions = {k: p for part in every for k, p in part.items()}
+        return {"format": STATE_FORMAT, "seed": c.seed, "resampled": c.resampled,
+                "num_shards": len(c.tars), "global_batch": c.global_batch, "slots": c.slots,
+                "world_size": c.world_size, "epoch": self._epoch, "batches": self._batches,
+                "positions": positions}
 
     def load_state_dict(self, state: dict) -> None:
         c = self.cfg
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a WebDatasetStream state (format={state.get('format')!r})")
-        mine = {"seed": c.seed, "rank": c.rank, "world_size": c.world_size, "workers": c.workers,
-                "batch_size": c.batch_size, "resampled": c.resampled, "num_shards": len(c.tars)}
+            raise PositionError(f"not a WebDatasetStream state of this version (format="
+                             f"{state.get('format')!r}, expected {STATE_FORMAT!r}): it cannot "
+                             "be continued")
+        mine = {"seed": c.seed, "resampled": c.resampled, "num_shards": len(c.tars)}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
-            raise ValueError("the saved data position belongs to a different stream "
+            raise PositionError("the saved data position belongs to a different stream "
                              f"(saved vs now: {diff}); the stream is a function of these, so "
                              "it cannot continue where it stopped")
+        g, slots = state["global_batch"], state["slots"]
+        if g != c.global_batch:
+            hint = (f"; at world {c.world_size} that is data.batch_size={g // c.world_size}"
+                    if g % c.world_size == 0 else "")
+            raise PositionError(f"the saved data position belongs to a different stream: saved at "
+                             f"global batch {g} (batch_size × world size), this run uses "
+                             f"{c.global_batch}; keep the global batch constant across a "
+                             f"resume{hint}")
+        if slots % c.world_size:
+            raise PositionError(f"the saved data position has {slots} virtual slots (world size × "
+                             f"data workers when the run started), which {c.world_size} ranks "
+                             f"cannot split evenly; resume on a world size that divides {slots}")
+        c.slots = slots  # the saved split of the global batch wins over this run's default
+        need = self._own()
+        have = sorted(int(k) for k in state["positions"])
+        if any(v not in have for v in need):
+            raise PositionError(f"the saved data position holds slot(s) {have} of {slots}, this "
+                             f"rank needs {need}: it was saved without the other ranks' parts "
+                             "(state_dict outside their process group)")
         self._epoch = int(state["epoch"])
         self._batches = int(state["batches"])
-        self._cursor = int(state["cursor"])
-        self._ended = list(state["ended"])
-        self._positions = [dict(p, stats=dict(p["stats"])) for p in state["positions"]]
+        self._positions = {v: copy.deepcopy(state["positions"][str(v)]) for v in need}
 
     def stats(self) -> dict:
-        """Counts summed over workers (as of each worker's last delivered batch)."""
+        """Counts summed over this rank's slots (as of the last delivered batch)."""
         total = _empty_stats()
-        for p in self._positions:
+        for p in self._positions.values():
             for k, v in p["stats"].items():
                 total[k] += v
         total["bad_samples"] = sum(total[k] for k in _BAD_KINDS)
+        total["bad_shards"] = sum(total[k] for k in _SHARD_KINDS)
         return total
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One state from the per-rank states of one save (what :meth:`state_dict` builds
+    itself under a process group)."""
+    out = copy.deepcopy(states[0])
+    for s in states[1:]:
+        out["positions"].update(copy.deepcopy(s["positions"]))
+    return out

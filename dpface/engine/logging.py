@@ -28,6 +28,7 @@ from dpface import distributed as dist
 
 # A ROC of 6000 pairs has thousands of points; charts and tables need far fewer.
 ROC_POINTS = 200
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run a resume continues
 
 
 def _fmt(v) -> str:
@@ -43,8 +44,8 @@ def _on_console(key: str) -> bool:
     data counters go to the JSONL file and W&B only (their totals stay on the line)."""
     if key.startswith("mem/"):
         return key.endswith("_max")
-    if key.startswith("data/"):
-        return key == "data/bad_samples"
+    if key.startswith("data/"):  # totals of skipped samples, lost shards and their samples
+        return key in ("data/bad_samples", "data/bad_shards", "data/lost_samples")
     return True
 
 
@@ -89,8 +90,8 @@ def roc_points(fpr, tpr, n: int = ROC_POINTS) -> tuple[np.ndarray, np.ndarray]:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg=None, config: dict | None = None,
-                 stream=None):
-        self.enabled = enabled
+                 stream=None, resume: bool = False):
+        self.enabled, self.resume = enabled, resume
         self.stream = stream or sys.stdout
         self._file = None
         self._wandb = None
@@ -107,10 +108,16 @@ class MetricsLogger:
             import wandb
 
             mode = os.environ.get("WANDB_MODE", cfg.mode)
+            # A resumed run continues its W&B run (one curve), whose id the run directory keeps.
+            id_file = run_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if self.resume and id_file.is_file() else ""
+            if not run_id:
+                run_id = wandb.util.generate_id()
+                id_file.write_text(run_id + "\n")
             self._wandb = wandb.init(
                 project=cfg.project, name=cfg.name or None, group=cfg.group or None,
                 tags=list(cfg.tags) or None, config=config, dir=str(run_dir), mode=mode,
-                resume="allow", reinit="finish_previous",
+                id=run_id, resume="allow", reinit="finish_previous",
             )
         except Exception as e:  # an optional monitor must never stop training
             warnings.warn(f"W&B disabled: {type(e).__name__}: {e}")
