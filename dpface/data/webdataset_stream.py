@@ -1,6 +1,10 @@
 """Per-rank batch stream over WebDataset shards (CPU decode), resumable and deterministic.
 
-Pipeline in each DataLoader worker ("slot" s = rank × num_workers + worker, S slots):
+The global batch G (batch_size × world_size) is split over S *virtual slots*, independent
+sample streams (default S = world_size × num_workers); slot s adds
+floor((s+1)G/S) − floor(sG/S) samples to every global batch, and rank r owns the
+contiguous block of S/world_size slots whose chunks make its batch. Pipeline of one slot
+(a DataLoader worker runs one or more of its rank's slots):
 
     shard list ─► explicit node/worker split (slot s of S) ─► tar members (a lean
     ustar parser, or webdataset's tarfile iterator) ─► group by key (webdataset)
@@ -22,15 +26,15 @@ concatenation. Slot s reads G[s], G[s+S], G[s+2S], …
 
 Determinism and resume. A worker's output is a pure function of (seed, slot, round):
 the shuffle buffer and the augmentation draws are seeded per round, and the buffer
-is drained at the end of each round. Every batch carries its worker's position
-(round, raw samples consumed in the round) and the main process hands out workers'
-batches in a fixed cyclic order, so the position after the last yielded batch is a
-small dict (:meth:`state_dict`). Resuming re-reads the current round's tar bytes up to
+is drained at the end of each round. Every chunk carries its slot's position (round,
+raw samples consumed in the round), so the position after the last yielded batch is a
+small dict per slot (:meth:`state_dict`, gathered from all ranks). Resuming re-reads the current round's tar bytes up to
 that position without decoding them (augmentation draws are made per raw sample, good
 or bad, so they stay aligned): the cost is at most one round, ≈ 1/S of the data set
-read sequentially per worker (ceil(N/S) shards). The stream depends on seed, shard
-list, rank, world_size, num_workers and batch_size; a resume with other values is
-refused.
+read sequentially per worker (ceil(N/S) shards). The global stream depends on seed, shard
+list, S and G only, so a resume at another world size continues it sample for sample
+when G is unchanged and the new world size divides S; anything else is refused with
+what differs.
 
 Bad data (skipped and counted in :meth:`stats`): undecodable JPEG, missing image,
 missing or non-integer label, truncated tar (its readable samples are kept), empty
