@@ -12,14 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpface import ops
 from dpface.heads.partial_fc import HeadOutput, compute_dtype, init_rows
 from dpface.losses.margin import HeadContext, LogitTransform
 
 
 class FullFC(nn.Module):
+    """``kernel="fused"`` runs the compiled op over the whole W instead (single process,
+    no collectives); the default stays the naive reference, because that is what tests
+    compare the distributed head and the kernels against."""
+
     def __init__(self, embedding_size: int, num_classes: int, transform: LogitTransform,
-                 seed: int = 0):
+                 seed: int = 0, kernel: str = "reference"):
         super().__init__()
+        if kernel not in ("reference", "fused"):
+            raise ValueError(f"FullFC kernel must be 'reference' or 'fused', got {kernel!r}")
+        if kernel == "fused" and transform.fused_margin() is None:
+            raise ValueError(f"kernel=fused: {type(transform).__name__} is not expressible "
+                             "by the fused op")
+        self.kernel = kernel
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.transform = transform
         transform.bind_head(self.num_classes)
@@ -31,6 +42,8 @@ class FullFC(nn.Module):
         if labels.is_floating_point():
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         labels = labels.long()
+        if self.kernel == "fused":
+            return self._forward_fused(embeddings, labels)
         dtype = compute_dtype(self.weight.dtype)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x, w = embeddings.to(dtype), self.weight.to(dtype)
@@ -52,6 +65,22 @@ class FullFC(nn.Module):
                 loss = F.cross_entropy(logits, labels)
         with torch.no_grad():
             accuracy = (scores.argmax(1) == labels).to(logits.dtype).mean()
+        return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=self.num_classes)
+
+    def _forward_fused(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        margin = self.transform.fused_margin()
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            x = embeddings.to(self.weight.dtype)
+            if margin.normalize:
+                x = F.normalize(x, dim=1)
+            out = ops.margin_softmax(x.contiguous(), self.weight, None, labels, margin,
+                                     bias=self.bias)
+            nll = out.lse - out.target_logit
+            if self.transform.weighted:
+                loss = (self.transform.loss_weight(torch.exp(-nll)) * nll).mean()
+            else:
+                loss = nll.mean()
+            accuracy = (out.target_score >= out.max_score).to(nll.dtype).mean()
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=self.num_classes)
 
 

@@ -19,8 +19,10 @@ from torch import nn
 from dpface.distributed import get_rank, get_world_size
 from dpface.distributed.collectives import (all_gather, all_gather_with_grad, all_reduce_max,
                                      all_reduce_sum)
+from dpface import ops
 from dpface.heads.sharding import class_range, sample_count
 from dpface.losses.margin import HeadContext, LogitTransform
+from dpface.ops.margin_softmax import rows_sink
 
 INIT_STD = 0.01
 # Rows are initialised in fixed blocks, each from its own seed, so that row j's initial
@@ -64,6 +66,8 @@ def init_rows(lo: int, hi: int, dim: int, seed: int = 0, std: float = INIT_STD,
 HARD_BLOCK_ELEMENTS = 1 << 24
 NEGATIVES = ("uniform", "hard")
 UPDATES = ("dense", "sampled")
+KERNELS = ("auto", "fused", "reference")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -202,6 +206,34 @@ class _DistSoftmaxCE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def fused_softmax_ce(out: ops.MarginSoftmaxOut, target: torch.Tensor, group, weight_fn=None):
+    """(loss, accuracy) from the fused op's per-row statistics, combined across ranks.
+
+    Only O(B) numbers cross ranks: the max of the local log-sum-exps (and of the scores, for
+    accuracy) and the sums of exp(lse_r − max), of the target logit and of the target score.
+    Autograd sees each rank's own terms only (the other ranks' are constants), which gives
+    each rank its part of the global gradient, as the reference's closed form does."""
+    has = target >= 0
+    maxes = all_reduce_max(torch.stack([out.lse.detach(), out.max_score]), group)
+    gmax = maxes[0]
+    e = torch.exp(out.lse - gmax)
+    t = torch.where(has, out.target_logit, 0.0)
+    ts = torch.where(has, out.target_score, 0.0)
+    sums = all_reduce_sum(torch.stack([e.detach(), t.detach(), ts]), group)
+    sum_exp = (e + (sums[0] - e.detach())).clamp_min(torch.finfo(e.dtype).tiny)
+    nll = sum_exp.log() + gmax - (t + (sums[1] - t.detach()))
+    if weight_fn is None:
+        loss = nll.mean()
+    else:  # plain autograd through w(p), p = exp(−nll): the same gradient as the closed form
+        w = weight_fn(torch.exp(-nll))
+        if w.shape != nll.shape:
+            raise ValueError(f"loss_weight must return one weight per sample {list(nll.shape)}, "
+                             f"got {list(w.shape)}")
+        loss = (w * nll).mean()
+    accuracy = (sums[2] >= maxes[1]).to(e.dtype).mean()
+    return loss, accuracy
+
+
 class PartialFC(nn.Module):
     """Model-parallel margin-softmax classifier with optional class sampling.
 
@@ -250,13 +282,21 @@ class PartialFC(nn.Module):
     The transform gets a :class:`HeadContext` (step, group, norms if it asks for them)
     and may weight each sample's cross-entropy (``loss_weight``, Knot-Magnify).
 
+    Kernel (``kernel``): "fused" runs the compiled margin-softmax op (``dpface.ops``), which
+    tiles the columns, gathers the sampled rows itself and never materialises the [B, K]
+    logits (it keeps up to ``logits_budget_mb`` of them for backward and recomputes the
+    rest); "reference" the PyTorch code below; "auto" the fused op where it is built and
+    expresses the transform (:meth:`kernel_choice` says which, and why). ``precision="bf16"``
+    (fused only) rounds the GEMM operands to bf16, accumulating in fp32.
+
     ``rank``/``world_size`` overrides build a shard without a matching process group
     (checkpoint tools, tests); such a head refuses ``forward``.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, transform: LogitTransform,
                  sample_rate: float = 1.0, seed: int = 0, group=None, *,
-                 negatives: str = "uniform", update: str = "dense",
+                 negatives: str = "uniform", update: str = "dense", kernel: str = "auto",
+                 precision: str = "fp32", logits_budget_mb: int = 256,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if not isinstance(transform, LogitTransform):
@@ -274,6 +314,14 @@ class PartialFC(nn.Module):
         if update not in UPDATES:
             raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
         self.update = update
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if logits_budget_mb < 0:
+            raise ValueError(f"logits_budget_mb must be >= 0, got {logits_budget_mb}")
+        self.kernel, self.precision = kernel, precision
+        self.logits_budget_mb = int(logits_budget_mb)
         self._sampled: SampledRows | None = None
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -297,7 +345,27 @@ class PartialFC(nn.Module):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"classes=[{self.class_start}, {self.class_end}), rank={self.rank}/"
                 f"{self.world_size}, sample_rate={self.sample_rate}, negatives={self.negatives}, "
-                f"update={self.update}")
+                f"update={self.update}, kernel={self.kernel}, precision={self.precision}")
+
+    # -- kernel choice --------------------------------------------------------------
+    def kernel_choice(self, device_type: str) -> tuple[bool, str]:
+        """(fused?, why) for tensors on ``device_type``; raises where the config asks for
+        something that cannot run (kernel=fused or precision=bf16 without the fused op)."""
+        why = None
+        if self.kernel == "reference":
+            why = "head.kernel=reference"
+        elif self.transform.fused_margin() is None:
+            why = f"{type(self.transform).__name__} is not expressible by the fused op"
+        elif not ops.available(device_type):
+            why = f"the compiled kernels are not built for {device_type}"
+        if why is None:
+            return True, f"fused margin-softmax op ({device_type}, {self.precision})"
+        if self.kernel == "fused" or self.precision == "bf16":
+            key = "head.kernel=fused" if self.kernel == "fused" else "head.precision=bf16"
+            raise ValueError(f"{key} needs the fused op, but {why}")
+        if self.kernel == "auto" and self.transform.fused_margin() is not None:
+            ops.warn_missing("PartialFC")
+        return False, f"PyTorch reference ({why})"
 
     # -- input checks -------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -455,6 +523,15 @@ class PartialFC(nn.Module):
 
         local = y - self.class_start
         mine = (local >= 0) & (local < self.num_local)
+        if idx is None:
+            target = torch.where(mine, local, -1)
+        else:
+            # Positives are in idx (sorted), so searchsorted finds their exact column.
+            col = torch.searchsorted(idx, local.clamp(0, self.num_local - 1))
+            target = torch.where(mine, col, -1)
+        if self.kernel_choice(x.device.type)[0]:
+            return self._forward_fused(x, idx, target)
+
         if self.update == "sampled":
             w, b = self._row_leaves(idx)
         elif idx is None:
@@ -462,13 +539,6 @@ class PartialFC(nn.Module):
         else:
             w = self.weight.index_select(0, idx)
             b = None if self.bias is None else self.bias.index_select(0, idx)
-        if idx is None:
-            target = torch.where(mine, local, -1)
-        else:
-            # Positives are in idx (sorted), so searchsorted finds their exact column.
-            col = torch.searchsorted(idx, local.clamp(0, self.num_local - 1))
-            target = torch.where(mine, col, -1)
-
         dtype = compute_dtype(self.weight.dtype)
         # Logits in full precision even under autocast: the margin on s·cos θ and the
         # exp-sum of a million columns do not survive fp16/bf16.
@@ -490,6 +560,36 @@ class PartialFC(nn.Module):
                                                   weight_fn)
         n = self.num_local if idx is None else idx.numel()
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=n)
+
+    def _forward_fused(self, x: torch.Tensor, idx, target: torch.Tensor) -> HeadOutput:
+        margin = self.transform.fused_margin()
+        w, b = self.weight, self.bias
+        k = self.num_local if idx is None else idx.numel()
+        w_sink = b_sink = None
+        if self.update == "sampled":
+            # The op gathers the rows itself; zero-stride sinks receive their [K, D] (and
+            # [K]) gradients for SampledRowSGD, so neither a row copy nor a dense grad exists.
+            w, b = w.detach(), None if b is None else b.detach()
+            self._sampled = None
+            if torch.is_grad_enabled():
+                leaves = {}
+                if self.weight.requires_grad:
+                    leaves["weight"] = w_sink = rows_sink(k, self.embedding_size, w.dtype, w.device)
+                if b is not None and self.bias.requires_grad:
+                    leaves["bias"] = b_sink = rows_sink(k, None, b.dtype, b.device)
+                self._sampled = SampledRows(idx, leaves)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.to(w.dtype)
+            if margin.normalize:
+                xf = F.normalize(xf, dim=1)
+            elem = torch.finfo(compute_dtype(w.dtype)).bits // 8
+            keep = (self.logits_budget_mb << 20) // (elem * max(1, xf.shape[0]))
+            out = ops.margin_softmax(xf.contiguous(), w, idx, target, margin, bias=b,
+                                     w_rows_sink=w_sink, bias_rows_sink=b_sink,
+                                     bf16=self.precision == "bf16", keep_cols=keep)
+            weight_fn = self.transform.loss_weight if self.transform.weighted else None
+            loss, accuracy = fused_softmax_ce(out, target, self.group, weight_fn)
+        return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=k)
 
 
 __all__ = ["PartialFC", "HeadOutput", "SampledRows", "init_rows", "mix_seed", "compute_dtype"]

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from dpface.ops import FusedMargin
 from dpface.losses.margin import LogitTransform, target_positions
 
 
@@ -70,6 +71,11 @@ class AdaCos(LogitTransform):
         theta_med = torch.acos(tgt.clamp(-1.0, 1.0)).median()
         s_new = ln_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4))
         self.s.fill_(float(s_new))
+
+    def fused_margin(self):
+        if self.dynamic or self.num_classes is None:
+            return None  # the dynamic scale is updated from the batch's cosines
+        return FusedMargin(s=float(self.s))
 
     def margin_logits(self, scores, target, ctx):
         if self.num_classes is None:

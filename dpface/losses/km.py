@@ -49,6 +49,9 @@ class KnotMagnify(LogitTransform):
     def margin_logits(self, scores, target, ctx):
         return self.base.margin_logits(scores, target, ctx)
 
+    def fused_margin(self):
+        return self.base.fused_margin()  # the weight needs only p, which the head has
+
     @property
     def weighted(self) -> bool:
         return True

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dpface.distributed.collectives import all_reduce_max, all_reduce_sum
+from dpface.ops import FusedMargin
 
 # cos θ is clamped to [−1+ε, 1−ε] before acos/sqrt: d acos/dc = −1/sqrt(1−c²) is
 # unbounded at ±1 and is what sends ArcFace losses to NaN in fp16 runs.
@@ -118,6 +119,11 @@ class LogitTransform(nn.Module):
         t = scores[rows, cols]
         return scores.index_put((rows, cols), self.target_logit(t)), self.scale
 
+    def fused_margin(self) -> FusedMargin | None:
+        """The fused op's parameters when it expresses this transform (a fixed combined
+        margin, fixed-scale cosine or plain softmax); None: only the reference path does."""
+        return None
+
     @property
     def weighted(self) -> bool:
         """Whether :meth:`loss_weight` weights the per-sample cross-entropy."""
@@ -147,6 +153,9 @@ class Softmax(LogitTransform):
     def __init__(self, bias: bool = False):
         super().__init__()
         self.bias = bias
+
+    def fused_margin(self) -> FusedMargin:
+        return FusedMargin(s=1.0, normalize=False)
 
 
 class CombinedMargin(LogitTransform):
@@ -180,6 +189,9 @@ class CombinedMargin(LogitTransform):
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, easy_margin={self.easy_margin}"
+
+    def fused_margin(self) -> FusedMargin:
+        return FusedMargin(self.s, self.m1, self.m2, self.m3, self.easy_margin)
 
     def target_logit(self, cos_t: torch.Tensor) -> torch.Tensor:
         if self.m1 == 1.0 and self.m2 == 0.0:
@@ -222,6 +234,9 @@ class NormFace(LogitTransform):
     def extra_repr(self) -> str:
         s = self.s.detach() if torch.is_tensor(self.s) else self.s
         return f"s={float(s):g}, learn_s={self.learn_s}"
+
+    def fused_margin(self) -> FusedMargin | None:
+        return None if self.learn_s else FusedMargin(s=self.s)  # a learned s needs its gradient
 
     def margin_logits(self, scores, target, ctx):
         if self.learn_s:

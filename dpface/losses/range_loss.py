@@ -16,6 +16,8 @@ of the ranks' range-loss gradients). An identity-balanced P×K batch sampler
 (``dpface.data.pk_sampler``) guarantees K samples per identity, which is what makes
 the intra term see the tail identities at all.
 
+``kernel``: auto (the compiled op where built), fused, or reference (PyTorch).
+
 ``normalize`` (default False, the paper's raw features) measures distances between
 L2-normalised embeddings instead — the natural choice next to a cosine head, where
 the norm carries no class information; the margin m is then in units of squared
@@ -27,9 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Squared distances are clamped here before the square root: two identical samples
-# (duplicates from a sampler with replacement) would give 1/D = inf and NaN gradients.
-DIST_EPS = 1e-12
+from dpface.ops import range_loss_terms
 
 
 def _check_positive(name, v, allow_zero=False):
@@ -39,8 +39,12 @@ def _check_positive(name, v, allow_zero=False):
 
 class RangeLoss(nn.Module):
     def __init__(self, num_classes: int, embedding_size: int, k: int = 2, margin: float = 1.0,
-                 alpha: float = 1.0, beta: float = 1.0, normalize: bool = False):
+                 alpha: float = 1.0, beta: float = 1.0, normalize: bool = False,
+                 kernel: str = "auto"):
         super().__init__()
+        if kernel not in ("auto", "fused", "reference"):
+            raise ValueError(f"range: kernel must be auto, fused or reference, got {kernel!r}")
+        self.kernel = kernel
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"range: k must be an integer >= 1, got {k!r}")
         _check_positive("margin", margin, allow_zero=True)
@@ -54,25 +58,10 @@ class RangeLoss(nn.Module):
                 f"normalize={self.normalize}")
 
     def terms(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_intra, L_inter) of one batch."""
+        """(L_intra, L_inter) of one batch: the compiled op where built (``kernel``), else
+        its PyTorch reference (``dpface.ops.reference.range_loss_terms_reference``)."""
         x = F.normalize(emb, dim=1) if self.normalize else emb
-        labels = labels.long()
-        ids, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        intra = x.new_zeros(())
-        for g in (counts >= 2).nonzero().squeeze(1).tolist():
-            xi = x[inverse == g]
-            a, b = torch.triu_indices(xi.shape[0], xi.shape[0], offset=1, device=x.device)
-            d = (xi[a] - xi[b]).pow(2).sum(1).clamp_min(DIST_EPS).sqrt()
-            top = d.topk(min(self.k, d.numel())).values
-            intra = intra + top.numel() / top.reciprocal().sum()
-        inter = x.new_zeros(())
-        if ids.numel() >= 2:
-            centres = x.new_zeros(ids.numel(), x.shape[1]).index_add(0, inverse, x)
-            centres = centres / counts[:, None].to(x.dtype)
-            a, b = torch.triu_indices(ids.numel(), ids.numel(), offset=1, device=x.device)
-            d_centre = (centres[a] - centres[b]).pow(2).sum(1).min()
-            inter = (self.margin - d_centre).clamp_min(0.0)
-        return intra, inter
+        return range_loss_terms(x, labels, self.k, self.margin, kernel=self.kernel)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
         intra, inter = self.terms(emb, labels)

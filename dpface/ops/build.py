@@ -6,37 +6,29 @@ against, and callers fall back to it with one warning (:func:`warn_missing`).
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
-
-@functools.lru_cache(maxsize=None)
-def _load():
-    """(module or None, import error text or None); cached: the import happens once."""
-    try:
-        from dpface import _kernels
-    except ImportError as e:  # not built (no compiler at install time) or a broken build
-        return None, str(e)
-    return _kernels, None
+# Imported once, when dpface.ops is first imported: (module or None, why it is missing).
+try:
+    from dpface import _kernels as _EXT
+    _EXT_ERROR = None
+except ImportError as _e:  # not built (no compiler at install time) or a broken build
+    _EXT, _EXT_ERROR = None, str(_e)
 
 
 def available(device_type: str = "cpu") -> bool:
     """Whether the fused ops run on tensors of this device type ("cpu", "cuda")."""
-    mod, _ = _load()
-    if mod is None:
+    if _EXT is None:
         return False
-    if device_type == "cpu":
-        return True
-    return device_type == "cuda" and bool(getattr(mod, "WITH_CUDA", 0))
+    return device_type == "cpu" or (device_type == "cuda" and bool(_EXT.WITH_CUDA))
 
 
 def report() -> str:
     """One line: what is built (CPU / CUDA / missing)."""
-    mod, err = _load()
-    if mod is None:
-        return (f"dpface kernels: missing (dpface._kernels not importable: {err}); every op "
+    if _EXT is None:
+        return (f"dpface kernels: missing (dpface._kernels not importable: {_EXT_ERROR}); every op "
                 "uses the PyTorch reference. Rebuild: pip install --no-build-isolation -e .")
-    parts = ["CPU"] + (["CUDA"] if getattr(mod, "WITH_CUDA", 0) else [])
+    parts = ["CPU"] + (["CUDA"] if _EXT.WITH_CUDA else [])
     import torch
 
     cuda_note = "" if "CUDA" in parts else (
