@@ -135,7 +135,7 @@ class CachedStreams:
 def run_one(args, name: str, seed: int, groups, out: Path) -> dict:
     cfg = load_config(None, overrides(args, METHODS[name], seed, out / name.replace("+", "_")))
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)  # a rerun of the study starts each run over
     try:
         final = trainer.fit()
     finally:

@@ -21,7 +21,9 @@
 #
 # `--resume auto` is added unless the training arguments carry their own --resume: a
 # restarted group (or a requeued job) must continue from the latest complete checkpoint,
-# not start over. A run without checkpoints starts fresh either way.
+# not start over. A run without checkpoints starts fresh either way; a new run in a run
+# directory that holds another run's checkpoints needs its own experiment.name (a resume
+# at another global batch or optimizer stops with an error that says so).
 set -euo pipefail
 
 die() { echo "torchrun.sh: error: $*" >&2; exit 2; }

@@ -6,10 +6,15 @@
         head-rank00000-of-00002.pt  every rank: its head shard with its global class range
         rank00000.pt        every rank: RNG state and data-stream position
 
-Ranks write into ``step-N.partial/``; after a barrier rank 0 writes meta.json and
-renames the directory, so a crash mid-save never leaves a half checkpoint that
-``--resume auto`` would pick. Each file is itself written to a temp name and renamed.
-Multi-node runs need the run directory on a shared file system.
+Ranks write into ``step-N.partial/`` (emptied first: files of an older interrupted
+save, perhaps at another world size, must not join this one); after a barrier rank 0
+writes meta.json and renames the directory, so a crash mid-save never leaves a half
+checkpoint that ``--resume auto`` would pick. Each file is itself written to a temp name
+and renamed. Re-saving an existing step moves the old directory aside until the new one
+is in place (``recover_interrupted_saves`` finishes or undoes a crash in between).
+Nothing is written from non-finite state: every rank checks what it would write, and
+one all-reduce makes all ranks refuse together. Multi-node runs need the run directory
+on a shared file system.
 
 The head shards carry their class ranges, so a run saved at one world size resumes at
 another: each rank reads only the rows of its new range (dpface.heads.sharding).
@@ -25,16 +30,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from dpface import distributed as dist
 from dpface.heads.sharding import (apply_shard_state, atomic_save, head_shard_state, load_resharded,
                                    shard_filename)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+LEFTOVER = re.compile(r"^(step-\d{8})\.(partial|replaced)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
+
+
+class NonFiniteStateError(CheckpointError, FloatingPointError):
+    """A save refused because weights or optimizer state hold NaN/inf (the run diverged);
+    a FloatingPointError too, so the CLI reports it as divergence."""
 
 
 def load_file(path: Path, weights_only: bool = True):
@@ -71,6 +83,23 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
     return path
 
 
+def recover_interrupted_saves(ckpt_root: Path) -> None:
+    """Rank 0 at start-up, while no rank saves: remove the ``.partial`` directories of
+    interrupted saves, and finish a re-save killed between its two renames (its old
+    directory, ``step-N.replaced``, goes back in place if ``step-N`` is missing)."""
+    if not ckpt_root.is_dir():
+        return
+    for p in ckpt_root.iterdir():
+        m = LEFTOVER.match(p.name)
+        if not m:
+            continue
+        final = ckpt_root / m.group(1)
+        if m.group(2) == "replaced" and not final.exists() and (p / "meta.json").is_file():
+            os.replace(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def read_meta(path: Path) -> dict:
     try:
         return json.loads((path / "meta.json").read_text())
@@ -94,49 +123,111 @@ class TrainState:
     engine: object = None
 
 
+def _first_non_finite(obj, name: str = "") -> str | None:
+    """Name of the first floating tensor holding NaN/inf in a nested state, or None."""
+    if isinstance(obj, torch.Tensor):
+        return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _first_non_finite(v, f"{name}/{k}" if name else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def _ranks_with(flag: bool, info: dist.DistInfo) -> list[int]:
+    """The ranks where ``flag`` holds (one all-reduce; every rank gets the same list)."""
+    if info.world_size == 1:
+        return [0] if flag else []
+    flags = torch.zeros(info.world_size, dtype=torch.int32, device=info.device)
+    flags[info.rank] = int(flag)
+    tdist.all_reduce(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
 def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, config: dict,
                     keep: int) -> Path:
     final = ckpt_root / f"step-{state.step:08d}"
     partial = ckpt_root / f"step-{state.step:08d}.partial"
-    if info.is_main:
-        partial.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
     r = info.rank
-    atomic_save(head_shard_state(state.head, state.head_opt),
-                partial / shard_filename(r, info.world_size))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    atomic_save({"rng": rng, "data": state.stream.state_dict(), "world_size": info.world_size,
-                 "aux_losses": state.aux_losses.state_dict()},
-                partial / f"rank{r:05d}.pt")
+    files = {shard_filename(r, info.world_size): head_shard_state(state.head, state.head_opt),
+             f"rank{r:05d}.pt": {"rng": rng, "data": state.stream.state_dict(),
+                                 "world_size": info.world_size, "aux_losses": state.aux_losses.state_dict()}}
+    if info.is_main:
+        files["trainer.pt"] = {"step": state.step, "backbone": state.backbone.state_dict(),
+                               "backbone_opt": state.backbone_opt.state_dict(),
+                               "scaler": state.scaler.state_dict()}
+    # Checked before anything is written, agreed by all ranks: a diverged run must not
+    # rotate its last good checkpoints away with NaN ones. (DeepSpeed's partitioned
+    # optimizer state is its own; its backbone weights are checked here.)
+    bad = _first_non_finite(files)
+    bad_ranks = _ranks_with(bad is not None, info)
+    if bad_ranks:
+        done = complete_checkpoints(ckpt_root)
+        raise NonFiniteStateError(
+            f"refusing to save step {state.step}: non-finite values (NaN/inf) in the weights or "
+            f"optimizer state on rank(s) {bad_ranks}" + (f" (rank {r}: first in {bad})" if bad else "")
+            + f"; nothing was written, the latest checkpoint is {done[-1] if done else 'none'}. The "
+            "run diverged: lower train.lr (or head.loss.s, or use bf16) and continue with --resume auto")
+    if info.is_main:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    dist.barrier()  # the empty .partial exists before any rank writes into it
+    for fname, obj in files.items():
+        atomic_save(obj, partial / fname)
     if state.engine is not None:
         state.engine.save_to(partial)
-    if info.is_main:
-        atomic_save({
-            "step": state.step,
-            "backbone": state.backbone.state_dict(),
-            "backbone_opt": state.backbone_opt.state_dict(),
-            "scaler": state.scaler.state_dict(),
-        }, partial / "trainer.pt")
     dist.barrier()
     if info.is_main:
         meta = {"step": state.step, "world_size": info.world_size,
                 "num_classes": state.head.num_classes, "time": time.time(), "config": config}
         (partial / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
         os.replace(partial / "meta.json.tmp", partial / "meta.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        if final.exists():  # a re-save of this step: the old one stays until the new is in place
+            old = final.with_name(final.name + ".replaced")
+            os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, final)
         for old in complete_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo) -> int:
-    """Restore ``state`` in place from checkpoint ``path``; returns the step."""
+_NEW_RUN = "to start a new run instead, choose another experiment.name (or pass --overwrite)"
+
+
+def check_compatible(path: Path, meta: dict, config: dict, world_size: int) -> None:
+    """What a resume cannot carry over, named with what to do, before anything is loaded."""
+    saved = meta["config"]
+    opt, mine = saved["train"]["optimizer"], config["train"]["optimizer"]
+    if opt != mine:
+        raise CheckpointError(
+            f"{path} was trained with train.optimizer={opt}, this run uses {mine}: its optimizer "
+            f"state cannot continue under another optimizer. Resume with train.optimizer={opt}; {_NEW_RUN}")
+    bs, ws = saved["data"]["batch_size"], meta["world_size"]
+    b = config["data"]["batch_size"]
+    if bs * ws != b * world_size:
+        fix = (f"data.batch_size={bs * ws // world_size} on {world_size} rank(s)"
+               if bs * ws % world_size == 0 else f"data.batch_size × ranks = {bs * ws}")
+        raise CheckpointError(
+            f"{path} was saved with global batch {bs * ws} ({ws} rank(s) × data.batch_size {bs}); this "
+            f"run's is {b * world_size} ({world_size} × {b}), so the data position cannot continue. "
+            f"To continue that run use {fix}; {_NEW_RUN}")
+
+
+def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo, config: dict | None = None) -> int:
+    """Restore ``state`` in place from checkpoint ``path``; returns the step. ``config``
+    (this run's, as a dict) is checked against the checkpoint's first."""
     meta = read_meta(path)
+    if config is not None:
+        check_compatible(path, meta, config, info.world_size)
     if meta["num_classes"] != state.head.num_classes:
         raise CheckpointError(
             f"{path}: checkpoint head has {meta['num_classes']} classes, this run has "

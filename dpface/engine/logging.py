@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import resource
+import secrets
 import warnings
 from pathlib import Path
 
@@ -112,7 +113,7 @@ class MetricsLogger:
             id_file = run_dir / WANDB_ID_FILE
             run_id = id_file.read_text().strip() if self.resume and id_file.is_file() else ""
             if not run_id:
-                run_id = wandb.util.generate_id()
+                run_id = secrets.token_hex(4)  # W&B ids are lowercase letters and digits
                 id_file.write_text(run_id + "\n")
             self._wandb = wandb.init(
                 project=cfg.project, name=cfg.name or None, group=cfg.group or None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,10 +21,11 @@ from dpface import distributed as dist
 from dpface.config import Config, save_config
 from dpface.data.transforms import normalize
 from dpface.engine.amp import LossScaler, autocast, global_grad_norm, resolve_amp
-from dpface.engine.checkpoint import (TrainState, load_checkpoint,
-                                      resolve_resume, save_checkpoint)
+from dpface.engine.checkpoint import (CheckpointError, TrainState, complete_checkpoints, load_checkpoint,
+                                      recover_interrupted_saves, resolve_resume, save_checkpoint)
 from dpface.engine.faults import FaultInjection
-from dpface.engine.logging import MetricsLogger, memory_stats
+from dpface.engine.logging import WANDB_ID_FILE, MetricsLogger, memory_stats
+from dpface.engine.preempt import SignalStop, StopRequested
 from dpface.engine.schedule import lr_at
 from dpface.eval import evaluate_pairs
 from dpface.heads import PartialFC
@@ -142,13 +144,15 @@ def make_optimizer(params, cfg: Config, lr: float) -> torch.optim.Optimizer:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, info: dist.DistInfo | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None, info: dist.DistInfo | None = None,
+                 overwrite: bool = False):
         self.cfg = cfg
         self.info = info or dist.init_from_env(cfg.experiment.device)
         self.run_dir = run_dir_of(cfg)
         self.ckpt_root = self.run_dir / "checkpoints"
         # Resolve (and so validate) the checkpoint before anything is written.
-        self.resume_from = resolve_resume(resume, self.ckpt_root)
+        self.resume_from = self._prepare_run_dir(resume, overwrite)
+        self._saved: tuple[int, Path] | None = None  # (step, path) of this process's last save
         dev = self.info.device
 
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
@@ -190,15 +194,41 @@ class Trainer:
         self.scaler = LossScaler(enabled=self.amp_dtype == torch.float16 and self.ds is None)
         self.state = TrainState(0, self.backbone, self.head, self.backbone_opt, self.head_opt,
                                 self.scaler, self.stream, self.aux_losses, engine=self.ds)
-        self.logger = MetricsLogger(self.run_dir, self.info.is_main, cfg.wandb, cfg.to_dict())
+        self.logger = MetricsLogger(self.run_dir, self.info.is_main, cfg.wandb, cfg.to_dict(),
+                                    resume=self.resume_from is not None)
         self.do_eval = has_eval_sets(cfg)
         self.eval_sets = build_eval_sets(cfg) if self.info.is_main and self.do_eval else {}
         if self.resume_from is not None:
-            self.state.step = load_checkpoint(self.resume_from, self.state, self.info)
+            self.state.step = load_checkpoint(self.resume_from, self.state, self.info, cfg.to_dict())
         self.untrained: dict | None = None  # verification before training, for the report
         self.fault = FaultInjection.from_env()  # recovery tests: DPFACE_FAULT_* (faults.py)
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
+
+    def _prepare_run_dir(self, resume: str | None, overwrite: bool) -> Path | None:
+        """Leftovers of interrupted saves are cleaned; a fresh start where another run's
+        checkpoints are is refused (its saves would mix with them, and --resume auto would
+        continue the old run) unless ``overwrite``, which deletes that run's files first.
+        Returns the checkpoint to resume from."""
+        dist.barrier()  # every rank of this group is here: none is saving
+        if self.info.is_main:
+            recover_interrupted_saves(self.ckpt_root)
+        dist.barrier()
+        done = complete_checkpoints(self.ckpt_root)
+        if resume is None and done and not overwrite:
+            raise CheckpointError(
+                f"{self.run_dir} already holds checkpoints of a run (latest {done[-1].name}): continue "
+                "it with --resume auto, delete them and start over with --overwrite, or choose "
+                "another experiment.name")
+        if resume is None and overwrite and self.info.is_main:
+            for d in (self.ckpt_root, self.run_dir / "plots"):
+                shutil.rmtree(d, ignore_errors=True)
+            for f in ("metrics.jsonl", "final_metrics.json", WANDB_ID_FILE):
+                (self.run_dir / f).unlink(missing_ok=True)
+        found = resolve_resume(resume, self.ckpt_root)
+        if resume == "auto" and found is None and self.info.is_main:
+            print(f"dpface: --resume auto: no checkpoint found, starting fresh (in {self.ckpt_root})", flush=True)
+        return found
 
     # -- pieces -----------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -209,8 +239,12 @@ class Trainer:
         return metrics
 
     def save(self) -> Path:
-        return save_checkpoint(self.ckpt_root, self.state, self.info, self.cfg.to_dict(),
+        if self._saved is not None and self._saved[0] == self.state.step:
+            return self._saved[1]  # e.g. a signal right after a ckpt_every save
+        path = save_checkpoint(self.ckpt_root, self.state, self.info, self.cfg.to_dict(),
                                keep=self.cfg.train.keep_checkpoints)
+        self._saved = (self.state.step, path)
+        return path
 
     def _set_lr(self, step: int) -> float:
         t = self.cfg.train
@@ -271,7 +305,12 @@ class Trainer:
     # -- loop ---------------------------------------------------------------------
     def fit(self, until: int | None = None) -> dict:
         """Train to ``train.steps`` (or stop early at step ``until``, checkpointed, as an
-        interrupted run would), then evaluate."""
+        interrupted run would), then evaluate. On SIGTERM/SIGINT: checkpoint at the next
+        step boundary, then raise StopRequested (preempt.py)."""
+        with SignalStop() as self._signals:
+            return self._fit(until)
+
+    def _fit(self, until: int | None) -> dict:
         cfg, info, t = self.cfg, self.info, self.cfg.train
         stop = min(until, t.steps) if until is not None else t.steps
         global_batch = cfg.data.batch_size * info.world_size
@@ -290,7 +329,7 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=t.steps, initial=self.state.step, desc="train", dynamic_ncols=True)
 
-        consecutive_skips, window = 0, []
+        consecutive_skips, window, stop_signal = 0, [], 0
         t_last, steps_last = time.perf_counter(), self.state.step
         it = iter(self.stream)
         while self.state.step < stop:
@@ -327,9 +366,15 @@ class Trainer:
                 self.save()
             if t.eval_every and step % t.eval_every == 0 and step < stop and self.do_eval:
                 self.logger.log(step, self.evaluate(), prefix="eval")
+            stop_signal = self._signals.agreed(info.device)  # all ranks stop after the same step
+            if stop_signal:
+                break
         if bar is not None:
             bar.close()
         path = self.save()
+        if stop_signal:
+            self.logger.close()
+            raise StopRequested(stop_signal, self.state.step, path)
         if self.state.step < t.steps:  # stopped early on purpose: leave evaluation to the end
             return {}
         final = self.evaluate() if self.do_eval else {}
@@ -344,8 +389,8 @@ class Trainer:
         return final
 
 
-def train(cfg: Config, resume: str | None = None) -> dict:
-    trainer = Trainer(cfg, resume=resume)
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict:
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
     try:
         return trainer.fit()
     finally:
