@@ -168,11 +168,6 @@ def test_resave_of_the_last_step_killed_mid_commit_loses_nothing(base_run, tmp_p
     assert names(run)[-2:] == ["step-00000004", "step-00000005"]
 
 
-def test_resume_auto_with_nothing_to_resume_says_so(tmp_path, capsys):
-    assert main(["train", "--resume", "auto", *args(tmp_path, "fresh", "train.steps=1", "train.ckpt_every=0")]) == 0
-    assert "no checkpoint found, starting fresh" in capsys.readouterr().out
-
-
 # -- 4: SIGTERM / SIGINT stop at a step boundary with a checkpoint -------------------------
 class Proc:
     """A training process whose output is read while it runs."""
@@ -270,20 +265,18 @@ def test_readme_torchrun_line_works_after_the_demo(tmp_path):
     assert "world 2" in r.stdout
 
 
-def test_incompatible_resume_says_what_to_do(tmp_path, capsys):
-    assert main(["train", *args(tmp_path, "gb", "train.steps=1", "train.ckpt_every=0")]) == 0
-    capsys.readouterr()
-    assert main(["train", "--resume", "auto", *args(tmp_path, "gb", "train.steps=2", "data.batch_size=4")]) == 2
+def test_incompatible_resume_says_what_to_do(base_run, tmp_path, capsys):
+    copy_of(base_run, tmp_path, "gb")
+    assert main(["train", "--resume", "auto", *args(tmp_path, "gb", "train.steps=5", "data.batch_size=4")]) == 2
     err = capsys.readouterr().err
     assert "global batch 8" in err and "this run's is 4" in err
     assert "data.batch_size=8" in err and "experiment.name" in err
 
 
 # -- 8: resume with another optimizer ------------------------------------------------------
-def test_resume_with_another_optimizer_is_a_clear_error(tmp_path, capsys):
-    assert main(["train", *args(tmp_path, "opt", "train.steps=1", "train.ckpt_every=0")]) == 0
-    capsys.readouterr()
-    assert main(["train", "--resume", "auto", *args(tmp_path, "opt", "train.steps=2", "train.optimizer=adamw")]) == 2
+def test_resume_with_another_optimizer_is_a_clear_error(base_run, tmp_path, capsys):
+    copy_of(base_run, tmp_path, "opt")
+    assert main(["train", "--resume", "auto", *args(tmp_path, "opt", "train.steps=5", "train.optimizer=adamw")]) == 2
     err = capsys.readouterr().err
     assert "train.optimizer=sgd" in err and "adamw" in err and "experiment.name" in err
 
@@ -300,17 +293,14 @@ def test_resume_continues_the_same_wandb_run(tmp_path, monkeypatch):
     assert main(["train", "--resume", "auto", *args(tmp_path, "wb", "train.steps=2", *w)]) == 0
     runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
-    # A new run (--overwrite) is a new W&B run.
-    assert main(["train", "--overwrite", *args(tmp_path, "wb", "train.steps=1", *w)]) == 0
-    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 2, runs
 
 
-# -- 10: checkpoint files follow the umask ---------------------------------------------------
-def test_checkpoint_and_exported_head_files_follow_the_umask(tmp_path):
+# -- 10: checkpoint files follow the umask (and: --resume auto with nothing to resume) --------
+def test_checkpoint_and_exported_head_files_follow_the_umask(tmp_path, capsys):
     old = os.umask(0o027)
     try:
-        assert main(["train", *args(tmp_path, "um", "train.steps=1", "train.ckpt_every=0")]) == 0
+        assert main(["train", "--resume", "auto", *args(tmp_path, "um", "train.steps=1", "train.ckpt_every=0")]) == 0
+        assert "no checkpoint found, starting fresh" in capsys.readouterr().out
         ckpt = complete_checkpoints(tmp_path / "um" / "checkpoints")[-1]
         assert main(["export-head", "--checkpoint", str(ckpt), "--out", str(tmp_path / "head.pt")]) == 0
     finally:
