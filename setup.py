@@ -21,7 +21,9 @@ EXTRAS = {
     "ray": ["ray[train]>=2.9"],
     "deepspeed": ["deepspeed>=0.14"],
     "dali": ["nvidia-dali-cuda120>=1.36"],
-    "test": ["pytest>=8"],
+    "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.19"],  # dpface export-onnx
+    "eval": ["matplotlib>=3.7", "scikit-image>=0.22"],  # plots; IJB five-point alignment
+    "test": ["pytest>=8", "scikit-image>=0.22"],  # scikit-image: bundled real faces (tests/test_deploy.py)
 }
 EXTRAS["all"] = sorted({r for k, v in EXTRAS.items() for r in v if k != "dali"})
 
@@ -39,7 +41,7 @@ def ext_modules():
     root = os.path.dirname(os.path.abspath(__file__))
     csrc = os.path.join("kernels", "csrc")
     sources = [os.path.join(csrc, "binding.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
-    args = {"cxx": ["-O3", "-fopenmp"]}
+    args = {"cxx": ["-O3", "-g0", "-fopenmp"]}  # -g0: Python's flags add -g (a 3x slower build)
     kw = dict(include_dirs=[os.path.join(root, csrc)], extra_link_args=["-fopenmp"], optional=True)
     if torch.version.cuda and cpp_extension.CUDA_HOME and os.environ.get("DPFACE_NO_CUDA") != "1":
         sources += [os.path.join(csrc, "cuda_ops.cpp")] + sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))

@@ -297,3 +297,44 @@ def test_range_op_bad_input():
                              kernel="fused")
     with pytest.raises(RuntimeError, match="'k' must be >= 1"):
         torch.ops.dpface.range_loss_fwd(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), 0, 1.0)
+
+
+# -- sampled-row SGD ----------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sgd_rows_matches_torch_sgd_on_those_rows(dtype):
+    """The compiled row update vs torch.optim.SGD applied to the sampled rows alone; rows
+    outside idx are untouched (weights and momentum)."""
+    from dpface.ops.row_sgd import sgd_rows_
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(50, 7, generator=g, dtype=dtype)
+    buf = torch.randn(50, 7, generator=g, dtype=dtype)
+    idx = torch.tensor([3, 8, 9, 31, 49])
+    grad = torch.randn(5, 7, generator=g, dtype=dtype)
+    rows = torch.nn.Parameter(p[idx].clone())
+    opt = torch.optim.SGD([rows], lr=0.3, momentum=0.9, weight_decay=0.01)
+    opt.state[rows]["momentum_buffer"] = buf[idx].clone()
+    rows.grad = grad.clone()
+    opt.step()
+    p0, b0 = p.clone(), buf.clone()
+    sgd_rows_(p, buf, idx, grad, 0.3, 0.9, 0.01)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(p[idx], rows.detach(), **tol)
+    torch.testing.assert_close(buf[idx], opt.state[rows]["momentum_buffer"], **tol)
+    keep = torch.ones(50, dtype=torch.bool)
+    keep[idx] = False
+    assert torch.equal(p[keep], p0[keep]) and torch.equal(buf[keep], b0[keep])
+
+
+@needs_ext
+def test_sgd_rows_opcheck_and_bad_input():
+    p, buf = torch.randn(10, 4), torch.zeros(10, 4)
+    args = (p, buf, torch.tensor([1, 5]), torch.randn(2, 4), 0.1, 0.9, 0.0)
+    torch.library.opcheck(torch.ops.dpface.sgd_rows_.default, args)
+    with pytest.raises(RuntimeError, match="argument 'idx' holds rows outside"):
+        torch.ops.dpface.sgd_rows_(p, buf, torch.tensor([1, 10]), torch.randn(2, 4), 0.1, 0.9, 0.0)
+    with pytest.raises(RuntimeError, match="argument 'momentum_buf' must have param's shape"):
+        torch.ops.dpface.sgd_rows_(p, torch.zeros(9, 4), torch.tensor([1]), torch.randn(1, 4),
+                                   0.1, 0.9, 0.0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from dpface.heads.sharding import ROW_PARAMS
+from dpface.ops.row_sgd import sgd_rows_
 
 
 class SampledRowSGD(torch.optim.Optimizer):
@@ -90,13 +91,13 @@ class SampledRowSGD(torch.optim.Optimizer):
         p.add_(d, alpha=-lr)
 
     def _rows(self, p, idx, g, lr, mu, wd):
+        buf = self._buffer(p, mu)
+        if buf is not None:
+            sgd_rows_(p, buf, idx, g, lr, mu, wd)  # one pass per row (compiled on CPU)
+            return
         d = g.to(p.dtype)
         if wd != 0:
             d = d.add(p.index_select(0, idx), alpha=wd)
-        buf = self._buffer(p, mu)
-        if buf is not None:
-            d = buf.index_select(0, idx).mul_(mu).add_(d)
-            buf.index_copy_(0, idx, d)
         # idx holds distinct rows, so index_add_ is an exact in-place row update.
         p.index_add_(0, idx, d, alpha=-lr)
 

@@ -71,6 +71,7 @@ def _register() -> None:
         ctx.save_for_backward(x, w, idx, target, bias, lse, inv, saved)
         ctx.params = (s, m1, m2, m3, easy, normalize, bf16)
         ctx.mark_non_differentiable(ts, ms, inv, saved)
+        ctx.set_materialize_grads(False)  # else backward gets a zero [B, n_keep] for `saved`
 
     def backward(ctx, g_lse, g_t, *_):
         x, w, idx, target, bias, lse, inv, saved = ctx.saved_tensors

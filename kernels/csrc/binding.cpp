@@ -149,6 +149,31 @@ void check_backward(const char* op, const at::Tensor& grad, const at::Tensor& x,
     return range_loss_bwd_##SUFFIX(gi, ge, x, labels, k, margin);                              \
   }
 
+void sgd_rows_checked(at::Tensor& param, at::Tensor& buf, const at::Tensor& idx,
+                      const at::Tensor& grad, double lr, double momentum, double weight_decay) {
+  const char* op = "sgd_rows_";
+  check_matrix(op, "param", param);
+  DPFACE_CHECK(param.scalar_type() != at::kBFloat16, op, "argument 'param' must be float32 or float64");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"momentum_buf", buf},
+                                {"grad", grad}}) {
+    DPFACE_CHECK(t.scalar_type() == param.scalar_type() && t.is_contiguous() && t.dim() == 2 &&
+                     t.size(1) == param.size(1),
+                 op, "argument '", name, "' must be a contiguous ", param.scalar_type(),
+                 " [*, ", param.size(1), "] tensor, got ", t.scalar_type(), " ", t.sizes());
+  }
+  DPFACE_CHECK(buf.sizes() == param.sizes(), op, "argument 'momentum_buf' must have param's shape ",
+               param.sizes(), ", got ", buf.sizes());
+  check_index(op, "idx", idx, param, grad.size(0));
+  if (idx.numel() > 0) {
+    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    DPFACE_CHECK(lo >= 0 && hi < param.size(0), op, "argument 'idx' holds rows outside [0, ",
+                 param.size(0), "): min ", lo, ", max ", hi);
+  }
+  DPFACE_CHECK(lr >= 0 && momentum >= 0 && weight_decay >= 0, op,
+               "lr, momentum and weight_decay must be >= 0");
+  sgd_rows_cpu(param, buf, idx, grad, lr, momentum, weight_decay);
+}
+
 DPFACE_CHECKED_OPS(cpu)
 #ifdef DPFACE_WITH_CUDA
 DPFACE_CHECKED_OPS(cuda)
@@ -166,6 +191,8 @@ TORCH_LIBRARY(dpface, m) {
         "float s, float m1, float m2, float m3, bool easy_margin, bool normalize, bool bf16) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("range_loss_fwd(Tensor x, Tensor labels, int k, float margin) -> (Tensor, Tensor)");
+  m.def("sgd_rows_(Tensor(a!) param, Tensor(b!) momentum_buf, Tensor idx, Tensor grad, float lr, "
+        "float momentum, float weight_decay) -> ()");
   m.def("range_loss_bwd(Tensor grad_intra, Tensor grad_inter, Tensor x, Tensor labels, int k, "
         "float margin) -> Tensor");
 }
@@ -175,6 +202,7 @@ TORCH_LIBRARY_IMPL(dpface, CPU, m) {
   m.impl("margin_softmax_bwd", &dpface::margin_bwd_cpu);
   m.impl("range_loss_fwd", &dpface::range_fwd_cpu);
   m.impl("range_loss_bwd", &dpface::range_bwd_cpu);
+  m.impl("sgd_rows_", &dpface::sgd_rows_checked);
 }
 
 #ifdef DPFACE_WITH_CUDA

@@ -33,6 +33,10 @@ DPFACE_DECLARE_OPS(cpu)
 DPFACE_DECLARE_OPS(cuda)
 #endif
 
+// Lazy SGD on sampled rows (CPU only; on GPUs torch's own ops are bandwidth-bound anyway).
+void sgd_rows_cpu(at::Tensor& param, at::Tensor& buf, const at::Tensor& idx,
+                  const at::Tensor& grad, double lr, double momentum, double weight_decay);
+
 // Argument checks shared by every backend (binding.cpp): each names the argument.
 void check_margin_inputs(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& idx,
                          const at::Tensor& target, const std::optional<at::Tensor>& bias, double s,

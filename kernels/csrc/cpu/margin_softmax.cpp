@@ -41,7 +41,7 @@ struct Ctx {
     return bf16 ? t.to(at::kBFloat16).to(acc) : t;
   }
 
-  Tile load(int64_t t0, int64_t n) {
+  Tile load(int64_t t0, int64_t n, bool with_norms = true) {
     Tile t;
     at::Tensor raw;
     if (idx.has_value()) {
@@ -52,12 +52,122 @@ struct Ctx {
       raw = w.narrow(0, t0, n);
     }
     t.rows = raw.scalar_type() == acc ? raw : raw.to(acc);
-    if (normalize)
+    if (normalize && with_norms)
       t.inv = at::linalg_vector_norm(t.rows, 2, {1}).clamp_min_(1e-12).reciprocal_();
     t.gemm_rows = round(t.rows);
     return t;
   }
 };
+
+// Row kernels: OpenMP SIMD reductions (no -ffast-math needed) and, on x86-64, an AVX2 clone
+// picked at load time next to the baseline one. AVX2 without FMA: no contraction, so both
+// clones round alike.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DPFACE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DPFACE_SIMD_CLONES
+#endif
+
+// row = row * inv (or + bias, or as is); returns the row's max.
+template <typename T>
+DPFACE_SIMD_CLONES T fold_cols_max(T* row, const T* inv, const T* bias, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  if (inv != nullptr) {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = row[j] * inv[j];
+      row[j] = v;
+      m = v > m ? v : m;
+    }
+  } else if (bias != nullptr) {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = row[j] + bias[j];
+      row[j] = v;
+      m = v > m ? v : m;
+    }
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) m = row[j] > m ? row[j] : m;
+  }
+  return m;
+}
+
+template <typename T>
+DPFACE_SIMD_CLONES T scale_max(T* row, T s, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = row[j] * s;
+    row[j] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+template <typename T>
+DPFACE_SIMD_CLONES T row_max(const T* row, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = row[j] > m ? row[j] : m;
+  return m;
+}
+
+template <typename T>
+DPFACE_SIMD_CLONES T row_sum(const T* row, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += row[j];
+  return s;
+}
+
+template <typename T>
+DPFACE_SIMD_CLONES void add_scalar(T* row, T c, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] += c;
+}
+
+// dst = (src * inv) * s + shift  (inv == nullptr: (src + bias) * s + shift, bias optional)
+template <typename T>
+DPFACE_SIMD_CLONES void affine_cols(T* dst, const T* src, const T* inv, const T* bias, T s,
+                                    T shift, int64_t n) {
+  if (inv != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * inv[j] * s + shift;
+  } else if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = (src[j] + bias[j]) * s + shift;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * s + shift;
+  }
+}
+
+// row *= c * inv (inv == nullptr: row *= c)
+template <typename T>
+DPFACE_SIMD_CLONES void scale_cols(T* row, const T* inv, T c, int64_t n) {
+  if (inv != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= c * inv[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= c;
+  }
+}
+
+template <typename T>
+DPFACE_SIMD_CLONES T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+template <typename T>
+DPFACE_SIMD_CLONES void axpy(T* y, T a, const T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
 
 at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -73,40 +183,33 @@ void forward_tile(const Margin<T>& g, bool normalize, int64_t B, int64_t n, int6
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       T* row = a + i * n;
-      T smax = mscore[i];
-      if (normalize) {
-        for (int64_t j = 0; j < n; ++j) row[j] *= inv[j];
-      } else if (bias != nullptr) {
-        for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
-      }
-      for (int64_t j = 0; j < n; ++j) smax = std::max(smax, row[j]);
-      mscore[i] = smax;
+      mscore[i] = std::max(mscore[i], fold_cols_max(row, normalize ? inv : nullptr, bias, n));
       const int64_t tj = target[i] - t0;
-      T ts = 0;
-      if (tj >= 0 && tj < n) ts = row[tj];
-      for (int64_t j = 0; j < n; ++j) row[j] *= g.s;
-      if (tj >= 0 && tj < n) {
-        row[tj] = g.s * psi(g, ts);
+      const bool has = tj >= 0 && tj < n;
+      const T ts = has ? row[tj] : T(0);
+      T zmax = scale_max(row, g.s, n);
+      if (has) {
+        const T zt = g.s * psi(g, ts);
+        // The margin lowers the target's logit: if it held the max, find the new one
+        // (a stale, larger max could underflow every exp of the row).
+        const bool was_max = row[tj] >= zmax;
+        row[tj] = zt;
+        if (was_max) zmax = row_max(row, n);
         tscore[i] = ts;
-        tlogit[i] = row[tj];
+        tlogit[i] = zt;
       }
       if (keep > 0) std::copy(row, row + keep, saved + i * n_keep + t0);
-      T zmax = -std::numeric_limits<T>::infinity();
-      for (int64_t j = 0; j < n; ++j) zmax = std::max(zmax, row[j]);
       const T m_new = std::max(run_max[i], zmax);
       run_sum[i] = run_max[i] == -std::numeric_limits<T>::infinity()
                        ? T(0) : run_sum[i] * std::exp(run_max[i] - m_new);
       run_max[i] = m_new;
-      for (int64_t j = 0; j < n; ++j) row[j] -= m_new;
+      add_scalar(row, -m_new, n);
     }
   });
   tile_buf.exp_();  // the one transcendental pass, vectorised by ATen
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
-      const T* row = a + i * n;
-      T s = 0;
-      for (int64_t j = 0; j < n; ++j) s += row[j];
-      run_sum[i] += s;
+      run_sum[i] += row_sum(a + i * n, n);
     }
   });
 }
@@ -203,7 +306,7 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
     for (int64_t t0 = 0; t0 < K;) {
       const int64_t end = t0 < n_keep ? n_keep : K;
       const int64_t n = std::min(T, end - t0);
-      Tile tile = ctx.load(t0, n);
+      Tile tile = ctx.load(t0, n, /*with_norms=*/false);  // forward's inv_norm is reused
       const scalar_t* inv = normalize ? inv_norm.data_ptr<scalar_t>() + t0 : nullptr;
       const scalar_t* bp = bias_acc.defined() ? bias_acc.data_ptr<scalar_t>() + t0 : nullptr;
       at::Tensor e = buf.narrow(0, 0, B * n).view({B, n});
@@ -221,19 +324,13 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
           scalar_t* row = ep + i * n;
           const int64_t tj = tgt[i] - t0;
           if (tj >= 0 && tj < n) {
-            scalar_t d = 0;
-            for (int64_t k = 0; k < D; ++k) d += xp[i * D + k] * rp[tj * D + k];
+            const scalar_t d = dot(xp + i * D, rp + tj * D, D);
             tsp[i] = normalize ? d * inv[tj] : d + (bp ? bp[tj] : scalar_t(0));
           }
           if (from_saved) {
-            const scalar_t* z = sv + i * n_keep + t0;
-            for (int64_t j = 0; j < n; ++j) row[j] = z[j] - ls[i];
+            affine_cols<scalar_t>(row, sv + i * n_keep + t0, nullptr, nullptr, 1, -ls[i], n);
           } else {
-            if (normalize) {
-              for (int64_t j = 0; j < n; ++j) row[j] = row[j] * inv[j] * g.s - ls[i];
-            } else {
-              for (int64_t j = 0; j < n; ++j) row[j] = (row[j] + (bp ? bp[j] : 0)) * g.s - ls[i];
-            }
+            affine_cols<scalar_t>(row, row, inv, bp, g.s, -ls[i], n);
             if (tj >= 0 && tj < n) row[tj] = g.s * psi(g, tsp[i]) - ls[i];
           }
         }
@@ -244,12 +341,14 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
       at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
         for (int64_t i = b0; i < b1; ++i) {
           scalar_t* row = ep + i * n;
-          const scalar_t c = gl[i] * g.s;
-          for (int64_t j = 0; j < n; ++j) row[j] *= c;
           const int64_t tj = tgt[i] - t0;
-          if (tj >= 0 && tj < n) row[tj] = (row[tj] + gt[i] * g.s) * dpsi(g, tsp[i]);
-          if (normalize)
-            for (int64_t j = 0; j < n; ++j) row[j] *= inv[j];
+          const bool has = tj >= 0 && tj < n;
+          const scalar_t pt = has ? row[tj] : scalar_t(0);
+          scale_cols(row, inv, gl[i] * g.s, n);
+          if (has) {
+            row[tj] = (pt * gl[i] + gt[i]) * g.s * dpsi(g, tsp[i]);
+            if (normalize) row[tj] *= inv[tj];
+          }
         }
       });
       if (bias.has_value()) grad_bias.narrow(0, t0, n).copy_(e.sum(0));
@@ -263,10 +362,8 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
         scalar_t* mp = gr.data_ptr<scalar_t>();
         at::parallel_for(0, n, 16, [&](int64_t j0, int64_t j1) {
           for (int64_t j = j0; j < j1; ++j) {
-            scalar_t d = 0;
-            for (int64_t k = 0; k < D; ++k) d += wr[j * D + k] * mp[j * D + k];
-            const scalar_t f = d * inv[j] * inv[j];
-            for (int64_t k = 0; k < D; ++k) mp[j * D + k] -= f * wr[j * D + k];
+            const scalar_t f = dot(wr + j * D, mp + j * D, D) * inv[j] * inv[j];
+            axpy(mp + j * D, -f, wr + j * D, D);
           }
         });
       }
