@@ -197,7 +197,7 @@ def test_aux_losses_from_config():
                                                     "ContrastiveLoss"]
     assert built[0][0].k == 3 and built[1][1] == 0.003
     with pytest.raises(ConfigError, match=r"auxiliary loss 'range' has no parameter 'kk'.*"
-                                          r"valid: alpha, beta, k, margin, normalize"):
+                                          r"valid: alpha, beta, k, kernel, margin, normalize"):
         load_config(None, ["aux_losses=[{name: range, weight: 0.1, kk: 3}]"])
     with pytest.raises(ConfigError, match=r"unknown auxiliary loss 'centre'.*valid: center, "
                                           r"contrastive, range, triplet"):

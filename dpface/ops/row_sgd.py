@@ -26,8 +26,8 @@ def sgd_rows_reference(param, buf, idx, grad, lr, momentum, weight_decay) -> Non
 @torch.no_grad()
 def sgd_rows_(param: torch.Tensor, buf: torch.Tensor, idx: torch.Tensor, grad: torch.Tensor,
               lr: float, momentum: float, weight_decay: float) -> None:
-    if param.device.type == "cpu" and available("cpu") and param.dtype == grad.dtype \
-            and param.dtype in (torch.float32, torch.float64):
+    if param.device.type == "cpu" and available("cpu") and param.dim() == 2 \
+            and param.dtype == grad.dtype and param.dtype in (torch.float32, torch.float64):
         torch.ops.dpface.sgd_rows_(param, buf, idx, grad.contiguous(), float(lr),
                                    float(momentum), float(weight_decay))
     else:
