@@ -200,7 +200,7 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, con
     return final
 
 
-_NEW_RUN = "to start a new run instead, choose another experiment.name (or pass --overwrite)"
+_NEW_RUN = "to start a new run instead, choose another experiment.name (or replace --resume with --overwrite)"
 
 
 def check_compatible(path: Path, meta: dict, config: dict, world_size: int) -> None:
