@@ -41,6 +41,12 @@ def test_readme_usage_lines_in_order(tmp_path, capsys):
                  "--sample-rate", "0.1"]) == 0
     assert main(["train", "--config", demo, "head.sample_rate=0.1", "head.update=sampled", *run,
                  "experiment.name=pfc"]) == 0
+    capsys.readouterr()
+    assert main(["kernels"]) == 0
+    assert "dpface kernels: " in capsys.readouterr().out
+    assert main(["train", "--config", demo, "head.kernel=reference", *run,
+                 "experiment.name=reference"]) == 0
+    assert "head: PyTorch reference (head.kernel=reference)" in capsys.readouterr().out
     assert main(["export-head", "--checkpoint", str(ckpt), "--out", str(tmp_path / "head.pt")]) == 0
     for c in range(3):
         (tmp_path / "faces" / f"id{c}").mkdir(parents=True)
