@@ -184,6 +184,13 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_kernels(args) -> int:
+    from dpface import ops
+
+    print(ops.report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dpface import __version__
 
@@ -221,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     pl.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     pl.set_defaults(fn=_cmd_plan)
+
+    k = sub.add_parser("kernels", help="what of the compiled kernels is built (CPU / CUDA / missing)")
+    k.set_defaults(fn=_cmd_kernels)
 
     x = sub.add_parser("export-head", help="merge a checkpoint's head shards into one matrix")
     x.add_argument("--checkpoint", required=True)

@@ -18,6 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dpface import distributed as dist
+from dpface import ops
 from dpface.config import Config, save_config
 from dpface.data.transforms import normalize
 from dpface.engine.amp import LossScaler, autocast, global_grad_norm, resolve_amp
@@ -166,7 +167,11 @@ class Trainer:
         self.head = PartialFC(cfg.head.embedding_size, self.stream.num_classes,
                               build_loss(cfg.head.loss), sample_rate=cfg.head.sample_rate,
                               negatives=cfg.head.negatives, update=cfg.head.update,
+                              kernel=cfg.head.kernel, precision=cfg.head.precision,
+                              logits_budget_mb=cfg.head.logits_budget_mb,
                               seed=cfg.experiment.seed).to(dev)
+        # Resolved now, so kernel=fused / precision=bf16 that cannot run fail before training.
+        self.head_kernel = self.head.kernel_choice(dev.type)[1]
         built = [build_aux_loss(spec, self.stream.num_classes, cfg.head.embedding_size)
                  for spec in cfg.aux_losses]
         self.aux_losses = torch.nn.ModuleList([m for m, _ in built]).to(dev)
@@ -320,6 +325,7 @@ class Trainer:
                   f"{self.head.num_classes} classes, world {info.world_size}, "
                   f"global batch {global_batch}, device {info.device}, "
                   f"amp {self.amp_dtype or 'fp32'}, steps {self.state.step}->{t.steps}", flush=True)
+            print(f"{ops.report()}; head: {self.head_kernel}", flush=True)
         if self.state.step == 0 and self.do_eval:
             m = self.evaluate()
             self.logger.log(0, m, prefix="eval-untrained")
