@@ -26,6 +26,7 @@ def _error_message(e: BaseException) -> tuple[str, int] | None:
     from dpface.config import ConfigError
     from dpface.data.shards import ShardError
     from dpface.engine.checkpoint import CheckpointError
+    from dpface.eval.ijb import ProtocolError
     from dpface.registry import SpecError
 
     chain, c = [], e
@@ -44,7 +45,8 @@ def _error_message(e: BaseException) -> tuple[str, int] | None:
         return text, EXIT_DATA
     if isinstance(e, FloatingPointError):
         return text, EXIT_DIVERGED
-    if isinstance(e, (ConfigError, CheckpointError, SpecError, InputError, FileNotFoundError)):
+    if isinstance(e, (ConfigError, CheckpointError, SpecError, InputError, FileNotFoundError,
+                      ProtocolError)):
         return text, EXIT_INPUT
     return None
 
@@ -123,6 +125,12 @@ def _cmd_eval(args) -> int:
     backbone.load_state_dict(state)
     device = "cuda" if torch.cuda.is_available() and cfg.experiment.device != "cpu" else "cpu"
     backbone.to(device)
+    if args.protocol != "verification":  # ijb | identification (dpface/eval/commands.py)
+        from dpface.eval.commands import run_protocol
+
+        metrics = run_protocol(args, backbone, cfg, device, ckpt, int(meta.get("step", 0)))
+        print(_json_metrics(metrics))
+        return 0
     try:
         sets = build_eval_sets(cfg)
     except (ValueError, OSError) as e:  # a missing or unreadable --bin / eval.bin_sets file
@@ -132,7 +140,12 @@ def _cmd_eval(args) -> int:
     # Progress on stderr (stdout is the JSON): one line per set, cheap.
     print("dpface eval: " + ", ".join(f"{k} ({len(v[2])} pairs)" for k, v in sets.items()),
           file=sys.stderr, flush=True)
-    metrics = evaluate(backbone, sets, cfg, device)
+    rocs: dict = {}
+    metrics = evaluate(backbone, sets, cfg, device, rocs)
+    from dpface.eval.commands import run_dir_of_checkpoint, verification_plots
+
+    for path in verification_plots(rocs, run_dir_of_checkpoint(ckpt) / "plots", int(meta.get("step", 0))):
+        print(f"dpface eval: wrote {path}", file=sys.stderr, flush=True)
     print(_json_metrics(metrics))
     return 0
 
@@ -212,10 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.05")
     t.set_defaults(fn=_cmd_train)
 
-    e = sub.add_parser("eval", help="verification of a checkpoint")
+    e = sub.add_parser("eval", help="evaluate a checkpoint: verification, IJB templates, 1:N identification")
     e.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step-N)")
     e.add_argument("--config", default=None, help="recipe to use instead of the checkpoint's own")
     e.add_argument("--bin", action="append", default=[], help="insightface .bin set (repeatable)")
+    from dpface.cli_protocols import add_convert_parser, add_eval_arguments
+
+    add_eval_arguments(e)  # --protocol ijb|identification and their options
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=_cmd_eval)
 
@@ -257,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
         sp.add_argument("--overwrite", action="store_true")
         sp.set_defaults(fn=_cmd_convert)
+    add_convert_parser(csub)  # convert synthetic-ijb: an IJB-format set, not shards
     return p
 
 

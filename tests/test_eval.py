@@ -40,7 +40,8 @@ def _hand_case():
     - test fold 1: train pos {.3, .9×8}, neg {.1×9} → t=.2 gives 18/18. Held out: pos .9
       accepted (right), neg .7 accepted (wrong) → 0.5.
     - test folds 2..9: train pos {.3, .9×8}, neg {.7, .1×8}: t=.2 → 9+8=17, t=.5 → 8+8=16,
-      t=.8 → 8+9=17; tie between .2 and .8 → the smaller, .2. Held out (.9, .1) → 1.0.
+      t=.8 → 8+9=17; tie between .2 and .8 → the higher, .8 (insightface's choice, see
+      ``best_threshold``). Held out (.9, .1) → 1.0.
     Mean 0.9; deviations (-.4, -.4, +.1×8) → population std sqrt(.4/10) = 0.2.
     """
     scores = np.empty(20)
@@ -54,7 +55,7 @@ def test_kfold_hand_computed():
     scores, issame = _hand_case()
     accs, thr = kfold_accuracy(scores, issame, num_folds=10)
     assert accs == [0.5, 0.5] + [1.0] * 8
-    np.testing.assert_allclose(thr, [0.8, 0.2] + [0.2] * 8, atol=1e-12)
+    np.testing.assert_allclose(thr, [0.8, 0.2] + [0.8] * 8, atol=1e-12)
     res = evaluate_scores(scores, issame)
     assert res.accuracy == pytest.approx(0.9)
     assert res.accuracy_std == pytest.approx(0.2)
@@ -66,7 +67,7 @@ def test_kfold_explicit_folds_match_consecutive_split():
     folds = np.repeat(np.arange(10), 2)[perm]  # each pair keeps its fold id after shuffling
     accs, thr = kfold_accuracy(scores[perm], issame[perm], folds=folds)
     assert accs == [0.5, 0.5] + [1.0] * 8
-    np.testing.assert_allclose(thr, [0.8, 0.2] + [0.2] * 8, atol=1e-12)
+    np.testing.assert_allclose(thr, [0.8, 0.2] + [0.8] * 8, atol=1e-12)
 
 
 def test_kfold_separable_and_random():
@@ -395,4 +396,4 @@ def test_roc_plot(tmp_path):
 
     fpr, tpr, _ = roc_curve(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True]))
     roc_plot(fpr, tpr, tmp_path / "roc.png", label="toy")
-    assert (tmp_path / "roc.png").stat().st_size > 0
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

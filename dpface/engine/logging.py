@@ -7,8 +7,8 @@ ignored: monitoring never stops training.
 
 Besides scalars: per-rank peak memory reduced to rank 0 (``memory_stats``, a collective
 every rank calls at a log step) and ROC curves of the evaluation sets (``log_roc``: a
-W&B line chart of (FAR, TAR) points — no matplotlib needed — plus a PNG in the run
-directory when matplotlib is installed).
+W&B line chart of (FAR, TAR) points — no matplotlib needed — plus ROC and DET PNGs in the
+run directory, also logged to W&B as images, when matplotlib is installed).
 """
 from __future__ import annotations
 
@@ -139,7 +139,8 @@ class MetricsLogger:
 
     def log_roc(self, step: int, rocs: dict) -> None:
         """``rocs``: set name → (fpr, tpr). W&B: a line chart per set under ``roc/<name>``;
-        run directory: ``plots/roc-<name>-step<N>.png`` when matplotlib is installed."""
+        run directory: ``plots/roc-<name>-step<N>.png`` and ``plots/det-…`` (W&B images too) when
+        matplotlib is installed."""
         if not self.enabled or not rocs:
             return
         for name, (fpr, tpr) in rocs.items():
@@ -156,15 +157,29 @@ class MetricsLogger:
                     warnings.warn(f"W&B logging failed, disabling it: {e}")
                     self._wandb = None
             try:
-                from dpface.eval.plots import roc_plot
+                from dpface.eval.plots import det_plots, roc_plots
 
                 plots = self.run_dir / "plots"
-                plots.mkdir(exist_ok=True)
-                roc_plot(fpr, tpr, plots / f"roc-{name}-step{step:08d}.png", label=name)
+                title = f"{name}, step {step}"
+                done = [roc_plots({name: (fpr, tpr)}, plots / f"roc-{name}-step{step:08d}.png", title=title),
+                        det_plots({name: (fpr, tpr)}, plots / f"det-{name}-step{step:08d}.png", title=title)]
+                self.log_images(step, {f"plots/{p.stem.rsplit('-step', 1)[0]}": p for p in done})
             except ImportError:
                 pass  # matplotlib is optional; the W&B chart and the metrics stand alone
             except Exception as e:  # a plot must never stop training
                 warnings.warn(f"ROC plot of {name} failed: {type(e).__name__}: {e}")
+
+    def log_images(self, step: int, images: dict) -> None:
+        """``images``: W&B key → PNG path, logged as ``wandb.Image`` when W&B is on."""
+        if not self.enabled or self._wandb is None or not images:
+            return
+        try:
+            import wandb
+
+            self._wandb.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+        except Exception as e:
+            warnings.warn(f"W&B logging failed, disabling it: {e}")
+            self._wandb = None
 
     def close(self) -> None:
         if self._file is not None:

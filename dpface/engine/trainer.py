@@ -125,8 +125,10 @@ def evaluate(backbone: torch.nn.Module, eval_sets: dict, cfg: Config, device,
     """Scalar metrics per set; ``rocs``, when given, receives name → (fpr, tpr)."""
     metrics = {}
     for name, (a, b, same, folds) in eval_sets.items():
+        # num_folds: sets without fold ids (.bin) are split into eval.folds consecutive parts
         r = evaluate_pairs(backbone, a, b, same, folds=folds, batch_size=cfg.eval.batch_size,
-                           device=device, flip=cfg.eval.flip, fars=tuple(cfg.eval.fars))
+                           device=device, flip=cfg.eval.flip, num_folds=cfg.eval.folds,
+                           fars=tuple(cfg.eval.fars))
         if rocs is not None:
             rocs[name] = r.roc[:2]
         metrics[f"{name}/acc"] = r.accuracy

@@ -1,8 +1,10 @@
-"""Evaluation: 1:1 verification (10-fold, TAR@FAR, ROC), 1:N identification, .bin sets."""
+"""Evaluation: 1:1 verification (10-fold, TAR@FAR, ROC), 1:N identification (CMC, TPIR@FPIR,
+distractors), IJB templates (``ijb``), .bin sets, plots."""
 from .bin_sets import load_bin, write_bin
 from .embeddings import extract_embeddings
-from .identification import identification_rates, rank1_identification, template_embedding
-from .plots import roc_plot
+from .identification import (cmc, identification_rates, rank1_identification,
+                             rank1_vs_distractors, search, template_embedding, tpir_at_fpir)
+from .plots import cmc_plot, det_plots, distractor_plot, roc_plot, roc_plots
 from .verification import (
     VerificationResult,
     auc,
@@ -32,4 +34,12 @@ __all__ = [
     "tar_at_far",
     "template_embedding",
     "write_bin",
+    "cmc",
+    "cmc_plot",
+    "det_plots",
+    "distractor_plot",
+    "rank1_vs_distractors",
+    "roc_plots",
+    "search",
+    "tpir_at_fpir",
 ]

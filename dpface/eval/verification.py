@@ -115,15 +115,25 @@ def _candidate_thresholds(train_scores: np.ndarray) -> np.ndarray:
     tune — and the midpoint is the max-margin choice inside each interval.
     """
     u = np.unique(train_scores)  # sorted ascending
-    mids = (u[:-1] + u[1:]) / 2.0
+    mids = u[:-1] + (u[1:] - u[:-1]) / 2.0
+    # Between two adjacent floats the midpoint rounds onto one of them; rounded onto the
+    # upper score, ``score > mid`` would reject it and the split would never be tried. The
+    # lower score itself separates them (``score > lower`` accepts exactly the upper side).
+    mids = np.where(mids < u[1:], mids, u[:-1])
     return np.concatenate(([-np.inf], mids, [np.inf]))
 
 
 def best_threshold(scores, issame) -> tuple[float, float]:
     """Threshold maximising accuracy of ``score > t`` on (scores, issame) → (threshold, accuracy).
 
-    Ties in accuracy resolve to the smallest threshold (the first argmax in ascending order,
-    as insightface's grid search does), which keeps the choice deterministic.
+    Ties in accuracy resolve to the **highest** cosine threshold, as insightface does, so its
+    published 10-fold numbers reproduce: its ``calculate_roc`` searches an ascending grid of
+    squared-distance thresholds d (accept when ``dist < d``, dist = 2 − 2·cos for unit
+    embeddings) and ``np.argmax`` returns the first best d, i.e. the smallest distance, i.e.
+    the largest cosine threshold 1 − d/2 among the tied ones. Here the candidates are the
+    exact decision intervals (see ``_candidate_thresholds``) instead of a 0.01 grid, so the
+    chosen interval is insightface's whenever its grid reaches it; inside it the threshold
+    is the midpoint (insightface's grid point lies somewhere in the same interval).
     """
     s, y = _check_scores_labels(scores, issame)
     if s.size == 0:
@@ -135,7 +145,7 @@ def best_threshold(scores, issame) -> tuple[float, float]:
     tp = pos.size - np.searchsorted(pos, cand, side="right")
     tn = np.searchsorted(neg, cand, side="right")
     acc = (tp + tn) / s.size
-    k = int(np.argmax(acc))
+    k = acc.size - 1 - int(np.argmax(acc[::-1]))  # the last (highest) of the tied maxima
     return float(cand[k]), float(acc[k])
 
 

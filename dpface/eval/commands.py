@@ -1,0 +1,263 @@
+"""`dpface eval --protocol ijb|identification`: the IJB template protocol (``ijb.py``) and 1:N
+identification (``identification.py``) on a checkpoint's backbone, with their plots. The
+options are declared in ``dpface/cli_protocols.py`` (torch-free, for the parser); the metrics
+come back as a flat dict (printed as JSON by the CLI), the plots go to ``<run dir>/plots/``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .identification import cmc, search, tpir_at_fpir
+from .ijb import IJB_FARS, ProtocolError, evaluate_ijb_features, face_features, load_ijb
+from .verification import auc
+
+FPIRS = (0.01, 0.1)
+CMC_RANKS = (1, 5, 10)
+# sample indices of identification images: apart from the verification pairs' and IJB's
+_IDENT_SAMPLE_BASE = (1 << 30) + (1 << 25)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_dir_of_checkpoint(ckpt: Path) -> Path:
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _counts(text: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        out = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ProtocolError(f"--distractors: expected counts like 10,100,1000, got {text!r}") from None
+    if out and out[0] < 0:
+        raise ProtocolError(f"--distractors: counts must be >= 0, got {text!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def verification_plots(rocs: dict, plots_dir: Path, step: int) -> list[Path]:
+    """ROC (log FAR) and DET of every verification set; [] without matplotlib."""
+    try:
+        from .plots import det_plots, roc_plots
+    except ImportError:
+        return []
+    out = []
+    for name, (fpr, tpr) in rocs.items():
+        try:
+            out.append(roc_plots({name: (fpr, tpr)}, plots_dir / f"roc-{name}-step{step:08d}.png",
+                                 title=f"{name}, step {step}"))
+            out.append(det_plots({name: (fpr, tpr)}, plots_dir / f"det-{name}-step{step:08d}.png",
+                                 title=f"{name}, step {step}"))
+        except ImportError:
+            return out
+    return out
+
+
+# ----------------------------------------------------------------------------- IJB
+
+
+def _ijb_modes(args) -> list[tuple[bool, bool, bool]]:
+    if args.all_modes:
+        return [(f, n, d) for f in (True, False) for n in (True, False) for d in (True, False)]
+    return [(not args.no_flip, not args.no_norm_score, not args.no_detector_score)]
+
+
+def run_ijb(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[dict, list]:
+    if not args.ijb_dir:
+        raise ProtocolError("--protocol ijb needs --ijb-dir DIR (an IJB-format set; "
+                            "`dpface convert synthetic-ijb DIR` writes a synthetic one)")
+    modes = _ijb_modes(args)
+    need_flip = any(m[0] for m in modes)
+    metrics, plots = {}, []
+    for d in args.ijb_dir:
+        s = load_ijb(d)
+        _err(f"dpface eval: ijb {s.name}: {len(s)} faces, {np.unique(s.templates).size} templates, "
+             f"{len(s.pairs)} pairs ({int(s.issame.sum())} genuine)")
+        feats, flipped = face_features(backbone, s, batch_size=cfg.eval.batch_size, device=device,
+                                       size=cfg.data.image_size, flip=need_flip)
+        rocs = {}
+        for flip, norm, det in modes:
+            r = evaluate_ijb_features(s, feats, flipped, flip=flip, norm_score=norm,
+                                      detector_score=det, fars=IJB_FARS)
+            key = f"ijb/{s.name}" + (f"/{r['mode']}" if len(modes) > 1 else "")
+            for far, tar in r["tar_at_far"].items():
+                metrics[f"{key}/tar@far={far:g}"] = tar
+            metrics[f"{key}/auc"] = auc(*r["roc"][:2])
+            rocs[r["mode"]] = r["roc"][:2]
+        try:
+            from .plots import det_plots, roc_plots
+
+            plots.append(roc_plots(rocs, plots_dir / f"ijb-{s.name}-roc-step{step:08d}.png",
+                                   title=f"IJB {s.name}, step {step}"))
+            plots.append(det_plots(rocs, plots_dir / f"ijb-{s.name}-det-step{step:08d}.png",
+                                   title=f"IJB {s.name}, step {step}"))
+        except ImportError:
+            _err("dpface eval: matplotlib not installed, no plots")
+    return metrics, plots
+
+
+# ----------------------------------------------------------------------------- identification
+
+
+def _synthetic_identification(cfg, identities: int, probes: int, nonmated: float, n_distract: int):
+    from dpface.data.synthetic import SyntheticFaces
+
+    s = cfg.data.synthetic
+    faces = SyntheticFaces(seed=s.seed, image_size=cfg.data.image_size, difficulty=s.difficulty)
+    first = s.num_identities  # held-out identities start after the training ones
+    n_mated = identities - int(round(nonmated * identities))
+    if n_mated < 1:
+        raise ProtocolError(f"--nonmated-fraction {nonmated} leaves no identity in the gallery")
+    ids = np.arange(first, first + identities)
+    gal = np.stack([faces.render(int(i), _IDENT_SAMPLE_BASE) for i in ids[:n_mated]])
+    prb = np.stack([faces.render(int(i), _IDENT_SAMPLE_BASE + 1 + k) for i in ids for k in range(probes)])
+    dis = (np.stack([faces.render(int(first + identities + j), _IDENT_SAMPLE_BASE)
+                     for j in range(n_distract)]) if n_distract else None)
+    return gal, ids[:n_mated], prb, np.repeat(ids, probes), dis
+
+
+def _read_images(paths, size: int) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((len(paths), size, size, 3), np.uint8)
+    for k, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                out[k] = np.asarray(im)
+        except Exception as e:
+            raise ProtocolError(f"{p}: image does not decode: {type(e).__name__}: {e}") from None
+    return out
+
+
+_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def _images_in(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.suffix.lower() in _EXTS and p.is_file())
+
+
+def _folder_identification(id_dir, distractor_dir, size: int, nonmated: float, n_distract: int):
+    root = Path(id_dir)
+    if not root.is_dir():
+        raise ProtocolError(f"--id-dir {root}: no such directory")
+    people = [(d.name, _images_in(d)) for d in sorted(root.iterdir()) if d.is_dir()]
+    people = [(n, imgs) for n, imgs in people if len(imgs) >= 2]
+    if len(people) < 2:
+        raise ProtocolError(f"--id-dir {root}: need >= 2 sub-folders with >= 2 images each")
+    n_mated = len(people) - int(round(nonmated * len(people)))
+    g_paths = [imgs[0] for _, imgs in people[:n_mated]]
+    g_lab = np.array([n for n, _ in people[:n_mated]])
+    p_paths = [p for _, imgs in people for p in imgs[1:]]
+    p_lab = np.array([n for n, imgs in people for _ in imgs[1:]])
+    dis = None
+    if n_distract:
+        if distractor_dir is None:
+            raise ProtocolError("--distractors with --id-dir needs --distractor-dir")
+        d_paths = _images_in(Path(distractor_dir))
+        if len(d_paths) < n_distract:
+            raise ProtocolError(f"--distractor-dir {distractor_dir}: {len(d_paths)} images, "
+                                f"--distractors asks for {n_distract}")
+        dis = _read_images(d_paths[:n_distract], size)
+    return _read_images(g_paths, size), g_lab, _read_images(p_paths, size), p_lab, dis
+
+
+def identification_metrics(g, gl, p, pl, d, counts) -> tuple[dict, dict]:
+    """Metrics at each distractor count (0 always) and the curves for the plots."""
+    metrics, curves = {}, {"cmc": {}, "distractors": ([], [])}
+    for n in [0] + [c for c in counts if c]:
+        r = search(g, gl, p, pl, d[:n] if n else None)
+        if not r["mated"].any():
+            raise ProtocolError("no probe identity is in the gallery: nothing to identify")
+        tag = "ident" if n == 0 else f"ident/d={n}"
+        for k, v in cmc(r, CMC_RANKS).items():
+            metrics[f"{tag}/rank{k}"] = v
+        if (~r["mated"]).any():
+            for f, v in tpir_at_fpir(r, FPIRS).items():
+                metrics[f"{tag}/tpir@fpir={f:g}"] = v
+        ks = np.unique(np.geomspace(1, max(2, g.shape[0] + n), 30).astype(int))
+        curves["cmc"][f"{n} distractors"] = (ks, [cmc(r, (int(k),))[int(k)] for k in ks])
+        curves["distractors"][0].append(n)
+        curves["distractors"][1].append(metrics[f"{tag}/rank1"])
+    return metrics, curves
+
+
+def run_identification(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[dict, list]:
+    from .embeddings import extract_embeddings
+
+    counts = _counts(args.distractors)
+    n_d = max(counts, default=0)
+    if not 0 <= args.nonmated_fraction < 1:
+        raise ProtocolError(f"--nonmated-fraction must be in [0, 1), got {args.nonmated_fraction}")
+    if args.id_dir:
+        g_img, gl, p_img, pl, d_img = _folder_identification(
+            args.id_dir, args.distractor_dir, cfg.data.image_size, args.nonmated_fraction, n_d)
+        source = str(args.id_dir)
+    else:
+        if cfg.data.backend != "synthetic":
+            raise ProtocolError("--protocol identification needs --id-dir DIR, or a synthetic-data config")
+        n_id = args.identities or cfg.eval.num_identities
+        if n_id < 2 or args.probes_per_identity < 1:
+            raise ProtocolError("--identities must be >= 2 and --probes-per-identity >= 1")
+        g_img, gl, p_img, pl, d_img = _synthetic_identification(
+            cfg, n_id, args.probes_per_identity, args.nonmated_fraction, n_d)
+        source = "synthetic"
+    _err(f"dpface eval: identification ({source}): gallery {len(gl)}, probes {len(pl)} "
+         f"({int(np.isin(pl, gl).sum())} mated), distractors up to {n_d}")
+
+    def emb(x):
+        return extract_embeddings(backbone, x, batch_size=cfg.eval.batch_size, device=device,
+                                  flip=cfg.eval.flip)
+
+    g, p = emb(g_img), emb(p_img)
+    d = emb(d_img) if d_img is not None else None
+    metrics, curves = identification_metrics(g, gl, p, pl, d, counts)
+    plots = []
+    try:
+        from .plots import cmc_plot, distractor_plot
+
+        plots.append(cmc_plot(curves["cmc"], plots_dir / f"ident-cmc-step{step:08d}.png",
+                              title=f"CMC ({source}), step {step}"))
+        if counts:
+            plots.append(distractor_plot(*curves["distractors"],
+                                         plots_dir / f"ident-rank1-vs-distractors-step{step:08d}.png",
+                                         title=f"rank-1 vs distractors ({source}), step {step}"))
+    except ImportError:
+        _err("dpface eval: matplotlib not installed, no plots")
+    return metrics, plots
+
+
+def run_protocol(args, backbone, cfg, device, ckpt: Path, step: int) -> dict:
+    """`dpface eval --protocol ijb|identification`: metrics (plots written, W&B when enabled)."""
+    plots_dir = run_dir_of_checkpoint(ckpt) / "plots"
+    fn = run_ijb if args.protocol == "ijb" else run_identification
+    metrics, plots = fn(args, backbone, cfg, device, plots_dir, step)
+    for p in plots:
+        _err(f"dpface eval: wrote {p}")
+    log_to_wandb(cfg, run_dir_of_checkpoint(ckpt), step, metrics, plots, f"eval-{args.protocol}")
+    return metrics
+
+
+def log_to_wandb(cfg, run_dir: Path, step: int, metrics: dict, plots: list, kind: str) -> None:
+    """Continue the run's W&B run (when ``wandb.enabled``) with the metrics and the plots."""
+    if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
+        return
+    from dpface.engine.logging import MetricsLogger
+
+    logger = MetricsLogger(run_dir, True, cfg.wandb, cfg.to_dict(), stream=sys.stderr, resume=True)
+    try:
+        logger.log(step, metrics, prefix=kind)
+        logger.log_images(step, {f"{kind}/{Path(p).stem}": p for p in plots})
+    finally:
+        logger.close()

@@ -1,0 +1,401 @@
+"""IJB-B/C-style 1:1 template verification, reading insightface's meta-file layout.
+
+A set directory holds ``meta/`` (or the files at its top level) with
+
+- ``*_face_tid_mid.txt``: one face per line, ``IMAGE TEMPLATE_ID MEDIA_ID``;
+- ``*_name_5pts_score.txt``: ``IMAGE x1 y1 … x5 y5 DETECTOR_SCORE`` (left eye, right eye,
+  nose, left and right mouth corner, in image pixels);
+- ``*_template_pair_label.txt``: ``TEMPLATE_1 TEMPLATE_2 LABEL`` (1 = same person);
+
+and the images under ``loose_crop/`` (or the top level). Faces are joined by image name.
+
+The protocol is insightface's ``eval_ijbc.py``: every face is aligned to the ArcFace
+112×112 five-point template by a similarity transform (scikit-image estimates and warps),
+embedded (raw backbone output; with ``flip`` the features of the image and its mirror are
+summed), optionally L2-normalised (``norm_score=False``: the feature norm is dropped) and
+optionally multiplied by the detector score; within a template, faces of one media (the
+frames of one video, or one still) are averaged, media features are summed, and the sum is
+L2-normalised. A pair's score is the cosine of its two templates. TAR at FAR 1e-6 … 1e-1
+uses ``tar_at_far`` (accept when score > t; NaN where there are fewer than 1/FAR impostor
+pairs) instead of insightface's nearest ROC point, which can report a FAR it did not reach.
+
+Bad input raises :class:`ProtocolError` with the file and line it comes from.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .verification import roc_curve, tar_at_far
+
+IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# insightface's ArcFace destination points for a 112×112 crop (arcface_torch/utils, skimage
+# SimilarityTransform onto these, cv2.warpAffine): eyes, nose tip, mouth corners (x, y).
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                             [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
+META_SUFFIXES = {"tid_mid": "_face_tid_mid.txt", "pairs": "_template_pair_label.txt",
+                 "landmarks": "_name_5pts_score.txt"}
+
+
+class ProtocolError(ValueError):
+    """An evaluation set is malformed; the message names the file (and line)."""
+
+
+def template_points(size: int = 112) -> np.ndarray:
+    """The five ArcFace template points for a ``size``×``size`` crop (scaled from 112)."""
+    return ARCFACE_TEMPLATE * (size / 112.0)
+
+
+def similarity_to_template(landmarks, size: int = 112):
+    """The least-squares similarity transform (scikit-image) taking the five ``landmarks``
+    [5, 2] (x, y image pixels) onto the template of a ``size`` crop."""
+    from skimage.transform import SimilarityTransform
+
+    src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    dst = template_points(size)
+    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
+        t = SimilarityTransform.from_estimate(src, dst)
+        if not t:
+            raise ValueError(f"no similarity transform fits landmarks {src.tolist()}")
+        return t
+    t = SimilarityTransform()
+    if not t.estimate(src, dst):
+        raise ValueError(f"no similarity transform fits landmarks {src.tolist()}")
+    return t
+
+
+def align_face(image: np.ndarray, landmarks, size: int = 112) -> np.ndarray:
+    """uint8 [H, W, 3] image + five landmarks → the aligned uint8 [size, size, 3] crop
+    (bilinear; outside the image is black, as cv2.warpAffine's default border)."""
+    from skimage.transform import warp
+
+    t = similarity_to_template(landmarks, size)
+    out = warp(image, t.inverse, output_shape=(size, size), order=1, mode="constant", cval=0.0,
+               preserve_range=True)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- meta files
+
+
+@dataclass
+class IJBSet:
+    name: str                # the meta files' prefix, e.g. "ijbc"
+    image_dir: Path
+    images: list[str]        # face f's image file, relative to image_dir
+    landmarks: np.ndarray    # float64 [F, 5, 2]
+    det_scores: np.ndarray   # float64 [F]
+    templates: np.ndarray    # int64 [F]
+    medias: np.ndarray       # int64 [F]
+    pairs: np.ndarray        # int64 [P, 2] template ids
+    issame: np.ndarray       # bool [P]
+    where: list[str]         # face f's landmark line "file:line", for error messages
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _find_meta(root: Path, kind: str) -> Path:
+    suffix = META_SUFFIXES[kind]
+    for d in (root / "meta", root):
+        found = sorted(d.glob(f"*{suffix}")) if d.is_dir() else []
+        if len(found) > 1:
+            raise ProtocolError(f"{d}: several *{suffix} files ({', '.join(f.name for f in found)})")
+        if found:
+            return found[0]
+    raise ProtocolError(f"{root}: missing meta file *{suffix} (looked in {root / 'meta'} and {root})")
+
+
+def _rows(path: Path, nfields: int, form: str):
+    """(line number, fields) of every non-blank line; a wrong field count names the line."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"{path}: cannot read: {e}") from None
+    for i, line in enumerate(text.splitlines(), 1):
+        f = line.split()
+        if not f:
+            continue
+        if len(f) != nfields:
+            raise ProtocolError(
+                f"{path}:{i}: expected '{form}' ({nfields} fields), got {len(f)}: {line.strip()!r}")
+        yield i, f
+
+
+def _num(path: Path, i: int, value: str, kind, what: str):
+    try:
+        x = kind(value)
+    except ValueError:
+        raise ProtocolError(f"{path}:{i}: {what} must be {'an integer' if kind is int else 'a number'}, "
+                            f"got {value!r}") from None
+    if kind is float and not math.isfinite(x):
+        raise ProtocolError(f"{path}:{i}: {what} must be finite, got {value!r}")
+    return x
+
+
+def load_ijb(root) -> IJBSet:
+    """Read and cross-check the three meta files of an IJB-format set directory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ProtocolError(f"{root}: no IJB set directory there")
+    tm_path, pair_path, lm_path = (_find_meta(root, k) for k in ("tid_mid", "pairs", "landmarks"))
+    image_dir = root / "loose_crop" if (root / "loose_crop").is_dir() else root
+
+    lm: dict[str, tuple[int, np.ndarray, float]] = {}
+    for i, f in _rows(lm_path, 12, "IMAGE x1 y1 ... x5 y5 SCORE"):
+        if f[0] in lm:
+            raise ProtocolError(f"{lm_path}:{i}: image {f[0]} listed twice (first at line {lm[f[0]][0]})")
+        pts = np.array([_num(lm_path, i, v, float, "a landmark coordinate") for v in f[1:11]]).reshape(5, 2)
+        score = _num(lm_path, i, f[11], float, "the detector score")
+        lm[f[0]] = (i, pts, score)
+
+    images, where, pts, scores, tids, mids = [], [], [], [], [], []
+    for i, f in _rows(tm_path, 3, "IMAGE TEMPLATE_ID MEDIA_ID"):
+        tid = _num(tm_path, i, f[1], int, "the template id")
+        mid = _num(tm_path, i, f[2], int, "the media id")
+        if f[0] not in lm:
+            raise ProtocolError(f"{tm_path}:{i}: image {f[0]} has no landmarks in {lm_path}")
+        j, p, s = lm[f[0]]
+        images.append(f[0])
+        where.append(f"{lm_path}:{j}")
+        pts.append(p)
+        scores.append(s)
+        tids.append(tid)
+        mids.append(mid)
+    if not images:
+        raise ProtocolError(f"{tm_path}: no faces listed")
+    have = set(tids)
+    pairs, same = [], []
+    for i, f in _rows(pair_path, 3, "TEMPLATE_1 TEMPLATE_2 LABEL"):
+        a = _num(pair_path, i, f[0], int, "a template id")
+        b = _num(pair_path, i, f[1], int, "a template id")
+        y = _num(pair_path, i, f[2], int, "the label")
+        if y not in (0, 1):
+            raise ProtocolError(f"{pair_path}:{i}: the label must be 0 or 1, got {f[2]!r}")
+        for t in (a, b):
+            if t not in have:
+                raise ProtocolError(f"{pair_path}:{i}: template {t} has no faces in {tm_path}")
+        pairs.append((a, b))
+        same.append(bool(y))
+    if not pairs:
+        raise ProtocolError(f"{pair_path}: no template pairs listed")
+    prefix = tm_path.name[: -len(META_SUFFIXES["tid_mid"])] or root.name
+    return IJBSet(name=prefix, image_dir=image_dir, images=images,
+                  landmarks=np.asarray(pts, np.float64), det_scores=np.asarray(scores, np.float64),
+                  templates=np.asarray(tids, np.int64), medias=np.asarray(mids, np.int64),
+                  pairs=np.asarray(pairs, np.int64), issame=np.asarray(same, bool), where=where)
+
+
+def read_aligned(s: IJBSet, f: int, size: int = 112) -> np.ndarray:
+    """Face ``f`` of the set, decoded, checked and aligned: uint8 [size, size, 3]."""
+    from PIL import Image
+
+    path = s.image_dir / s.images[f]
+    try:
+        with Image.open(path) as im:
+            img = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise ProtocolError(f"{path} (listed at {s.where[f]}): image file not found") from None
+    except Exception as e:  # PIL raises several kinds for a corrupt file
+        raise ProtocolError(f"{path} (listed at {s.where[f]}): image does not decode: "
+                            f"{type(e).__name__}: {e}") from None
+    h, w = img.shape[:2]
+    p = s.landmarks[f]
+    bad = np.nonzero((p[:, 0] < 0) | (p[:, 0] > w - 1) | (p[:, 1] < 0) | (p[:, 1] > h - 1))[0]
+    if bad.size:
+        k = int(bad[0])
+        raise ProtocolError(f"{s.where[f]}: landmark {k + 1} of {s.images[f]} at "
+                            f"({p[k, 0]:g}, {p[k, 1]:g}) lies outside its {w}x{h} image")
+    try:
+        return align_face(img, p, size)
+    except ValueError as e:
+        raise ProtocolError(f"{s.where[f]}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def face_features(model: torch.nn.Module, s: IJBSet, batch_size: int = 64, device="cpu",
+                  size: int = 112, flip: bool = True, progress=None):
+    """Raw (un-normalised) features of every face → (feats [F, D], flipped [F, D] or None),
+    float32 numpy. Images are read and aligned one batch at a time."""
+    from dpface.data.transforms import hflip, normalize
+
+    from .embeddings import _forward
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    feats, flipped = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(s), batch_size):
+                crops = np.stack([read_aligned(s, f, size)
+                                  for f in range(start, min(start + batch_size, len(s)))])
+                x = torch.from_numpy(crops).permute(0, 3, 1, 2).to(device)
+                feats.append(_forward(model, normalize(x)).float().cpu().numpy())
+                if flip:
+                    flipped.append(_forward(model, normalize(hflip(x))).float().cpu().numpy())
+                if progress is not None:
+                    progress(min(start + batch_size, len(s)), len(s))
+    finally:
+        for m, was in modes:
+            m.training = was
+    return np.concatenate(feats), (np.concatenate(flipped) if flip else None)
+
+
+def combine_features(feats, flipped=None, det_scores=None, norm_score: bool = True) -> np.ndarray:
+    """insightface's test modes on raw features: ``flipped`` given → the sum of both views;
+    ``norm_score=False`` → each face L2-normalised (its norm no longer weighs it);
+    ``det_scores`` given → each face multiplied by its detector score."""
+    x = np.asarray(feats, np.float64)
+    if flipped is not None:
+        x = x + np.asarray(flipped, np.float64)
+    if not norm_score:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if det_scores is not None:
+        x = x * np.asarray(det_scores, np.float64)[:, None]
+    return x
+
+
+def template_features(face_feats, templates, medias) -> tuple[np.ndarray, np.ndarray]:
+    """Media pooling → (template ids sorted [T], L2-normalised template features [T, D]):
+    faces of one media are averaged, the media of a template are summed, the sum normalised."""
+    x = np.asarray(face_feats, np.float64)
+    templates = np.asarray(templates)
+    medias = np.asarray(medias)
+    tids, t_index = np.unique(templates, return_inverse=True)
+    # one row per (template, media): its mean face feature
+    keys = np.stack([t_index, medias], axis=1)
+    _, tm_index = np.unique(keys, axis=0, return_inverse=True)
+    tm_index = tm_index.reshape(-1)
+    n_tm = int(tm_index.max()) + 1
+    sums = np.zeros((n_tm, x.shape[1]))
+    np.add.at(sums, tm_index, x)
+    counts = np.bincount(tm_index, minlength=n_tm)[:, None]
+    media_t = np.zeros(n_tm, np.int64)
+    media_t[tm_index] = t_index
+    out = np.zeros((tids.size, x.shape[1]))
+    np.add.at(out, media_t, sums / counts)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return tids, out
+
+
+def template_pair_scores(tids, tfeats, pairs) -> np.ndarray:
+    """Cosine of each pair's two (normalised) template features → float64 [P]."""
+    pairs = np.asarray(pairs, np.int64)
+    idx = np.searchsorted(tids, pairs)
+    return np.einsum("ij,ij->i", tfeats[idx[:, 0]], tfeats[idx[:, 1]])
+
+
+def evaluate_ijb_features(s: IJBSet, feats, flipped=None, flip: bool = True, norm_score: bool = True,
+                          detector_score: bool = True, fars=IJB_FARS) -> dict:
+    """One test mode on precomputed features → {"scores", "tar_at_far", "roc", "mode"}."""
+    if flip and flipped is None:
+        raise ValueError("flip=True needs the flipped features")
+    x = combine_features(feats, flipped if flip else None,
+                         s.det_scores if detector_score else None, norm_score)
+    tids, tf = template_features(x, s.templates, s.medias)
+    scores = template_pair_scores(tids, tf, s.pairs)
+    return {"mode": mode_name(flip, norm_score, detector_score), "scores": scores,
+            "tar_at_far": tar_at_far(scores, s.issame, fars), "roc": roc_curve(scores, s.issame)}
+
+
+def mode_name(flip: bool, norm_score: bool, detector_score: bool) -> str:
+    """A short key for a test mode, e.g. ``flip+norm+det`` or ``noflip-nonorm-nodet``."""
+    return "".join([("flip" if flip else "noflip"), ("+norm" if norm_score else "-nonorm"),
+                    ("+det" if detector_score else "-nodet")])
+
+
+# ----------------------------------------------------------------------------- synthetic set
+
+
+def make_synthetic_ijb(out, num_identities: int = 30, templates_per_identity: int = 2,
+                       max_media: int = 3, max_faces_per_media: int = 3, identity_offset: int = 100_000,
+                       seed: int = 0, image_size: int = 112, prefix: str = "synth",
+                       overwrite: bool = False) -> dict:
+    """Write an IJB-format set of dpface's synthetic faces to ``out`` (see the module doc).
+
+    Each identity (global synthetic index from ``identity_offset``; keep it beyond the
+    training identities) gets ``templates_per_identity`` templates of 1..``max_media``
+    media of 1..``max_faces_per_media`` faces each. A face has a quality q ~ U(0, 1): its
+    synthetic difficulty is 0.5 + 1.5·(1 − q) and its detector score 0.5 + 0.45·q + noise,
+    so low scores mark hard faces. The rendered crop is placed into a 1.5× larger loose
+    image by a random similarity (scale 0.75–1.15, rotation ±25°, shift); the landmarks are
+    the ArcFace template points carried by that placement, plus noise growing as q falls
+    (σ up to 1 px), so alignment brings the crop back. Pairs: every genuine template pair and
+    every impostor pair. Returns a summary dict.
+    """
+    from PIL import Image
+    from skimage.transform import SimilarityTransform, warp
+
+    from dpface.data.synthetic import EVAL_SAMPLE_BASE, SyntheticFaces
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ProtocolError(f"{out}: not empty (pass overwrite to replace it)")
+    (out / "meta").mkdir(parents=True, exist_ok=True)
+    (out / "loose_crop").mkdir(exist_ok=True)
+    rng = np.random.default_rng([seed, 12, identity_offset, num_identities])
+    levels = (0.5, 1.0, 1.5, 2.0)
+    renderers = [SyntheticFaces(seed=seed, image_size=image_size, difficulty=d) for d in levels]
+    s = image_size
+    big = int(round(1.5 * s))
+    tmpl = template_points(s)
+    lines_tm, lines_lm, template_ident = [], [], []
+    tid = mid = face = 0
+    for ident in range(num_identities):
+        g = identity_offset + ident
+        sample = EVAL_SAMPLE_BASE + (1 << 24)  # apart from the verification pairs' samples
+        for _ in range(templates_per_identity):
+            tid += 1
+            template_ident.append(ident)
+            for _ in range(int(rng.integers(1, max_media + 1))):
+                mid += 1
+                for _ in range(int(rng.integers(1, max_faces_per_media + 1))):
+                    face += 1
+                    q = float(rng.random())
+                    level = min(int((1 - q) * len(levels)), len(levels) - 1)
+                    crop = renderers[level].render(g, sample)
+                    sample += 1
+                    scale = float(rng.uniform(0.75, 1.15))
+                    rot = float(rng.uniform(-25, 25)) * math.pi / 180
+                    place = SimilarityTransform(scale=scale, rotation=rot)
+                    corners = place(np.array([[0, 0], [s, 0], [0, s], [s, s]], np.float64))
+                    lo, hi = corners.min(0), corners.max(0)
+                    shift = [float(rng.uniform(-lo[k], max(-lo[k], big - 1 - hi[k]))) for k in (0, 1)]
+                    place = SimilarityTransform(scale=scale, rotation=rot, translation=shift)
+                    bg = np.empty((big, big, 3), np.float64)
+                    bg[:] = rng.uniform(30, 220, 3)
+                    bg += rng.normal(0, 12, (big, big, 1))
+                    warped = warp(crop, place.inverse, output_shape=(big, big), order=1,
+                                  preserve_range=True)
+                    mask = warp(np.ones((s, s)), place.inverse, output_shape=(big, big), order=1)
+                    img = mask[..., None] * warped + (1 - mask[..., None]) * bg
+                    name = f"{face}.jpg"
+                    Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(
+                        out / "loose_crop" / name, quality=95)
+                    pts = place(tmpl) + rng.normal(0, 1.0 * (1 - q), (5, 2))
+                    pts = np.clip(pts, 0, big - 1)
+                    det = float(np.clip(0.5 + 0.45 * q + rng.normal(0, 0.03), 0.05, 1.0))
+                    lines_tm.append(f"{name} {tid} {mid}")
+                    lines_lm.append(name + " " + " ".join(f"{v:.2f}" for v in pts.reshape(-1))
+                                    + f" {det:.4f}")
+    ident_of = np.asarray(template_ident)
+    lines_pair = []
+    n_pos = 0
+    for a in range(tid):
+        for b in range(a + 1, tid):
+            same = int(ident_of[a] == ident_of[b])
+            n_pos += same
+            lines_pair.append(f"{a + 1} {b + 1} {same}")
+    meta = out / "meta"
+    (meta / f"{prefix}_face_tid_mid.txt").write_text("\n".join(lines_tm) + "\n")
+    (meta / f"{prefix}_name_5pts_score.txt").write_text("\n".join(lines_lm) + "\n")
+    (meta / f"{prefix}_template_pair_label.txt").write_text("\n".join(lines_pair) + "\n")
+    return {"dir": str(out), "identities": num_identities, "templates": tid, "media": mid,
+            "faces": face, "pairs": len(lines_pair), "genuine": n_pos,
+            "impostor": len(lines_pair) - n_pos}
