@@ -155,7 +155,8 @@ def _cmd_plan(args) -> int:
 
     try:
         p = plan(classes=args.classes, dim=args.dim, world=args.world, batch=args.batch,
-                 sample_rate=args.sample_rate, param_dtype=args.dtype, optimizer=args.optimizer)
+                 sample_rate=args.sample_rate, param_dtype=args.dtype, optimizer=args.optimizer,
+                 kernel=args.kernel, logits_budget_mb=args.logits_budget_mb)
     except ValueError as e:
         raise InputError(f"plan: {e}") from e
     print(format_plan(p))
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--sample-rate", type=float, default=1.0)
     pl.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     pl.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    pl.add_argument("--kernel", default="fused", choices=["fused", "reference"],
+                    help="head implementation (head.kernel; auto is fused where built)")
+    pl.add_argument("--logits-budget-mb", type=int, default=256, help="head.logits_budget_mb")
     pl.set_defaults(fn=_cmd_plan)
 
     k = sub.add_parser("kernels", help="what of the compiled kernels is built (CPU / CUDA / missing)")

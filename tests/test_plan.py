@@ -7,7 +7,7 @@ from dpface.heads import format_plan, plan
 def test_small_case_by_hand():
     # 10 classes over 3 ranks → 4, 3, 3; the busiest rank holds 4. K = ceil(0.5·4) = 2.
     # Global batch 3·2 = 6. fp32 params (4 B), SGD momentum (1×).
-    d = plan(classes=10, dim=4, world=3, batch=2, sample_rate=0.5)
+    d = plan(classes=10, dim=4, world=3, batch=2, sample_rate=0.5, kernel="reference")
     assert (d["classes_per_rank"], d["sampled_per_rank"], d["global_batch"]) == (4, 2, 6)
     assert d["memory"] == {
         "weight_shard": 4 * 4 * 4,  # 64
@@ -31,17 +31,17 @@ def test_small_case_by_hand():
 
 
 def test_dtype_optimizer_and_full_rate():
-    d = plan(10, 4, 3, 2, 1.0, param_dtype="bf16", optimizer="adamw")
+    d = plan(10, 4, 3, 2, 1.0, param_dtype="bf16", optimizer="adamw", kernel="reference")
     assert d["sampled_per_rank"] == 4
     assert d["memory"]["weight_shard"] == 4 * 4 * 2
     assert d["memory"]["optimizer_state"] == 2 * 32
     assert d["memory"]["scored_weight"] == 4 * 4 * 4  # the fp32 upcast, no gathered rows
-    assert plan(10, 4, 3, 2, 1.0)["memory"]["scored_weight"] == 0  # fp32, all rows: no copy
+    assert plan(10, 4, 3, 2, 1.0, kernel="reference")["memory"]["scored_weight"] == 0  # no copy
     assert d["unsharded_head"] == 10 * 4 * 2 * 4
 
 
 def test_issue_example_and_format():
-    d = plan(2_000_000, 512, 64, 128, 0.1)
+    d = plan(2_000_000, 512, 64, 128, 0.1, kernel="reference")
     assert d["classes_per_rank"] == 31_250 and d["sampled_per_rank"] == 3_125
     assert d["memory"]["weight_shard"] == 31_250 * 512 * 4
     assert d["memory"]["logits"] == 8192 * 3125 * 4
@@ -51,12 +51,26 @@ def test_issue_example_and_format():
     assert "97.66 MiB" in text  # logits [8192, 3125] fp32
 
 
+def test_fused_kernel_keeps_at_most_the_budget():
+    """Global batch 8192, K = 3125: 97.66 MiB of logits fit a 256 MiB budget (kept whole);
+    at 64 MiB only the budget is kept. Tile: 2^18 / 8192 = 32 -> the 64-column minimum."""
+    d = plan(2_000_000, 512, 64, 128, 0.1)
+    assert d["memory"]["logits"] == 8192 * 3125 * 4
+    assert d["memory"]["logit_workspace"] == 8192 * 64 * 4
+    assert d["memory"]["scored_weight"] == 64 * 512 * 4
+    assert plan(2_000_000, 512, 64, 128, 0.1, logits_budget_mb=64)["memory"]["logits"] == 64 << 20
+    ref = plan(2_000_000, 512, 64, 128, 0.1, kernel="reference")
+    assert d["memory_total"] < ref["memory_total"] - 3 * ref["memory"]["logits"]
+    assert "head kernel: fused (logits kept for backward up to 256 MiB" in format_plan(d)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"world": 11}, "world size 11 exceeds"),
     ({"sample_rate": 0.0}, "sample_rate"),
     ({"param_dtype": "int8"}, "param_dtype 'int8' unknown"),
     ({"optimizer": "lamb"}, "optimizer 'lamb' unknown"),
     ({"batch": 0}, "batch must be a positive integer"),
+    ({"kernel": "triton"}, "kernel 'triton' unknown"),
 ])
 def test_errors(kwargs, match):
     args = {"classes": 10, "dim": 4, "world": 2, "batch": 2, "sample_rate": 0.5, **kwargs}

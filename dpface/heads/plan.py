@@ -24,10 +24,17 @@ SOFTMAX_SCALARS = 5
 CHECK_CODE = 4  # int64 codes per rank in the input check (kind, position, value, batch)
 
 
+# The fused op's column tile (kernels/csrc/cpu/margin_softmax.cpp): ~2^18 scores per tile.
+TILE_ELEMS, MIN_TILE, MAX_TILE = 1 << 18, 64, 4096
+
+
 def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.0,
-         param_dtype: str = "fp32", optimizer: str = "sgd") -> dict:
+         param_dtype: str = "fp32", optimizer: str = "sgd", kernel: str = "fused",
+         logits_budget_mb: int = 256) -> dict:
     """Per-rank bytes of the head on the busiest rank (the first, which holds
-    ceil(C/W) classes). ``batch`` is the per-rank batch."""
+    ceil(C/W) classes). ``batch`` is the per-rank batch. ``kernel="fused"`` (the default
+    head) keeps at most ``logits_budget_mb`` of logits and a column tile of workspace;
+    "reference" materialises the logits and their workspaces."""
     for name, v in (("classes", classes), ("dim", dim), ("world", world), ("batch", batch)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -37,6 +44,8 @@ def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.
         raise ValueError(f"param_dtype {param_dtype!r} unknown; valid: {', '.join(DTYPE_BYTES)}")
     if optimizer not in OPTIMIZER_STATE:
         raise ValueError(f"optimizer {optimizer!r} unknown; valid: {', '.join(OPTIMIZER_STATE)}")
+    if kernel not in ("fused", "reference"):
+        raise ValueError(f"kernel {kernel!r} unknown; valid: fused, reference")
     lo, hi = class_range(classes, world, 0)
     c_local = hi - lo
     k = sample_count(c_local, sample_rate)  # before positives: at least this many
@@ -56,6 +65,11 @@ def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.
         "logit_workspace": 3 * logits,
         "gathered_embeddings": 2 * b_global * dim * F32,  # values + gradient
     }
+    if kernel == "fused":
+        tile = min(max(TILE_ELEMS // b_global, MIN_TILE), MAX_TILE, k)
+        memory["scored_weight"] = tile * dim * F32  # one gathered tile of rows
+        memory["logits"] = min(logits, (logits_budget_mb << 20) // F32 * F32)  # kept for bwd
+        memory["logit_workspace"] = b_global * tile * F32
     comm = {
         "embedding_gather_fwd": (world - 1) * batch * dim * F32,
         "embedding_grad_allreduce_bwd": 2 * (world - 1) * batch * dim * F32,
@@ -66,7 +80,7 @@ def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.
     return {
         "inputs": {"classes": classes, "dim": dim, "world": world, "batch": batch,
                    "sample_rate": sample_rate, "param_dtype": param_dtype,
-                   "optimizer": optimizer},
+                   "optimizer": optimizer, "kernel": kernel, "logits_budget_mb": logits_budget_mb},
         "classes_per_rank": c_local,
         "sampled_per_rank": k,
         "global_batch": b_global,
@@ -97,6 +111,10 @@ _LABELS = {
 }
 
 
+_FUSED_LABELS = {"scored_weight": "gathered row tile", "logits": "kept logits (budget)",
+                 "logit_workspace": "column-tile workspace"}
+
+
 def format_plan(d: dict) -> str:
     """A human-readable table of :func:`plan`'s result."""
     i = d["inputs"]
@@ -110,7 +128,11 @@ def format_plan(d: dict) -> str:
         "",
         "memory per rank (busiest rank)",
     ]
-    lines += [f"  {_LABELS[k]:<{w}}{_size(v):>14}" for k, v in d["memory"].items()]
+    labels = dict(_LABELS, **(_FUSED_LABELS if i["kernel"] == "fused" else {}))
+    lines.insert(2, f"head kernel: {i['kernel']}" + (
+        f" (logits kept for backward up to {i['logits_budget_mb']} MiB, the rest recomputed)"
+        if i["kernel"] == "fused" else " (logits materialised)"))
+    lines += [f"  {labels[k]:<{w}}{_size(v):>14}" for k, v in d["memory"].items()]
     lines += [f"  {'total':<{w}}{_size(d['memory_total']):>14}", "",
               "traffic per rank per step (ring collectives)"]
     lines += [f"  {_LABELS[k]:<{w}}{_size(v):>14}" for k, v in d["communication"].items()]
