@@ -11,7 +11,8 @@ from pathlib import Path
 
 # Exit codes (README "Errors"): 0 ok; 1 an unexpected failure (a bug: traceback);
 # 2 bad input (config, override, spec, checkpoint, command arguments, missing file);
-# 3 bad data (shards, labels, too many unusable samples); 4 training diverged
+# 3 bad data (shards, labels, too many unusable samples, a data position that cannot
+# continue); 4 training diverged
 # (non-finite gradients); 5 no space left on device.
 EXIT_INPUT, EXIT_DATA, EXIT_DIVERGED, EXIT_NO_SPACE = 2, 3, 4, 5
 
@@ -127,9 +128,13 @@ def _cmd_eval(args) -> int:
     backbone.to(device)
     if args.protocol != "verification":  # ijb | identification (dpface/eval/commands.py)
         from dpface.eval.commands import run_protocol
+        from dpface.eval.model_card import append_checkpoint_evaluation
 
         metrics = run_protocol(args, backbone, cfg, device, ckpt, int(meta.get("step", 0)))
         print(_json_metrics(metrics))
+        card = append_checkpoint_evaluation(ckpt, cfg, meta, metrics, note=f"protocol {args.protocol}")
+        if card is not None:
+            print(f"dpface eval: results appended to {card}", file=sys.stderr, flush=True)
         return 0
     try:
         sets = build_eval_sets(cfg)
@@ -147,6 +152,12 @@ def _cmd_eval(args) -> int:
     for path in verification_plots(rocs, run_dir_of_checkpoint(ckpt) / "plots", int(meta.get("step", 0))):
         print(f"dpface eval: wrote {path}", file=sys.stderr, flush=True)
     print(_json_metrics(metrics))
+    from dpface.eval.model_card import append_checkpoint_evaluation
+
+    card = append_checkpoint_evaluation(ckpt, cfg, meta, metrics,
+                                        note=f"sets: {', '.join(sets)}" + (" (own --config)" if args.config else ""))
+    if card is not None:
+        print(f"dpface eval: results appended to {card}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -172,6 +183,26 @@ def _cmd_export_head(args) -> int:
         raise SystemExit(f"no head shards (head-rank*.pt) in {ckpt}")
     merge_shards(shards, Path(args.out))
     print(f"wrote {args.out} from {len(shards)} shard(s)")
+    return 0
+
+
+def _cmd_export_onnx(args) -> int:
+    from dpface.eval.export_onnx import ExportError, export_checkpoint
+
+    if args.check_images < 1:
+        raise InputError(f"--check-images must be at least 1, got {args.check_images}")
+    try:
+        r = export_checkpoint(args.checkpoint, args.out, tol=args.tol, num_images=args.check_images,
+                              overrides=args.overrides)
+    except ExportError as e:  # the export or its onnxruntime check failed: not bad input
+        print(f"dpface: error: {e}", file=sys.stderr)
+        return 1
+    for name, c in r.checks.items():
+        print(f"onnxruntime vs PyTorch on {name}: max |Δ| {c['max_abs_diff']:.2e} (L2-normalised), "
+              f"{c['max_abs_diff_raw']:.2e} raw (max |embedding| {c['max_abs_raw']:.3g})")
+    print(f"wrote {r.path} (opset {r.opset}, input 'data' [N,3,{r.metadata['image_size']},"
+          f"{r.metadata['image_size']}] (x-127.5)/127.5, embedding {r.metadata['embedding_size']}; "
+          f"export {r.export_s:.1f} s)")
     return 0
 
 
@@ -256,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True)
     x.set_defaults(fn=_cmd_export_head)
+
+    xo = sub.add_parser("export-onnx", help="a checkpoint's backbone as ONNX (insightface input convention), "
+                                            "checked with onnxruntime")
+    xo.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step-N)")
+    xo.add_argument("--out", required=True, help="the .onnx file to write")
+    xo.add_argument("--tol", type=float, default=1e-4,
+                    help="largest |Δ| of L2-normalised embeddings, onnxruntime vs PyTorch (fp32)")
+    xo.add_argument("--check-images", type=int, default=64,
+                    help="evaluation-set images the onnxruntime check runs on (besides 8 random inputs)")
+    xo.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config")
+    xo.set_defaults(fn=_cmd_export_onnx)
 
     c = sub.add_parser("convert", help="image folder / insightface RecordIO / synthetic → WebDataset shards")
     csub = c.add_subparsers(dest="source", required=True)

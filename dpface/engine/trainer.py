@@ -314,6 +314,7 @@ class Trainer:
         """Train to ``train.steps`` (or stop early at step ``until``, checkpointed, as an
         interrupted run would), then evaluate. On SIGTERM/SIGINT: checkpoint at the next
         step boundary, then raise StopRequested (preempt.py)."""
+        self._fit_started = time.perf_counter()  # wall time of this session, for the model card
         with SignalStop() as self._signals:
             return self._fit(until)
 
@@ -393,6 +394,10 @@ class Trainer:
             if self.untrained:
                 summary.update({f"untrained/{k}": v for k, v in self.untrained.items()})
             (self.run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=1))
+            from dpface.eval.model_card import write_training_card
+
+            wall = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
+            write_training_card(self, path, wall)
         self.logger.close()
         return final
 
