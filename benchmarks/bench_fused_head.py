@@ -101,6 +101,8 @@ def worker(cfg: dict) -> dict:
     head, opt = make(cfg["classes"], cfg["kernel"], cfg["budget"])
     times, temps = [], []
     out = steps(head, opt, cfg["warmup"] + cfg["steps"], times, temps)
+    while sum(times[cfg["warmup"]:]) < cfg["min_time"]:  # short steps: more of them
+        out = steps(head, opt, 1, times, temps)
     return {"step_s": statistics.median(times[cfg["warmup"]:]),
             "temp_mib": max(t[0] for t in temps[cfg["warmup"]:]) / 2**20,
             "step_peak_mib": max(t[1] for t in temps[cfg["warmup"]:]) / 2**20,
@@ -118,7 +120,7 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
 def run_one(cfg: dict, timeout: float) -> dict:
     out = {}
     for env, part in (({}, "time"), (MEMORY_ENV, "memory")):
-        c = dict(cfg, steps=1) if part == "memory" else cfg
+        c = dict(cfg, steps=1, min_time=0) if part == "memory" else cfg
         r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(c)],
                            capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, **env})
@@ -147,13 +149,17 @@ def main(argv=None):
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--classes", type=int, nargs="+", default=[50_000, 500_000])
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
-    ap.add_argument("--budgets", type=int, nargs="+", default=[0, 256],
+    ap.add_argument("--budgets", type=int, nargs="+", default=[0, 128],
                     help="fused op logits budgets (MiB) to run")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--min-time", type=float, default=5.0,
+                    help="keep stepping until the measured steps add up to this many seconds")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--range-n", type=int, nargs="*", default=[256, 1024],
+                    help="range-loss batch sizes (P x 4 images) to time, op vs reference")
     ap.add_argument("--no-write", dest="write", action="store_false")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = ap.parse_args(argv)
@@ -166,14 +172,51 @@ def main(argv=None):
             for c in configs(argparse.Namespace(**{**vars(args), "classes": [classes],
                                                    "rates": [rate]})):
                 cfg = {"old_row_update": False, **c, "classes": classes, "rate": rate, "batch": args.batch,
-                       "dim": args.dim, "steps": args.steps, "warmup": args.warmup}
+                       "dim": args.dim, "steps": args.steps, "warmup": args.warmup,
+                       "min_time": args.min_time}
                 row = {**cfg, **run_one(cfg, args.timeout)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    text = to_markdown(rows, args)
+    ranges = [range_row(n) for n in args.range_n]
+    text = to_markdown(rows, args) + range_markdown(ranges)
     print(text)
     if args.write:
         write_section(args.out, text)
+
+
+def range_row(n: int, d: int = 512, steps: int = 3) -> dict:
+    """Range loss forward + backward on a P×K batch (K = 4), compiled op vs reference."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from dpface import ops
+    from dpface.ops.reference import range_loss_terms_reference
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, requires_grad=True)
+    y = torch.arange(n) // 4
+    out = {"n": n}
+    for name, fn in (("op", lambda: ops.range_loss_terms(x, y, 2, 1.0, kernel="fused")),
+                     ("reference", lambda: range_loss_terms_reference(x, y, 2, 1.0))):
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            a, b = fn()
+            (a + b).backward()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def range_markdown(rows) -> str:
+    if not rows:
+        return ""
+    out = ["", "Range loss (k = 2, D = 512, P identities × 4 images, forward + backward, 1 thread):",
+           "", "| batch | compiled op (ms) | reference (ms) | op / reference |", "|---:|---:|---:|---:|"]
+    out += [f"| {r['n']} | {1e3 * r['op']:.1f} | {1e3 * r['reference']:.1f} | "
+            f"{r['op'] / r['reference']:.3f} |" for r in rows]
+    return "\n".join(out) + "\n"
 
 
 def to_markdown(rows, args) -> str:
@@ -183,7 +226,8 @@ def to_markdown(rows, args) -> str:
            f"{datetime.date.today()} · {platform.machine()} {platform.processor() or ''}, "
            f"{os.cpu_count()} cores shared with other jobs (load {os.getloadavg()[0]:.1f} at the end), "
            f"1 thread per process · B = {args.batch}, D = {args.dim}, ArcFace s = 64 m = 0.5, "
-           f"sampled-rows SGD · median of {args.steps} steps after {args.warmup} warm-up · "
+           f"sampled-rows SGD · median of ≥ {args.steps} steps (≥ {args.min_time:g} s) after "
+           f"{args.warmup} warm-up · "
            f"`python benchmarks/bench_fused_head.py`", "",
            "| C_local | r | head | GEMM operands | logits budget | step (s) | × reference | "
            "head temporaries (MiB) | × reference | step peak (MiB) |",

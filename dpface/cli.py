@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     pl.add_argument("--kernel", default="fused", choices=["fused", "reference"],
                     help="head implementation (head.kernel; auto is fused where built)")
-    pl.add_argument("--logits-budget-mb", type=int, default=256, help="head.logits_budget_mb")
+    pl.add_argument("--logits-budget-mb", type=int, default=128, help="head.logits_budget_mb")
     pl.set_defaults(fn=_cmd_plan)
 
     k = sub.add_parser("kernels", help="what of the compiled kernels is built (CPU / CUDA / missing)")

@@ -66,7 +66,7 @@ class HeadConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     # MiB of the step's logits the fused op may keep for backward; columns beyond it are
     # recomputed (one more GEMM over them) instead of stored.
-    logits_budget_mb: int = 256
+    logits_budget_mb: int = 128
     loss: dict = field(default_factory=lambda: {"name": "arcface", "s": 64.0, "m": 0.5})
 
 

@@ -52,7 +52,7 @@ def test_issue_example_and_format():
 
 
 def test_fused_kernel_keeps_at_most_the_budget():
-    """Global batch 8192, K = 3125: 97.66 MiB of logits fit a 256 MiB budget (kept whole);
+    """Global batch 8192, K = 3125: 97.66 MiB of logits fit the 128 MiB default budget (kept whole);
     at 64 MiB only the budget is kept. Tile: 2^18 / 8192 = 32 -> the 64-column minimum."""
     d = plan(2_000_000, 512, 64, 128, 0.1)
     assert d["memory"]["logits"] == 8192 * 3125 * 4
@@ -61,7 +61,7 @@ def test_fused_kernel_keeps_at_most_the_budget():
     assert plan(2_000_000, 512, 64, 128, 0.1, logits_budget_mb=64)["memory"]["logits"] == 64 << 20
     ref = plan(2_000_000, 512, 64, 128, 0.1, kernel="reference")
     assert d["memory_total"] < ref["memory_total"] - 3 * ref["memory"]["logits"]
-    assert "head kernel: fused (logits kept for backward up to 256 MiB" in format_plan(d)
+    assert "head kernel: fused (logits kept for backward up to 128 MiB" in format_plan(d)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -296,7 +296,7 @@ class PartialFC(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, transform: LogitTransform,
                  sample_rate: float = 1.0, seed: int = 0, group=None, *,
                  negatives: str = "uniform", update: str = "dense", kernel: str = "auto",
-                 precision: str = "fp32", logits_budget_mb: int = 256,
+                 precision: str = "fp32", logits_budget_mb: int = 128,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if not isinstance(transform, LogitTransform):

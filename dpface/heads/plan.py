@@ -30,7 +30,7 @@ TILE_ELEMS, MIN_TILE, MAX_TILE = 1 << 18, 64, 4096
 
 def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.0,
          param_dtype: str = "fp32", optimizer: str = "sgd", kernel: str = "fused",
-         logits_budget_mb: int = 256) -> dict:
+         logits_budget_mb: int = 128) -> dict:
     """Per-rank bytes of the head on the busiest rank (the first, which holds
     ceil(C/W) classes). ``batch`` is the per-rank batch. ``kernel="fused"`` (the default
     head) keeps at most ``logits_budget_mb`` of logits and a column tile of workspace;
