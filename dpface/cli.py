@@ -28,6 +28,7 @@ def _error_message(e: BaseException) -> tuple[str, int] | None:
     from dpface.data.shards import ShardError
     from dpface.engine.checkpoint import CheckpointError
     from dpface.eval.ijb import ProtocolError
+    from dpface.heads.sharding import HeadShardError
     from dpface.registry import SpecError
 
     chain, c = [], e
@@ -46,8 +47,8 @@ def _error_message(e: BaseException) -> tuple[str, int] | None:
         return text, EXIT_DATA
     if isinstance(e, FloatingPointError):
         return text, EXIT_DIVERGED
-    if isinstance(e, (ConfigError, CheckpointError, SpecError, InputError, FileNotFoundError,
-                      ProtocolError)):
+    if isinstance(e, (ConfigError, CheckpointError, HeadShardError, SpecError, InputError,
+                      FileNotFoundError, ProtocolError)):
         return text, EXIT_INPUT
     return None
 
@@ -85,18 +86,11 @@ def _cmd_eval(args) -> int:
     import torch
 
     from dpface.config import apply_overrides, config_from_dict, load_config
-    from dpface.engine.checkpoint import CheckpointError, load_file, read_meta
+    from dpface.engine.checkpoint import check_backbone_fits, checkpoint_dir, load_file, read_meta
     from dpface.engine.trainer import build_eval_sets, evaluate
     from dpface.models import build_backbone
 
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"--checkpoint: no checkpoint directory at {ckpt}")
-    if not (ckpt / "meta.json").is_file():
-        raise CheckpointError(
-            f"--checkpoint: {ckpt} is an interrupted save (no meta.json); use a complete step-N"
-            if ckpt.name.endswith(".partial") else
-            f"--checkpoint: {ckpt} is not a checkpoint (no meta.json; expected …/checkpoints/step-N)")
+    ckpt = checkpoint_dir(args.checkpoint, "--checkpoint")
     meta = read_meta(ckpt)
     if args.config:
         cfg = load_config(args.config, args.overrides)
@@ -109,20 +103,7 @@ def _cmd_eval(args) -> int:
         cfg.eval.bin_sets = list(args.bin)
     backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size)
     state = load_file(ckpt / "trainer.pt")["backbone"]
-    saved = {k: tuple(v.shape) for k, v in state.items()}
-    mine = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
-    diff = [k for k in mine if k in saved and saved[k] != mine[k]]
-    if diff or saved.keys() != mine.keys():
-        # Name only what differs: the embedding size, the model spec, or neither.
-        saved_dim, saved_model = meta["config"]["head"]["embedding_size"], meta["config"]["model"]
-        what = [f"checkpoint embedding size {saved_dim}, config {cfg.head.embedding_size}"
-                ] if saved_dim != cfg.head.embedding_size else []
-        if saved_model != cfg.model:
-            what.append(f"checkpoint model {saved_model}, config model {cfg.model}")
-        raise CheckpointError(
-            f"{ckpt}: checkpoint backbone does not fit this config ({'; '.join(what) or 'same spec'}"
-            f"; first differing tensor: {(diff or sorted(saved.keys() ^ mine.keys()))[0]})"
-        )
+    check_backbone_fits(ckpt, meta, state, backbone, cfg.to_dict())
     backbone.load_state_dict(state)
     device = "cuda" if torch.cuda.is_available() and cfg.experiment.device != "cpu" else "cpu"
     backbone.to(device)
@@ -175,12 +156,13 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_export_head(args) -> int:
+    from dpface.engine.checkpoint import checkpoint_dir
     from dpface.heads.sharding import merge_shards
 
-    ckpt = Path(args.checkpoint)
+    ckpt = checkpoint_dir(args.checkpoint, "--checkpoint")
     shards = sorted(ckpt.glob("head-rank*.pt"))
     if not shards:
-        raise SystemExit(f"no head shards (head-rank*.pt) in {ckpt}")
+        raise InputError(f"--checkpoint: no head shards (head-rank*.pt) in {ckpt}")
     merge_shards(shards, Path(args.out))
     print(f"wrote {args.out} from {len(shards)} shard(s)")
     return 0

@@ -9,11 +9,21 @@ The incomplete tail of each epoch is dropped: every rank always gets a full batc
 """
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` of every training stream. Ctrl-C (and SLURM's
+    scancel) signal the whole process group: a worker killed by it makes the main process
+    fail with "DataLoader worker exited unexpectedly" before it can checkpoint. The
+    main process's handler (engine/preempt.py) decides; it shuts the workers down."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 class _BatchIndices:
@@ -75,7 +85,7 @@ class MapStream:
         sampler = _BatchIndices(len(self.dataset), self.batch_size, self.rank, self.world_size,
                                 self.seed, self._consumed)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                            worker_init_fn=ignore_stop_signals, persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
         for images, labels in loader:
             self._consumed += 1
             yield images, labels.long()

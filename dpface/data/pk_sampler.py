@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dpface.data.loader import MapStream
+from dpface.data.loader import MapStream, ignore_stop_signals
 
 _PK_STREAM = 0x504B  # keeps this sampler's RNG streams apart from other users of the seed
 
@@ -107,7 +107,7 @@ class PKMapStream(MapStream):
                                  self.rank, self.world_size, self.seed, self._consumed)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+            worker_init_fn=ignore_stop_signals, persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
         for images, labels in loader:
             self._consumed += 1
             yield images, labels.long()

@@ -386,6 +386,12 @@ class ShardSet:
     manifest: dict | None
 
 
+def is_manifest(spec) -> bool:
+    """A manifest.json (or its directory), as opposed to tar paths / a brace pattern."""
+    spec = os.fspath(spec)
+    return os.path.isdir(spec) or spec.endswith(".json")
+
+
 def resolve_shards(manifest_or_shards, num_classes: int | None = None) -> ShardSet:
     """Accepts a manifest.json path, its directory, a tar path or brace pattern, or a list of tars.
 
@@ -395,7 +401,7 @@ def resolve_shards(manifest_or_shards, num_classes: int | None = None) -> ShardS
     """
     if isinstance(manifest_or_shards, (str, os.PathLike)):
         spec = os.fspath(manifest_or_shards)
-        if os.path.isdir(spec) or spec.endswith(".json"):
+        if is_manifest(spec):
             return _from_manifest(spec, num_classes)
         import braceexpand  # a webdataset dependency
         tars = list(braceexpand.braceexpand(spec))

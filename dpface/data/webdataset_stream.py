@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpface import distributed as dist
 
+from .loader import ignore_stop_signals
 from .shards import ShardError, resolve_shards
 
 AUGMENTS = ("flip", "crop", "color")
@@ -517,7 +518,7 @@ class WebDatasetStream:
         dataset = _WorkerStream(cfg, groups, {v: copy.deepcopy(self._positions[v]) for v in own})
         loader = DataLoader(dataset, batch_size=None, num_workers=nw,
                             prefetch_factor=self.prefetch_factor if nw else None,
-                            persistent_workers=False)
+                            worker_init_fn=ignore_stop_signals, persistent_workers=False)
         it = iter(loader)
         live = [w for w, g in enumerate(groups)
                 if not all(self._positions[v]["ended"] for v in g)]

@@ -75,11 +75,20 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
     if resume == "auto":
         done = complete_checkpoints(ckpt_root)
         return done[-1] if done else None
-    path = Path(resume)
+    return checkpoint_dir(resume, "--resume")
+
+
+def checkpoint_dir(path, option: str) -> Path:
+    """The complete checkpoint directory a user named with ``option`` (--resume,
+    --checkpoint), or a CheckpointError saying what the path is instead."""
+    path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"--resume: no checkpoint directory at {path}")
+        raise CheckpointError(f"{option}: no checkpoint directory at {path}")
     if not (path / "meta.json").is_file():
-        raise CheckpointError(f"--resume: {path} is incomplete (no meta.json): the save was interrupted")
+        raise CheckpointError(
+            f"{option}: {path} is an interrupted save (no meta.json); use a complete step-N"
+            if LEFTOVER.match(path.name) else
+            f"{option}: {path} is not a checkpoint (no meta.json; expected …/checkpoints/step-N)")
     return path
 
 
@@ -222,6 +231,28 @@ def check_compatible(path: Path, meta: dict, config: dict, world_size: int) -> N
             f"To continue that run use {fix}; {_NEW_RUN}")
 
 
+def check_backbone_fits(path: Path, meta: dict, saved: dict, backbone: torch.nn.Module,
+                        config: dict | None) -> None:
+    """Before loading: the saved tensors fit ``backbone``; else one line naming what
+    differs (embedding size, model spec keys) instead of torch's list of every tensor."""
+    have = {k: tuple(v.shape) for k, v in saved.items()}
+    want = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+    diff = [k for k in want if k in have and have[k] != want[k]] or sorted(have.keys() ^ want.keys())
+    if not diff:
+        return
+    what = []
+    if config is not None:
+        old = meta["config"]
+        d0, d1 = old["head"]["embedding_size"], config["head"]["embedding_size"]
+        if d0 != d1:
+            what.append(f"checkpoint embedding size {d0}, config {d1}")
+        m0, m1 = old["model"], config["model"]
+        what += [f"model.{k}: checkpoint {m0.get(k, '(default)')}, config {m1.get(k, '(default)')}"
+                 for k in sorted(m0.keys() | m1.keys()) if m0.get(k) != m1.get(k)]
+    raise CheckpointError(f"{path}: checkpoint backbone does not fit this config ({'; '.join(what) or 'same spec'}"
+                          f"; first differing tensor: {diff[0]})")
+
+
 def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo, config: dict | None = None) -> int:
     """Restore ``state`` in place from checkpoint ``path``; returns the step. ``config``
     (this run's, as a dict) is checked against the checkpoint's first."""
@@ -234,10 +265,8 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo, config: 
             f"{state.head.num_classes}: a different data set?"
         )
     trainer = load_file(path / "trainer.pt")
-    try:
-        state.backbone.load_state_dict(trainer["backbone"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: backbone does not match this config's model: {e}") from None
+    check_backbone_fits(path, meta, trainer["backbone"], state.backbone, config)
+    state.backbone.load_state_dict(trainer["backbone"])
     if state.engine is None and "deepspeed" in trainer["backbone_opt"]:
         raise CheckpointError(f"{path}: saved with deepspeed.enabled=true (the backbone optimizer "
                               "state is in its deepspeed/ folder); resume it with deepspeed.enabled=true")

@@ -85,12 +85,19 @@ def build_stream(cfg: Config, info: dist.DistInfo):
 def _check_shards_set(cfg: Config) -> None:
     # Here, not at config load: `dpface eval` uses a shard backend without shards to
     # mean "no synthetic set, only --bin sets".
-    if cfg.data.backend != "synthetic" and not cfg.data.webdataset.shards:
-        from dpface.config import ConfigError
+    if cfg.data.backend == "synthetic":
+        return
+    from dpface.config import ConfigError
+    from dpface.data.shards import is_manifest
 
-        raise ConfigError(f"'data.webdataset.shards' must name the manifest.json (or shard "
-                          f"pattern) of a converted data set with data.backend: "
-                          f"{cfg.data.backend} (see `dpface convert`)")
+    shards = cfg.data.webdataset.shards
+    if not shards:
+        raise ConfigError(f"'data.webdataset.shards' must name the manifest.json of a converted "
+                          f"data set with data.backend: {cfg.data.backend} (see `dpface convert`)")
+    if not is_manifest(shards):  # the head's size, the class count, is only in the manifest
+        raise ConfigError(f"'data.webdataset.shards' is {shards!r}, tar files without a manifest: "
+                          "name the manifest.json (or its directory) that `dpface convert` writes "
+                          "next to the shards")
 
 
 def has_eval_sets(cfg: Config) -> bool:
@@ -315,8 +322,17 @@ class Trainer:
         interrupted run would), then evaluate. On SIGTERM/SIGINT: checkpoint at the next
         step boundary, then raise StopRequested (preempt.py)."""
         self._fit_started = time.perf_counter()  # wall time of this session, for the model card
+        self._batches = None  # the data stream's iterator, once _fit has one
         with SignalStop() as self._signals:
-            return self._fit(until)
+            try:
+                return self._fit(until)
+            finally:
+                # Data workers ignore SIGINT/SIGTERM (data/loader.py), so multiprocessing's
+                # terminate() at exit could not end them and its join would hang: however
+                # the loop ends (a stop, divergence, a bug), closing the stream's generator
+                # shuts its DataLoader down now.
+                if hasattr(self._batches, "close"):
+                    self._batches.close()
 
     def _fit(self, until: int | None) -> dict:
         cfg, info, t = self.cfg, self.info, self.cfg.train
@@ -340,7 +356,7 @@ class Trainer:
 
         consecutive_skips, window, stop_signal = 0, [], 0
         t_last, steps_last = time.perf_counter(), self.state.step
-        it = iter(self.stream)
+        it = self._batches = iter(self.stream)
         while self.state.step < stop:
             images, labels = next(it)
             m = self.train_step(images, labels)

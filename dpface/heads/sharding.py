@@ -168,6 +168,11 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+class HeadShardError(ValueError):
+    """A head shard file is unreadable, or the set of shards does not fit together; the
+    message names the file (the CLI reports it as bad input, exit 2)."""
+
+
 def _open_shards(shard_files: Iterable[str | os.PathLike]) -> tuple[int, list[tuple[Path, dict]]]:
     """Open (memory-mapped) and cross-check a complete set of shard files."""
     opened = []
@@ -177,56 +182,57 @@ def _open_shards(shard_files: Iterable[str | os.PathLike]) -> tuple[int, list[tu
         try:
             st = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # truncated, not a zip, unpicklable
-            raise ValueError(f"cannot read head shard file {f}: {e}") from e
+            first = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch appends a paragraph of advice
+            raise HeadShardError(f"cannot read head shard file {f} (truncated or corrupt?): {first}") from e
         if not isinstance(st, dict) or st.get("format") != FORMAT:
-            raise ValueError(f"{f} is not a dpface head shard (format {FORMAT!r} expected)")
+            raise HeadShardError(f"{f} is not a dpface head shard (format {FORMAT!r} expected)")
         opened.append((f, st))
     if not opened:
-        raise ValueError("no head shard files given")
+        raise HeadShardError("no head shard files given")
     f0, s0 = opened[0]
     num_classes = s0["num_classes"]
     for f, st in opened[1:]:
         if st["num_classes"] != num_classes:
-            raise ValueError(f"num_classes mismatch: {f0} has {num_classes}, {f} has "
+            raise HeadShardError(f"num_classes mismatch: {f0} has {num_classes}, {f} has "
                              f"{st['num_classes']}")
         if st["rows"].keys() != s0["rows"].keys():
-            raise ValueError(f"row tensors differ: {f0} has {sorted(s0['rows'])}, {f} has "
+            raise HeadShardError(f"row tensors differ: {f0} has {sorted(s0['rows'])}, {f} has "
                              f"{sorted(st['rows'])} (optimizer state missing on one rank?)")
         for k, t in st["rows"].items():
             if t.shape[1:] != s0["rows"][k].shape[1:] or t.dtype != s0["rows"][k].dtype:
-                raise ValueError(f"'{k}' of {f} is {t.dtype}{list(t.shape)}, of {f0} "
+                raise HeadShardError(f"'{k}' of {f} is {t.dtype}{list(t.shape)}, of {f0} "
                                  f"{s0['rows'][k].dtype}{list(s0['rows'][k].shape)}")
         if not _equal(st["scalars"], s0["scalars"]):
-            raise ValueError(f"non-row state (optimizer step, hyper-parameters, replicated "
+            raise HeadShardError(f"non-row state (optimizer step, hyper-parameters, replicated "
                              f"params) differs between {f0} and {f}")
     for f, st in opened:
         lo, hi = st["class_start"], st["class_end"]
         if not 0 <= lo < hi <= num_classes:
-            raise ValueError(f"{f} claims classes [{lo}, {hi}) outside [0, {num_classes})")
+            raise HeadShardError(f"{f} claims classes [{lo}, {hi}) outside [0, {num_classes})")
         for k, t in st["rows"].items():
             if t.shape[0] != hi - lo:
-                raise ValueError(f"'{k}' of {f} has {t.shape[0]} rows for classes [{lo}, {hi})")
+                raise HeadShardError(f"'{k}' of {f} has {t.shape[0]} rows for classes [{lo}, {hi})")
     opened.sort(key=lambda fs: fs[1]["class_start"])
     covered = 0
     prev = None
     for f, st in opened:
         lo, hi = st["class_start"], st["class_end"]
         if lo < covered:
-            raise ValueError(f"shards overlap: {prev} covers up to class {covered}, {f} starts "
+            raise HeadShardError(f"shards overlap: {prev} covers up to class {covered}, {f} starts "
                              f"at {lo}")
         if lo > covered:
-            raise ValueError(f"classes [{covered}, {lo}) are in no shard (a shard file is "
+            raise HeadShardError(f"classes [{covered}, {lo}) are in no shard (a shard file is "
                              f"missing before {f})")
         covered, prev = hi, f
     if covered != num_classes:
-        raise ValueError(f"classes [{covered}, {num_classes}) are in no shard (a shard file is "
+        raise HeadShardError(f"classes [{covered}, {num_classes}) are in no shard (a shard file is "
                          f"missing after {prev})")
     return num_classes, opened
 
 
 def _assemble(num_classes: int, opened, class_start: int, class_end: int) -> dict:
     if not 0 <= class_start < class_end <= num_classes:
-        raise ValueError(f"requested classes [{class_start}, {class_end}) are not a non-empty "
+        raise HeadShardError(f"requested classes [{class_start}, {class_end}) are not a non-empty "
                          f"part of [0, {num_classes})")
     s0 = opened[0][1]
     rows = {k: torch.empty((class_end - class_start, *t.shape[1:]), dtype=t.dtype)
@@ -248,7 +254,7 @@ def load_resharded(shard_files: Iterable[str | os.PathLike], class_start: int,
     """Rows [class_start, class_end) gathered from a complete set of shard files saved
     at any world size. The files are memory-mapped; only overlapping rows are copied.
 
-    Errors (ValueError unless noted) name the file: missing file (FileNotFoundError),
+    Errors (HeadShardError unless noted) name the file: missing file (FileNotFoundError),
     unreadable file, num_classes mismatch, overlapping shards, classes in no shard."""
     num_classes, opened = _open_shards(shard_files)
     return _assemble(num_classes, opened, class_start, class_end)
@@ -319,5 +325,5 @@ def merge_shards(shard_files: Iterable[str | os.PathLike], out_path: str | os.Pa
     return atomic_save(state, out_path)
 
 
-__all__ = ["class_range", "sample_count", "shard_filename", "atomic_save", "head_shard_state",
-           "save_head_shard", "load_resharded", "apply_shard_state", "merge_shards"]
+__all__ = ["HeadShardError", "class_range", "sample_count", "shard_filename", "atomic_save",
+           "head_shard_state", "save_head_shard", "load_resharded", "apply_shard_state", "merge_shards"]
