@@ -17,6 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+try:
+    from tests.conftest import tiny_overrides
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from conftest import tiny_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cpu_demo.yaml"
 STEPS = 8
@@ -25,17 +30,13 @@ FAULT_STEP = 5  # rank 1 dies after this step; the last checkpoint before it is 
 
 def overrides(output_dir: Path, name: str, *extra: str) -> list[str]:
     """The tiny run every test trains: 8 steps, checkpoints at 3 and 6 (and the end),
-    no clipping (DeepSpeed clips by another norm, see deepspeed_backbone.py)."""
-    return [
-        f"experiment.output_dir={output_dir}", f"experiment.name={name}",
-        "model={name: iresnet_tiny, base_width: 16}", "head.embedding_size=32",
-        "data.batch_size=8", "data.num_workers=0",
-        "data.synthetic={num_identities: 12, max_images: 8, min_images: 4}",
+    no clipping (DeepSpeed clips by another norm, see deepspeed_backbone.py). The tiny run
+    of tests/conftest.py at width 16, with the default device and loss."""
+    return tiny_overrides(
+        "model={name: iresnet_tiny, base_width: 16}", "data.batch_size=8",
         f"train.steps={STEPS}", "train.log_every=1", "train.ckpt_every=3", "train.keep_checkpoints=3",
-        "train.warmup_steps=0", "train.grad_clip=0",
-        "eval.num_identities=10", "eval.num_pairs=40", "eval.folds=2", "wandb.enabled=false",
-        *extra,
-    ]
+        "train.warmup_steps=0", "train.grad_clip=0", *extra,
+        out=output_dir, name=name, drop=("experiment.device", "head.loss"))
 
 
 def base_env(tmp: Path) -> dict:

@@ -3,9 +3,13 @@ import json
 
 import pytest
 
-from dpface.config import load_config
 from dpface.data.convert import convert_synthetic
 from dpface.engine.trainer import Trainer
+
+try:
+    from tests.conftest import SYNTHETIC_SETS, load_tiny
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from conftest import SYNTHETIC_SETS, load_tiny
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +24,9 @@ def manifest(tmp_path_factory):
 def test_backend_trains_through_the_trainer(tmp_path, manifest, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    cfg = load_config(None, [
-        f"experiment.output_dir={tmp_path}", "experiment.name=b", "experiment.device=cpu",
-        "model={name: iresnet_tiny, base_width: 8}", "head.embedding_size=16",
-        "head.loss={name: cosface, s: 16.0, m: 0.2}", f"data.backend={backend}",
-        f"data.webdataset.shards={manifest}", "data.batch_size=8", "data.num_workers=1",
-        "train.steps=4", "train.log_every=1", "wandb.enabled=false",
-    ])
+    cfg = load_tiny(tmp_path, "b", "head.embedding_size=16", f"data.backend={backend}",
+                    f"data.webdataset.shards={manifest}", "data.batch_size=8", "data.num_workers=1",
+                    "train.steps=4", "train.log_every=1", drop=SYNTHETIC_SETS)
     t = Trainer(cfg)
     assert t.head.num_classes == json.loads(manifest.read_text())["num_classes"] == 10
     t.fit()

@@ -9,13 +9,12 @@ import torch
 from dpface.cli import main
 from dpface.engine.checkpoint import complete_checkpoints
 
-TINY = [
-    "experiment.device=cpu", "model={name: iresnet_tiny, base_width: 8}", "head.embedding_size=32",
-    "head.loss={name: cosface, s: 16.0, m: 0.2}", "data.batch_size=16", "data.num_workers=0",
-    "data.synthetic={num_identities: 12, max_images: 8, min_images: 4}", "train.steps=4",
-    "train.log_every=2", "eval.num_identities=10", "eval.num_pairs=40", "eval.folds=2",
-    "wandb.enabled=false",
-]
+try:
+    from tests.conftest import tiny_overrides
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from conftest import tiny_overrides
+
+TINY = tiny_overrides("train.steps=4", "train.log_every=2")
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +29,20 @@ def trained(tmp_path_factory):
 def test_train_writes_run_directory(trained):
     assert (trained / "config.yaml").is_file()
     final = json.loads((trained / "final_metrics.json").read_text())
-    assert final["step"] == 4 and 0.0 <= final["synthetic/acc"] <= 1.0
-    assert "untrained/synthetic/acc" in final
+    assert final["step"] == 4
     rows = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [2, 4]
+    # final_metrics.json holds the trained network's last evaluation and the untrained one's.
+    evals = {r["kind"]: r for r in rows if r["kind"].startswith("eval")}
+    assert final["synthetic/acc"] == pytest.approx(evals["eval"]["synthetic/acc"])
+    assert final["untrained/synthetic/acc"] == pytest.approx(evals["eval-untrained"]["synthetic/acc"])
+    # Training works: the loss of steps 3-4 is below that of steps 1-2 by 10 % (observed 31 %:
+    # 7.22 → 4.96; CosFace on 12 classes at lr warm-up falls fast), and the verification
+    # accuracy is above chance (0.5: the pairs are half mated) by 0.1 (observed 0.85; even
+    # the untrained network scores 0.80 on these 40 pairs, so 0.6 is 8 pairs of margin).
+    loss = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    assert loss[4] < 0.9 * loss[2], loss
+    assert final["synthetic/acc"] >= 0.6, final
 
 
 def test_eval_reproduces_the_final_training_evaluation(trained, capsys):
@@ -92,4 +101,10 @@ def test_eval_on_an_insightface_bin_set(trained, tmp_path, capsys):
                  "data.backend=webdataset"]) == 0  # no synthetic set: only the .bin one
     metrics = json.loads(capsys.readouterr().out)
     assert set(k.split("/")[0] for k in metrics) == {"synth"}
-    assert 0.0 <= metrics["synth/acc"] <= 1.0
+    # These are the run's own evaluation pairs (same seed, identity offset, count and folds)
+    # stored as lossless PNG, so the metrics equal the training run's final evaluation of
+    # this checkpoint (observed: acc 0.85, auc 0.7975 both); a decode, ordering or label
+    # regression of the .bin reader changes them.
+    final = json.loads((trained / "final_metrics.json").read_text())
+    assert metrics["synth/acc"] == pytest.approx(final["synthetic/acc"])
+    assert metrics["synth/auc"] == pytest.approx(final["synthetic/auc"])

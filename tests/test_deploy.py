@@ -25,13 +25,12 @@ from dpface.data.transforms import normalize  # noqa: E402
 from dpface.eval import export_onnx as xo  # noqa: E402
 from dpface.eval import model_card as mc  # noqa: E402
 
-TINY = [
-    "experiment.device=cpu", "model={name: iresnet_tiny, base_width: 8}", "head.embedding_size=32",
-    "head.loss={name: cosface, s: 16.0, m: 0.2}", "data.batch_size=16", "data.num_workers=0",
-    "data.synthetic={num_identities: 12, max_images: 8, min_images: 4}", "train.steps=4",
-    "train.log_every=2", "train.eval_every=2", "eval.num_identities=10", "eval.num_pairs=40",
-    "eval.folds=2", "wandb.enabled=false",
-]
+try:
+    from tests.conftest import tiny_overrides  # noqa: E402
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from conftest import tiny_overrides  # noqa: E402
+
+TINY = tiny_overrides("train.steps=4", "train.log_every=2", "train.eval_every=2")
 
 
 @pytest.fixture(scope="module")

@@ -115,15 +115,12 @@ def test_console_line_shows_lost_shards_and_samples():
 
 # -- through the trainer: a 2-rank checkpoint resumes on 1 rank -------------------------------
 def _cfg(out, shards, batch):
-    from dpface.config import load_config
-    return load_config(None, [
-        f"experiment.output_dir={out}", "experiment.name=wds", "experiment.device=cpu",
-        "experiment.seed=3",  # = KW: the reference stream below
-        "model={name: iresnet_tiny, base_width: 8}", "head.embedding_size=16",
-        "head.loss={name: cosface, s: 16.0, m: 0.2}", "data.backend=webdataset",
-        f"data.webdataset.shards={shards}", "data.webdataset.shuffle_buffer=5",
-        f"data.batch_size={batch}", "data.num_workers=0", "train.steps=3", "train.log_every=1",
-        "wandb.enabled=false"])
+    from tests.conftest import SYNTHETIC_SETS, load_tiny
+    return load_tiny(out, "wds", "experiment.seed=3",  # = KW: the reference stream below
+                     "head.embedding_size=16", "data.backend=webdataset",
+                     f"data.webdataset.shards={shards}", "data.webdataset.shuffle_buffer=5",
+                     f"data.batch_size={batch}", "train.steps=3", "train.log_every=1",
+                     drop=SYNTHETIC_SETS)
 
 
 def _two_ranks(rank, world, out, shards):

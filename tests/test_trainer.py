@@ -5,24 +5,23 @@ import math
 import pytest
 import torch
 
-from dpface.config import load_config
 from dpface.engine.amp import LossScaler
 from dpface.engine.checkpoint import CheckpointError, complete_checkpoints
 from dpface.engine.schedule import lr_at
 from dpface.engine.trainer import Trainer
 
+try:
+    from tests.conftest import load_tiny
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from conftest import load_tiny
+
 
 def tiny_cfg(tmp_path, name, *extra):
-    return load_config(None, [
-        f"experiment.output_dir={tmp_path}", f"experiment.name={name}", "experiment.device=cpu",
-        "model={name: iresnet_tiny, base_width: 8}", "head.embedding_size=32",
-        "head.loss={name: arcface, s: 16.0, m: 0.3}",
-        "data.batch_size=16", "data.num_workers=0",
-        "data.synthetic={num_identities: 12, max_images: 8, min_images: 4, exponent: 0.5}",
-        "train.steps=6", "train.lr=0.05", "train.warmup_steps=2", "train.log_every=1",
-        "eval.num_identities=10", "eval.num_pairs=40", "eval.folds=2", "wandb.enabled=false",
-        *extra,
-    ])
+    """The tiny run (tests/conftest.py) with ArcFace and a long-tailed set, 6 steps."""
+    return load_tiny(tmp_path, name, "head.loss={name: arcface, s: 16.0, m: 0.3}",
+                     "data.synthetic={num_identities: 12, max_images: 8, min_images: 4, exponent: 0.5}",
+                     "train.steps=6", "train.lr=0.05", "train.warmup_steps=2", "train.log_every=1",
+                     *extra)
 
 
 def losses(run_dir):
@@ -111,14 +110,13 @@ def test_non_finite_gradients_stop_with_a_clear_error(tmp_path):
 def test_training_beats_the_untrained_network(tmp_path):
     """End to end on synthetic faces: verification on held-out identities rises clearly
     above the randomly initialised network's."""
-    cfg = load_config(None, [
-        f"experiment.output_dir={tmp_path}", "experiment.name=e2e", "experiment.device=cpu",
-        "model={name: iresnet_tiny, base_width: 16}", "head.embedding_size=64",
-        "head.loss={name: arcface, s: 32.0, m: 0.3}", "data.batch_size=32", "data.num_workers=0",
-        "data.synthetic={num_identities: 40, max_images: 20, min_images: 8, exponent: 0.5}",
-        "train.steps=60", "train.warmup_steps=5", "train.log_every=20",
-        "eval.num_identities=40", "eval.num_pairs=200", "wandb.enabled=false",
-    ])
+    # A larger run than the tiny one: a wider network, 40 identities, 200 pairs.
+    cfg = load_tiny(tmp_path, "e2e",
+                    "model={name: iresnet_tiny, base_width: 16}", "head.embedding_size=64",
+                    "head.loss={name: arcface, s: 32.0, m: 0.3}", "data.batch_size=32",
+                    "data.synthetic={num_identities: 40, max_images: 20, min_images: 8, exponent: 0.5}",
+                    "train.steps=60", "train.warmup_steps=5", "train.log_every=20",
+                    "eval.num_identities=40", "eval.num_pairs=200", drop=("eval.folds",))
     t = Trainer(cfg)
     final = t.fit()
     untrained = t.untrained["synthetic/acc"]

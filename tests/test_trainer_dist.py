@@ -4,22 +4,18 @@ import json
 import pytest
 import torch
 
-from dpface.config import load_config
 from dpface.engine.trainer import Trainer
+from tests.conftest import load_tiny
 from tests.mp_utils import run_distributed
 
 pytestmark = pytest.mark.multiproc
 
 
 def cfg_for(out, name, *extra):
-    return load_config(None, [
-        f"experiment.output_dir={out}", f"experiment.name={name}", "experiment.device=cpu",
-        "model={name: iresnet_tiny, base_width: 16}", "head.embedding_size=32",
-        "head.loss={name: arcface, s: 16.0, m: 0.3}", "data.num_workers=0",
-        "data.synthetic={num_identities: 12, max_images: 8, min_images: 4}",
-        "train.log_every=1", "eval.num_identities=10", "eval.num_pairs=40", "eval.folds=2",
-        "wandb.enabled=false", *extra,
-    ])
+    """The tiny run (tests/conftest.py), width 16 and ArcFace; each test sets the batch."""
+    return load_tiny(out, name, "model={name: iresnet_tiny, base_width: 16}",
+                     "head.loss={name: arcface, s: 16.0, m: 0.3}", "train.log_every=1", *extra,
+                     drop=("data.batch_size",))
 
 
 def _skip_on_one_rank(rank, world, out):

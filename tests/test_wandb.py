@@ -7,6 +7,11 @@ import pytest
 from dpface.engine.logging import MetricsLogger
 from dpface.config import WandbConfig
 
+try:
+    from tests.conftest import load_tiny
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from conftest import load_tiny
+
 
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch):
@@ -72,17 +77,12 @@ def test_wandb_failure_never_stops_training(wandb_env, monkeypatch):
 def test_trainer_logs_memory_and_roc_to_an_offline_run(wandb_env):
     """The trainer's extra W&B content: per-rank peak memory (reduced to rank 0) with the
     training scalars, and the ROC curve of each evaluation set as a W&B line chart."""
-    from dpface.config import load_config
     from dpface.engine.trainer import Trainer
 
-    cfg = load_config(None, [
-        f"experiment.output_dir={wandb_env}", "experiment.name=w", "experiment.device=cpu",
-        "model={name: iresnet_tiny, base_width: 16}", "head.embedding_size=16",
-        "data.batch_size=8", "data.num_workers=0",
-        "data.synthetic={num_identities: 12, max_images: 8, min_images: 4}",
-        "train.steps=2", "train.log_every=1", "eval.num_identities=10", "eval.num_pairs=40",
-        "eval.folds=2", "wandb.enabled=true", "wandb.mode=offline", "wandb.name=mem-roc",
-    ])
+    cfg = load_tiny(wandb_env, "w", "model={name: iresnet_tiny, base_width: 16}", "head.embedding_size=16",
+                    "data.batch_size=8", "train.steps=2", "train.log_every=1",
+                    "wandb.enabled=true", "wandb.mode=offline", "wandb.name=mem-roc",
+                    drop=("head.loss",))  # the default loss
     Trainer(cfg).fit()
     keys = (b"train/mem/rss_peak_mb_max", b"train/mem/rss_peak_mb_mean", b"train/grad_norm",
             b"train/skipped", b"eval/synthetic/acc", b"roc/synthetic")
