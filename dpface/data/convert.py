@@ -48,6 +48,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from dpface.io import atomic_write_json
+
 from . import shards as sh
 from .recordio import InsightFaceRecord
 
@@ -232,7 +234,7 @@ def _prepare_out_dir(out_dir: str, params: dict, prefix: str, overwrite: bool) -
         raise ValueError(f"{out_dir} holds {prefix}-* files but no {PARAMS_NAME}: not a "
                          "conversion this tool can resume; use an empty directory or "
                          "--overwrite")
-    sh.atomic_write_bytes(ppath, json.dumps(params, indent=1, sort_keys=True).encode("utf-8"))
+    atomic_write_json(ppath, params, indent=1, sort_keys=True)
     return None
 
 

@@ -25,6 +25,8 @@ import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 
+from dpface.io import atomic_write_bytes
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dpface-shards"
 MANIFEST_VERSION = 1
@@ -64,24 +66,6 @@ class ShardInfo:
         d = asdict(self)
         d.pop("labels")
         return d
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write via a temp name + rename, so readers never see a half-written file."""
-    tmp = path + TMP_SUFFIX
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -316,8 +300,10 @@ def complete_shard_prefix(out_dir: str, prefix: str = "shard") -> list[ShardInfo
         number += 1
     keep = {name for s in good for name in (s.name, s.index)}
     for name in os.listdir(out_dir):
+        # ".<prefix>-…tmp": an index whose atomic write was interrupted (dpface.io's temp name)
         if name.startswith(prefix + "-") and name not in keep and (
-                name.endswith((".tar", ".idx")) or name.endswith(TMP_SUFFIX)):
+                name.endswith((".tar", ".idx")) or name.endswith(TMP_SUFFIX)) or (
+                name.startswith(f".{prefix}-") and name.endswith(TMP_SUFFIX)):
             _remove_if_exists(os.path.join(out_dir, name))
     return good
 

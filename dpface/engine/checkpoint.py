@@ -33,8 +33,9 @@ import torch
 import torch.distributed as tdist
 
 from dpface import distributed as dist
-from dpface.heads.sharding import (apply_shard_state, atomic_save, head_shard_state, load_resharded,
+from dpface.heads.sharding import (apply_shard_state, head_shard_state, load_resharded,
                                    shard_filename)
+from dpface.io import atomic_save, atomic_write_json, fsync_dir
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 LEFTOVER = re.compile(r"^(step-\d{8})\.(partial|replaced)$")
@@ -194,8 +195,7 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, con
     if info.is_main:
         meta = {"step": state.step, "world_size": info.world_size,
                 "num_classes": state.head.num_classes, "time": time.time(), "config": config}
-        (partial / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
-        os.replace(partial / "meta.json.tmp", partial / "meta.json")
+        atomic_write_json(partial / "meta.json", meta, indent=1)  # the commit marker
         if final.exists():  # a re-save of this step: the old one stays until the new is in place
             old = final.with_name(final.name + ".replaced")
             os.replace(final, old)
@@ -203,6 +203,7 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, con
             shutil.rmtree(old)
         else:
             os.replace(partial, final)
+        fsync_dir(ckpt_root)  # the rename that publishes the checkpoint survives a power loss
         for old in complete_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

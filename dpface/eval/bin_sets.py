@@ -12,11 +12,12 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
+
+from dpface.io import atomic_write
 
 # The published sets need no globals at all (lists of bytes and bools); numpy reconstructors
 # cover sets re-saved with numpy arrays, _codecs.encode covers bytes pickled by Python 3 at
@@ -158,14 +159,4 @@ def write_bin(path, images_a, images_b, issame, format: str = "png", quality: in
             bins.append(buf.getvalue())
     payload = (bins, [bool(v) for v in issame])
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".bin")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(payload, f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: pickle.dump(payload, f, protocol=4))

@@ -21,6 +21,8 @@ import math
 import os
 from pathlib import Path
 
+from dpface.io import atomic_write_text
+
 CARD_MD = "MODEL_CARD.md"
 CARD_JSON = "model_card.json"
 SCHEMA = 1
@@ -137,12 +139,7 @@ def write_card(run_dir: Path, card: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in ((CARD_JSON, json.dumps(_clean(card), indent=1, allow_nan=False) + "\n"),
                        (CARD_MD, render_markdown(card))):
-        tmp = run_dir / (name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, run_dir / name)
+        atomic_write_text(run_dir / name, text)
 
 
 def append_evaluation(run_dir: Path, metrics: dict, *, source: str = "dpface eval",

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+
+from dpface.io import atomic_save
 
 FORMAT = "dpface.head_shard/1"
 # The head's parameters split by class rows (one shard per rank); any other head
@@ -73,32 +74,6 @@ def shard_filename(rank: int, world_size: int) -> str:
 
 
 # -- saving ----------------------------------------------------------------------
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temp name in the same directory, fsync, then rename over
-    ``path``: a crash leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: it creates 0600 files; mode 0666 lets the umask decide, as for any file
-    # (a team on a shared file system reads each other's checkpoints).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
-
-
 def _own(t: torch.Tensor) -> torch.Tensor:
     """A CPU tensor that owns exactly its bytes (torch.save writes a view's whole storage)."""
     t = t.detach().cpu()
