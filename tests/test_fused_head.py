@@ -155,14 +155,15 @@ def train_losses(tmp_path, name, *extra):
 
 @pytest.mark.slow
 def test_trainer_fused_follows_the_reference_loss_curve(tmp_path, capsys):
-    """20 steps of the real trainer. The first steps agree to fp32 rounding (1e-5); the
-    rounding differences (summation order) then compound through the backbone as the loss
-    falls towards 0, so the whole curve is held to 2 % + 1e-3 (measured: ≤ 1.6 %)."""
+    """20 steps of the real trainer. The first six steps agree to 1e-4 relative (measured
+    ≤ 2e-5: fp32 summation order; a wrong gradient moves step 2 by > 1e-2); those rounding
+    differences then compound through the backbone as the loss falls towards 0, so the
+    whole curve is held to 2 % + 1e-3 (measured: ≤ 1.6 %)."""
     fused = train_losses(tmp_path, "fused", "head.kernel=fused")
     assert "head: fused margin-softmax op (cpu, fp32)" in capsys.readouterr().out
     ref = train_losses(tmp_path, "ref", "head.kernel=reference")
     assert "head: PyTorch reference (head.kernel=reference)" in capsys.readouterr().out
     assert len(fused) == len(ref) == 20
     for step, (a, b) in enumerate(zip(fused, ref)):
-        assert abs(a - b) <= (1e-5 * abs(b) if step < 6 else 1e-3 + 2e-2 * abs(b)), (step, fused, ref)
+        assert abs(a - b) <= (1e-4 * abs(b) if step < 6 else 1e-3 + 2e-2 * abs(b)), (step, fused, ref)
     assert fused[-1] < fused[0]
