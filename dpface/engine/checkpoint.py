@@ -50,11 +50,11 @@ class NonFiniteStateError(CheckpointError, FloatingPointError):
     a FloatingPointError too, so the CLI reports it as divergence."""
 
 
-def load_file(path: Path, weights_only: bool = True):
+def load_file(path: Path, weights_only: bool = True, mmap: bool = False):
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except Exception as e:  # torch raises several types for truncated/corrupt files
         raise CheckpointError(f"checkpoint file unreadable (corrupt or truncated?): {path}: {e}") from None
 
@@ -294,8 +294,19 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo, config: 
         state.aux_losses.load_state_dict(own["aux_losses"])
     else:
         # Another world size: the data position is global (one count of global batches)
-        # and stays valid when the global batch is unchanged; per-rank RNG and per-rank
-        # embedding-loss state start anew.
-        own = load_file(path / "rank00000.pt")
-        state.stream.load_state_dict(own["data"])
+        # and stays valid when the global batch is unchanged; class-sharded loss state
+        # (centres) is resharded like the head; per-rank RNG starts anew.
+        olds = [load_file(path / f"rank{r:05d}.pt", mmap=True) for r in range(meta["world_size"])]
+        state.stream.load_state_dict(olds[0]["data"])
+        reshard_aux_losses(state.aux_losses, [o["aux_losses"] for o in olds])
     return int(trainer["step"])
+
+
+def reshard_aux_losses(aux: torch.nn.Module, states: list[dict]) -> None:
+    """Load into ``aux`` its class-sharded sub-modules' state from the aux-loss state
+    dicts of every rank of a run saved at another world size."""
+    for name, m in aux.named_modules():
+        if hasattr(m, "load_sharded"):
+            pre = f"{name}." if name else ""
+            m.load_sharded([{k[len(pre):]: v for k, v in st.items() if k.startswith(pre)}
+                            for st in states])

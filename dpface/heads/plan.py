@@ -11,7 +11,7 @@ tensor) are not counted.
 """
 from __future__ import annotations
 
-from dpface.heads.sharding import class_range, sample_count
+from dpface.distributed.partition import class_range, sample_count
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 # Optimizer state per weight element, in units of the parameter.

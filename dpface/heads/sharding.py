@@ -1,4 +1,4 @@
-"""Class sharding of the head, and head checkpoints that survive a change of world size.
+"""Head checkpoints that survive a change of world size.
 
 A shard file holds one rank's rows of W (and bias) with the optimizer's per-row state
 (momentum, Adam moments) and its global class range. Loading at another world size
@@ -18,13 +18,14 @@ Shard state layout (a plain dict, loadable with ``weights_only=True``)::
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+# class_range/sample_count are re-exported: dpface.heads has always offered them.
+from dpface.distributed.partition import class_range, gather_rows, sample_count
 from dpface.io import atomic_save
 
 FORMAT = "dpface.head_shard/1"
@@ -40,33 +41,6 @@ def head_grad_params(head) -> tuple[list, list]:
     rows += head.row_leaves()
     ids = {id(p) for p in rows}
     return rows, [p for p in head.parameters() if p.grad is not None and id(p) not in ids]
-
-
-# -- the split -------------------------------------------------------------------
-def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """Rank ``rank``'s contiguous class block [lo, hi). The first C % W ranks get one
-    class more, so block sizes differ by at most one."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if world_size > num_classes:
-        raise ValueError(f"world size {world_size} exceeds the number of classes {num_classes}: "
-                         f"every rank must own at least one class")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, {world_size})")
-    base, extra = divmod(num_classes, world_size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
-def sample_count(num_local: int, sample_rate: float, num_positive: int = 0) -> int:
-    """Rows a shard scores per step: max(#positives, ceil(r·C_local)), at most C_local.
-
-    r·C_local is rounded to 6 decimals first: 0.3·10 is 3.0000000000000004 in floating
-    point and must not become 4."""
-    want = math.ceil(round(sample_rate * num_local, 6))
-    return min(num_local, max(num_positive, want))
 
 
 def shard_filename(rank: int, world_size: int) -> str:
@@ -210,15 +184,9 @@ def _assemble(num_classes: int, opened, class_start: int, class_end: int) -> dic
         raise HeadShardError(f"requested classes [{class_start}, {class_end}) are not a non-empty "
                          f"part of [0, {num_classes})")
     s0 = opened[0][1]
-    rows = {k: torch.empty((class_end - class_start, *t.shape[1:]), dtype=t.dtype)
-            for k, t in s0["rows"].items()}
-    for _, st in opened:
-        a, z = max(class_start, st["class_start"]), min(class_end, st["class_end"])
-        if a >= z:
-            continue  # nothing of this shard is ours: its pages are never touched
-        for k, t in st["rows"].items():
-            lo = st["class_start"]
-            rows[k][a - class_start:z - class_start] = t[a - lo:z - lo]
+    # a shard with nothing of ours is never touched: its mapped pages are not read
+    rows = {k: gather_rows(((st["class_start"], st["class_end"], st["rows"][k]) for _, st in opened),
+                           class_start, class_end) for k in s0["rows"]}
     return {"format": FORMAT, "num_classes": num_classes, "class_start": class_start,
             "class_end": class_end, "world_size": None, "rank": None, "rows": rows,
             "scalars": s0["scalars"]}

@@ -15,8 +15,8 @@ the rank's aux-loss state. A step all-gathers the (detached) embeddings and labe
 the global batch and one all-reduce sum of [B_global, D] (zeros elsewhere) hands every
 rank the centres of its own samples; each rank then updates its own centres. Nothing
 of size C crosses ranks. A run resumed at another world size has other ranges: the
-saved centres then do not fit and loading raises an error saying so (resharding
-these is not implemented; the head's W is resharded by the checkpoint code).
+checkpoint code then hands :meth:`CenterLoss.load_sharded` every old rank's state and
+each rank copies the rows of its new range, as for the head's W.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from dpface.distributed import get_rank, get_world_size
 from dpface.distributed.collectives import all_gather, all_reduce_sum
-from dpface.heads.sharding import class_range
+from dpface.distributed.partition import check_cover, class_range, gather_rows
 
 
 class CenterLoss(nn.Module):
@@ -52,9 +52,30 @@ class CenterLoss(nn.Module):
             lo, hi, c = saved.tolist()
             raise ValueError(
                 f"center loss state holds centres of classes [{lo}, {hi}) of {c}; this rank "
-                f"owns [{self.class_start}, {self.class_end}) of {self.num_classes} (another "
-                f"world size or data set): sharded centres cannot be resharded on resume")
+                f"owns [{self.class_start}, {self.class_end}) of {self.num_classes} ("
+                + ("another data set)" if c != self.num_classes else
+                   "another world size: load every rank's state with load_sharded)"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def load_sharded(self, states: list[dict]) -> None:
+        """Take this rank's centres from the state dicts of all ranks of a run saved at
+        any world size (only the overlapping rows of each are read)."""
+        blocks = []
+        for st in states:
+            if "shard_range" not in st:
+                raise ValueError("the checkpoint holds no center loss state (saved without it?)")
+            lo, hi, c = st["shard_range"].tolist()
+            if c != self.num_classes:
+                raise ValueError(f"center loss state is for {c} classes, this run has "
+                                 f"{self.num_classes} (another data set)")
+            if st["centers"].shape != (hi - lo, self.embedding_size):
+                raise ValueError(f"center loss state for classes [{lo}, {hi}) holds centres of "
+                                 f"shape {list(st['centers'].shape)}, expected "
+                                 f"{[hi - lo, self.embedding_size]}")
+            blocks.append((lo, hi, st["centers"]))
+        check_cover([(lo, hi) for lo, hi, _ in blocks], self.num_classes)
+        with torch.no_grad():
+            self.centers.copy_(gather_rows(blocks, self.class_start, self.class_end))
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
         if emb.dim() != 2 or emb.shape[1] != self.embedding_size:
