@@ -39,6 +39,8 @@ import os
 import numpy as np
 import torch
 
+from dpface.seeding import Stream, seed_int
+
 from .shards import ShardError, read_index, resolve_shards
 from .webdataset_stream import LabelError, PositionError
 
@@ -206,8 +208,7 @@ class DaliStream:
         if shuffle:
             reader_kw["initial_fill"] = self.shuffle_buffer
         augment = self.augment
-        seed = int(np.random.SeedSequence([self.seed, self.rank]).generate_state(1)[0]
-                   % (2**31 - 1))
+        seed = seed_int(self.seed, Stream.DALI, self.rank) % (2**31 - 1)
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_workers,
                       device_id=self.device_id, seed=seed, prefetch_queue_depth=self.prefetch,

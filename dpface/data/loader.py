@@ -12,9 +12,10 @@ from __future__ import annotations
 import signal
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from dpface.seeding import Stream, rng
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -38,7 +39,7 @@ class _BatchIndices:
         k = self.start
         while True:
             epoch, j = divmod(k, self.per_epoch)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            perm = rng(self.seed, Stream.LOADER_ORDER, epoch).permutation(self.n)
             lo = (j * self.world + self.rank) * self.b
             yield perm[lo:lo + self.b].tolist()
             k += 1

@@ -12,7 +12,7 @@ Sampling identities uniformly is itself a long-tail remedy: a tail identity is
 drawn as often as a head identity, so its images are revisited far more often than
 under instance sampling. Compare losses under the same sampler.
 
-Batch k is a pure function of (seed, k) — ``default_rng([seed, tag, k])`` — like the
+Batch k is a pure function of (seed, k) — ``rng(seed, Stream.PK_BATCH, k)`` — like the
 lead's ``_BatchIndices``: a run resumed at batch k (``start``) sees exactly the
 batches it would have seen, and every rank computes the same draw without talking.
 """
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from dpface.data.loader import MapStream, ignore_stop_signals
+from dpface.seeding import Stream, rng as stream_rng
 
-_PK_STREAM = 0x504B  # keeps this sampler's RNG streams apart from other users of the seed
 
 
 class PKBatchSampler:
@@ -63,14 +63,14 @@ class PKBatchSampler:
 
     def batch(self, index: int) -> list[int]:
         """This rank's indices of global batch ``index``."""
-        rng = np.random.default_rng([self.seed, _PK_STREAM, int(index)])
+        rng = stream_rng(self.seed, Stream.PK_BATCH, index)
         chosen = rng.choice(self.identities.size, self.p * self.world, replace=False)
         out = []
         for g in chosen[self.rank * self.p:(self.rank + 1) * self.p]:
             n, f = int(self._counts[g]), int(self._first[g])
             # One generator per (batch, identity): a rank draws only its own identities'
             # images, yet the result does not depend on the world size.
-            irng = np.random.default_rng([self.seed, _PK_STREAM, int(index), int(g)])
+            irng = stream_rng(self.seed, Stream.PK_IMAGES, index, g)
             if n >= self.k:
                 pick = irng.choice(n, self.k, replace=False)
             else:

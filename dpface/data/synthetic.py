@@ -1,8 +1,8 @@
 """Procedural synthetic faces: a download-free, deterministic data set for demos and tests.
 
 An *identity* is a set of face parameters (geometry, colours, skin texture) drawn from
-``default_rng([seed, IDENTITY_STREAM, identity])``; an *image* of it adds nuisance drawn
-from ``default_rng([seed, SAMPLE_STREAM, identity, sample])``: pose (shift, rotation,
+``rng(seed, Stream.SYNTH_IDENTITY, identity)``; an *image* of it adds nuisance drawn
+from ``rng(seed, Stream.SYNTH_SAMPLE, identity, sample)``: pose (shift, rotation,
 scale, squash), lighting (brightness, contrast, colour cast, directional gradient),
 blur, noise, occlusion and background clutter, all scaled by one ``difficulty`` knob.
 No global RNG state is touched, so an image is a pure function of
@@ -26,12 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-# Stream tags keep the identity, sample, noise-bank and pair RNGs independent even
-# when their other key entries coincide.
-IDENTITY_STREAM = 1
-SAMPLE_STREAM = 2
-NOISE_STREAM = 3
-PAIR_STREAM = 4
+from dpface.seeding import Stream, rng as stream_rng
+
 # Internal nuisance strength at difficulty 1.0 (the default). Tuned with a small
 # 4-conv CNN + ArcFace (s=32, m=0.3), 600 steps of 64 on one CPU thread, 200 identities
 # with the cpu_demo counts (min 6, exponent 0.8): held-out pair accuracy ~65% untrained,
@@ -124,7 +120,7 @@ class SyntheticFaces:
         self._X, self._Y = np.meshgrid(self._x, self._y)  # [H, W] each
         # A noise bank twice the image size, cropped at a per-sample offset: drawing
         # fresh Gaussian noise for every image would cost more than the rest of it.
-        bank_rng = np.random.default_rng([self.seed, NOISE_STREAM])
+        bank_rng = stream_rng(self.seed, Stream.SYNTH_NOISE)
         self._noise = bank_rng.standard_normal((2 * s, 2 * s, 3), dtype=np.float32)
         self._cache: OrderedDict[int, tuple[Image.Image, float]] = OrderedDict()
 
@@ -141,7 +137,7 @@ class SyntheticFaces:
         Coordinates are in the face's own frame, [−1, 1] across the image, y down.
         """
         identity = _check_int("identity", identity, 0)
-        rng = np.random.default_rng([self.seed, IDENTITY_STREAM, identity])
+        rng = stream_rng(self.seed, Stream.SYNTH_IDENTITY, identity)
         u = rng.uniform
         p: dict = {}
         p["face_c"] = (u(-0.03, 0.03), u(0.0, 0.1))
@@ -333,7 +329,7 @@ class SyntheticFaces:
         face, eye_y = self._canonical(identity)
         d = self.difficulty * NUISANCE_AT_DIFFICULTY_1
         s = self.image_size
-        rng = np.random.default_rng([self.seed, SAMPLE_STREAM, identity, sample])
+        rng = stream_rng(self.seed, Stream.SYNTH_SAMPLE, identity, sample)
         n = rng.standard_normal(16)  # fixed draw count: every nuisance has its own slot
         r = rng.random(16)
 
@@ -521,7 +517,7 @@ def make_verification_pairs(num_pairs: int, identity_offset: int, num_identities
             f"num_pairs ({num_pairs}) must be a multiple of 2*num_folds ({2 * num_folds}) "
             "so every fold holds equally many same and different pairs")
     faces = SyntheticFaces(seed=seed, image_size=image_size, difficulty=difficulty)
-    rng = np.random.default_rng([seed, PAIR_STREAM, offset, n_ids, num_pairs, num_folds])
+    rng = stream_rng(seed, Stream.SYNTH_PAIRS, offset, n_ids, num_pairs, num_folds)
     per_fold = num_pairs // num_folds
     if n_ids >= 2 * num_folds:
         groups = np.array_split(np.arange(n_ids), num_folds)

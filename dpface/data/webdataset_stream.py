@@ -60,13 +60,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpface import distributed as dist
+from dpface.seeding import Stream, rng, seed_int
 
 from .loader import ignore_stop_signals
 from .shards import ShardError, resolve_shards
 
 AUGMENTS = ("flip", "crop", "color")
 STATE_FORMAT = "dpface-wds-stream/2"  # /1 (per-rank cursor) could not reshard
-_SHARD_TAG, _SHUFFLE_TAG, _AUG_TAG = 11, 12, 13
 _BAD_KINDS = ("bad_image", "missing_image", "missing_label", "bad_label")
 _SHARD_KINDS = ("truncated_shards", "empty_shards", "unreadable_shards")
 _N_DRAWS = 5  # uniform draws per raw sample: flip, crop x, crop y, brightness, contrast
@@ -144,10 +144,6 @@ def iter_tar_members(f, keep=None) -> Iterator[dict]:
                 yield {"fname": fname, "data": data}
 
 
-def _seed_int(*key: int) -> int:
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
-
-
 def _empty_stats() -> dict:
     return {"samples": 0, "lost_samples": 0, **{k: 0 for k in _BAD_KINDS + _SHARD_KINDS}}
 
@@ -163,7 +159,7 @@ def _epoch_perm(cfg: _Config, epoch: int) -> np.ndarray:
     n = len(cfg.tars)
     if not cfg.shuffle_shards:
         return np.arange(n)
-    return np.random.default_rng([cfg.seed, _SHARD_TAG, epoch]).permutation(n)
+    return rng(cfg.seed, Stream.SHARD_ORDER, epoch).permutation(n)
 
 
 def shards_for(cfg: _Config, slot: int, round_: int) -> list[int]:
@@ -266,7 +262,7 @@ class _WorkerStream(IterableDataset):
         buf = self.cfg.shuffle_buffer
         if buf <= 1:
             return raw()
-        rng = random.Random(_seed_int(self.cfg.seed, _SHUFFLE_TAG, slot, round_))
+        rng = random.Random(seed_int(self.cfg.seed, Stream.SHUFFLE, slot, round_))
         return _shuffle(raw(), bufsize=buf, initial=buf, rng=rng)
 
     # -- decode + augment -----------------------------------------------------------
@@ -311,7 +307,7 @@ class _WorkerStream(IterableDataset):
         while True:
             round_ = pos["round"]
             progress = {"done": 0, "counted": pos["done"]}
-            aug_rng = np.random.default_rng([cfg.seed, _AUG_TAG, slot, round_])
+            aug_rng = rng(cfg.seed, Stream.AUGMENT, slot, round_)
             raw, got_any = 0, False
             for sample in self._round_samples(slot, round_, pos, progress):
                 draws = aug_rng.random(_N_DRAWS)  # drawn for every raw sample, even skipped ones

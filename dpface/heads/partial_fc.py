@@ -23,29 +23,13 @@ from dpface import ops
 from dpface.distributed.partition import class_range, sample_count
 from dpface.losses.margin import HeadContext, LogitTransform
 from dpface.ops.margin_softmax import rows_sink
+from dpface.seeding import Stream, seed_int
 
 INIT_STD = 0.01
 # Rows are initialised in fixed blocks, each from its own seed, so that row j's initial
 # value depends only on (seed, j): a run at any world size starts from the same W, and
 # no rank ever generates rows it does not own (beyond one block).
 INIT_BLOCK = 4096
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """Hash integers into a 63-bit seed (splitmix64 steps): nearby inputs such as
-    consecutive steps give unrelated seeds, unlike seed + step."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h & ((1 << 63) - 1)
-
-
-_INIT_TAG = 0x1417  # keeps init streams apart from sampling streams with equal numbers
 
 
 def init_rows(lo: int, hi: int, dim: int, seed: int = 0, std: float = INIT_STD,
@@ -53,7 +37,7 @@ def init_rows(lo: int, hi: int, dim: int, seed: int = 0, std: float = INIT_STD,
     """Rows [lo, hi) of a normal(0, std) class matrix, identical whatever the sharding."""
     out = torch.empty(hi - lo, dim, dtype=dtype)
     for b in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1 if hi > lo else 0):
-        g = torch.Generator().manual_seed(mix_seed(_INIT_TAG, seed, b, dim))
+        g = torch.Generator().manual_seed(seed_int(seed, Stream.HEAD_INIT, b, dim))
         block = torch.randn(INIT_BLOCK, dim, generator=g, dtype=dtype).mul_(std)
         b0 = b * INIT_BLOCK
         a, z = max(lo, b0), min(hi, b0 + INIT_BLOCK)
@@ -470,7 +454,7 @@ class PartialFC(nn.Module):
             keys[pos] = float("inf")
         else:
             dev = self.weight.device
-            g = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, step, self.rank))
+            g = torch.Generator(device=dev).manual_seed(seed_int(self.seed, Stream.NEGATIVES, step, self.rank))
             # Top-n of iid uniform keys is a uniform n-subset; positives get a key above
             # any uniform so they are always in it.
             keys = torch.rand(self.num_local, generator=g, device=dev)
@@ -592,4 +576,4 @@ class PartialFC(nn.Module):
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=k)
 
 
-__all__ = ["PartialFC", "HeadOutput", "SampledRows", "init_rows", "mix_seed", "compute_dtype"]
+__all__ = ["PartialFC", "HeadOutput", "SampledRows", "init_rows", "compute_dtype"]
