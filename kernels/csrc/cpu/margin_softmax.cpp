@@ -13,6 +13,7 @@
 
 #include "../margin_math.h"
 #include "../ops.h"
+#include "simd.h"
 
 namespace dpface {
 namespace {
@@ -58,15 +59,6 @@ struct Ctx {
     return t;
   }
 };
-
-// Row kernels: OpenMP SIMD reductions (no -ffast-math needed) and, on x86-64, an AVX2 clone
-// picked at load time next to the baseline one. AVX2 without FMA: no contraction, so both
-// clones round alike.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DPFACE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define DPFACE_SIMD_CLONES
-#endif
 
 // row = row * inv (or + bias, or as is); returns the row's max.
 template <typename T>

@@ -7,15 +7,10 @@
 #include <ATen/Parallel.h>
 
 #include "../ops.h"
+#include "simd.h"
 
 namespace dpface {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DPFACE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define DPFACE_SIMD_CLONES
-#endif
 
 template <typename T>
 DPFACE_SIMD_CLONES void sgd_row(T* p, T* b, const T* g, T lr, T mu, T wd, int64_t n) {
