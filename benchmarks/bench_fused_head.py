@@ -134,14 +134,13 @@ def run_one(cfg: dict, timeout: float) -> dict:
     return out
 
 
-def configs(args):
-    for classes in args.classes:
-        for rate in args.rates:
-            yield {"kernel": "reference", "precision": "fp32", "budget": 0, "old_row_update": True}
-            yield {"kernel": "reference", "precision": "fp32", "budget": 0}
-            for budget in args.budgets:
-                yield {"kernel": "fused", "precision": "fp32", "budget": budget}
-            yield {"kernel": "fused", "precision": "bf16", "budget": args.budgets[-1]}
+def configs(budgets):
+    """The heads compared at one (C_local, r): references, the fused op per budget, bf16."""
+    yield {"kernel": "reference", "precision": "fp32", "budget": 0, "old_row_update": True}
+    yield {"kernel": "reference", "precision": "fp32", "budget": 0}
+    for budget in budgets:
+        yield {"kernel": "fused", "precision": "fp32", "budget": budget}
+    yield {"kernel": "fused", "precision": "bf16", "budget": budgets[-1]}
 
 
 def main(argv=None):
@@ -169,8 +168,7 @@ def main(argv=None):
     rows = []
     for classes in args.classes:
         for rate in args.rates:
-            for c in configs(argparse.Namespace(**{**vars(args), "classes": [classes],
-                                                   "rates": [rate]})):
+            for c in configs(args.budgets):
                 cfg = {"old_row_update": False, **c, "classes": classes, "rate": rate, "batch": args.batch,
                        "dim": args.dim, "steps": args.steps, "warmup": args.warmup,
                        "min_time": args.min_time}

@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a YAML recipe")
     t.add_argument("--config", required=True, help="recipe, e.g. configs/cpu_demo.yaml")
     once = t.add_mutually_exclusive_group()
-    once.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint of this run) or a checkpoint dir")
+    once.add_argument("--resume", default=None,
+                      help="'auto' (latest complete checkpoint of this run) or a checkpoint dir")
     once.add_argument("--overwrite", action="store_true",
                       help="start a fresh run where checkpoints of an earlier run are: delete that run's "
                            "checkpoints and metrics first (without it such a start is refused)")

@@ -207,7 +207,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.batch_size": (lambda v: v > 0, "> 0"),
     "eval.fars": (lambda v: all(not isinstance(f, bool) and isinstance(f, (int, float)) and 0 < f <= 1
                                 for f in v), "a list of numbers in (0, 1]"),
-    "deepspeed.zero_stage": (lambda v: v in (1, 2), "1 or 2 (ZeRO-3 would shard the backbone's weights, which evaluation reads whole)"),
+    "deepspeed.zero_stage": (lambda v: v in (1, 2),
+                             "1 or 2 (ZeRO-3 would shard the backbone's weights, which evaluation reads whole)"),
     "deepspeed.bucket_mb": (lambda v: v > 0, "> 0"),
 }
 

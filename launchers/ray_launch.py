@@ -45,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ray.train import TrainingFailedError
+
     from dpface.config import ConfigError
     from dpface.engine.checkpoint import CheckpointError
     from dpface.engine.ray_train import launch
-    from ray.train import TrainingFailedError
 
     try:
         result, run_dir = launch(args.config, args.overrides, address=args.address, num_cpus=args.num_cpus,

@@ -74,10 +74,10 @@ def launch(cmd: list[str], env: dict, timeout_s: float, cwd: Path = REPO) -> Run
                 if time.monotonic() - start > timeout_s:
                     raise TimeoutError
             proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - start)))
-        except (TimeoutError, subprocess.TimeoutExpired):
+        except (TimeoutError, subprocess.TimeoutExpired) as e:
             os.killpg(proc.pid, 9)  # the launcher and the workers it started
             proc.wait()
-            raise TimeoutError(f"{cmd[:3]} did not finish in {timeout_s} s:\n{''.join(lines)[-6000:]}")
+            raise TimeoutError(f"{cmd[:3]} did not finish in {timeout_s} s:\n{''.join(lines)[-6000:]}") from e
     return Run(proc.returncode, "".join(lines), first, time.monotonic() - start)
 
 

@@ -11,8 +11,16 @@ from PIL import Image
 
 from dpface.data import shards as sh
 from dpface.data.convert import convert_image_folder, convert_recordio, convert_synthetic
-from dpface.data.recordio import (MAGIC, IRHeader, InsightFaceRecord, RecordIOReader,
-                                  RecordIOWriter, pack, unpack, write_insightface_rec)
+from dpface.data.recordio import (
+    MAGIC,
+    InsightFaceRecord,
+    IRHeader,
+    RecordIOReader,
+    RecordIOWriter,
+    pack,
+    unpack,
+    write_insightface_rec,
+)
 
 
 def jpeg(seed: int, size=(112, 112), fmt="JPEG") -> bytes:

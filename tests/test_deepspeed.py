@@ -9,13 +9,31 @@ from dpface.config import ConfigError, load_config
 from dpface.engine.checkpoint import CheckpointError
 
 try:
-    from tests.launch_utils import (FAULT_STEP, STEPS, assert_same_loss_curve, assert_same_weights,
-                                    base_env, final_checkpoint, reference_run, torchrun_sh, train_losses)
     from tests.conftest import load_tiny
+    from tests.launch_utils import (
+        FAULT_STEP,
+        STEPS,
+        assert_same_loss_curve,
+        assert_same_weights,
+        base_env,
+        final_checkpoint,
+        reference_run,
+        torchrun_sh,
+        train_losses,
+    )
 except ImportError:  # tests/ on sys.path instead of the repository root
-    from launch_utils import (FAULT_STEP, STEPS, assert_same_loss_curve, assert_same_weights,
-                              base_env, final_checkpoint, reference_run, torchrun_sh, train_losses)
     from conftest import load_tiny
+    from launch_utils import (
+        FAULT_STEP,
+        STEPS,
+        assert_same_loss_curve,
+        assert_same_weights,
+        base_env,
+        final_checkpoint,
+        reference_run,
+        torchrun_sh,
+        train_losses,
+    )
 
 
 def test_generated_config_follows_the_dpface_config():
@@ -80,8 +98,8 @@ def test_zero_matches_ddp(tmp_path, tmp_path_factory, stage, killed):
 
     if not killed:
         # A DeepSpeed checkpoint cannot silently resume without DeepSpeed.
-        from dpface.engine.trainer import Trainer
         from dpface.engine.checkpoint import load_checkpoint
+        from dpface.engine.trainer import Trainer
 
         cfg = load_tiny(tmp_path, "plain", "model={name: iresnet_tiny, base_width: 16}",
                         "data.batch_size=8", drop=("head.loss", "eval.num_identities", "eval.num_pairs",

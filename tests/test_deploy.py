@@ -158,7 +158,7 @@ def test_verify_catches_a_different_model(exported):
 
 # -- real photographs (scikit-image's bundled LFW crops and astronaut) -------------------
 def _real_faces(n_lfw: int = 8) -> tuple[torch.Tensor, dict]:
-    skimage = pytest.importorskip("skimage")
+    pytest.importorskip("skimage")
     from skimage import data, feature, transform
 
     photo = data.astronaut()  # RGB 512×512, one frontal face

@@ -11,10 +11,20 @@ from dpface.cli import main
 from dpface.engine.checkpoint import complete_checkpoints
 from dpface.eval import best_threshold, kfold_accuracy
 from dpface.eval.identification import cmc, rank1_vs_distractors, search, tpir_at_fpir
-from dpface.eval.ijb import (IJB_FARS, ProtocolError, align_face, combine_features,
-                             evaluate_ijb_features, face_features, load_ijb, make_synthetic_ijb,
-                             similarity_to_template, template_features, template_pair_scores,
-                             template_points)
+from dpface.eval.ijb import (
+    IJB_FARS,
+    ProtocolError,
+    align_face,
+    combine_features,
+    evaluate_ijb_features,
+    face_features,
+    load_ijb,
+    make_synthetic_ijb,
+    similarity_to_template,
+    template_features,
+    template_pair_scores,
+    template_points,
+)
 
 try:
     from tests.conftest import tiny_overrides

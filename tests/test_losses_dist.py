@@ -134,7 +134,7 @@ def test_hard_negatives_keep_the_dominant_rows(results):
     x, y, w = make_case(C_HARD, seed=100)
     cos = F.normalize(x, dim=1) @ F.normalize(w, dim=1).T  # [B, C]
     union = []
-    for rank, r in enumerate(results):
+    for r in results:
         lo, hi = r["hard"]["range"]
         idx = r["hard"]["idx"]
         pos = sorted(set((y[(y >= lo) & (y < hi)] - lo).tolist()))

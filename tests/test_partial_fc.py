@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from dpface.distributed.collectives import (all_gather, all_gather_with_grad, all_reduce_max,
-                                     all_reduce_sum)
+from dpface.distributed.collectives import all_gather, all_gather_with_grad, all_reduce_max, all_reduce_sum
 from dpface.heads import FullFC, PartialFC, class_range
 from dpface.heads.sharding import sample_count
 from dpface.losses import build_loss
@@ -142,7 +141,7 @@ def check_sampling(results: list[dict], world: int):
     y = results[0]["labels"]
     union = []
     drew_negatives = False
-    for rank, r in enumerate(results):
+    for r in results:
         lo, hi = r["range"]
         idx = r["idx"]
         pos = torch.unique(y[(y >= lo) & (y < hi)]) - lo

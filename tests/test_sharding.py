@@ -8,9 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpface.heads import (PartialFC, apply_shard_state, class_range, load_resharded,
-                          merge_shards, save_head_shard, shard_filename)
-from dpface.heads import sharding
+from dpface.heads import (
+    PartialFC,
+    apply_shard_state,
+    class_range,
+    load_resharded,
+    merge_shards,
+    save_head_shard,
+    shard_filename,
+    sharding,
+)
 from dpface.losses import build_loss
 
 C, D = 11, 6

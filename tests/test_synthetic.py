@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from dpface.data.synthetic import (EVAL_SAMPLE_BASE, PairSet, SyntheticFaceDataset, SyntheticFaces,
-                                   long_tail_counts, make_verification_pairs)
+from dpface.data.synthetic import (
+    EVAL_SAMPLE_BASE,
+    PairSet,
+    SyntheticFaceDataset,
+    SyntheticFaces,
+    long_tail_counts,
+    make_verification_pairs,
+)
 
 SIZE = 48  # small images keep the file fast; the geometry is resolution independent
 

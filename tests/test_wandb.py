@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from dpface.engine.logging import MetricsLogger
 from dpface.config import WandbConfig
+from dpface.engine.logging import MetricsLogger
 
 try:
     from tests.conftest import load_tiny

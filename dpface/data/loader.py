@@ -86,7 +86,8 @@ class MapStream:
         sampler = _BatchIndices(len(self.dataset), self.batch_size, self.rank, self.world_size,
                                 self.seed, self._consumed)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            worker_init_fn=ignore_stop_signals, persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                            worker_init_fn=ignore_stop_signals, persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers else None)
         for images, labels in loader:
             self._consumed += 1
             yield images, labels.long()

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from dpface.data.loader import MapStream, ignore_stop_signals
-from dpface.seeding import Stream, rng as stream_rng
-
+from dpface.seeding import Stream
+from dpface.seeding import rng as stream_rng
 
 
 class PKBatchSampler:
@@ -107,7 +107,8 @@ class PKMapStream(MapStream):
                                  self.rank, self.world_size, self.seed, self._consumed)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-            worker_init_fn=ignore_stop_signals, persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+            worker_init_fn=ignore_stop_signals, persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None)
         for images, labels in loader:
             self._consumed += 1
             yield images, labels.long()

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from dpface.seeding import Stream, rng as stream_rng
+from dpface.seeding import Stream
+from dpface.seeding import rng as stream_rng
 
 # Internal nuisance strength at difficulty 1.0 (the default). Tuned with a small
 # 4-conv CNN + ArcFace (s=32, m=0.3), 600 steps of 64 on one CPU thread, 200 identities

@@ -33,8 +33,7 @@ import torch
 import torch.distributed as tdist
 
 from dpface import distributed as dist
-from dpface.heads.sharding import (apply_shard_state, head_shard_state, load_resharded,
-                                   shard_filename)
+from dpface.heads.sharding import apply_shard_state, head_shard_state, load_resharded, shard_filename
 from dpface.io import atomic_save, atomic_write_json, fsync_dir
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")

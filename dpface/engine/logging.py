@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import resource
 import secrets
+import sys
 import warnings
 from pathlib import Path
 

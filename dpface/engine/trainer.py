@@ -22,8 +22,15 @@ from dpface import ops
 from dpface.config import Config, save_config
 from dpface.data.transforms import normalize
 from dpface.engine.amp import LossScaler, autocast, global_grad_norm, resolve_amp
-from dpface.engine.checkpoint import (CheckpointError, TrainState, complete_checkpoints, load_checkpoint,
-                                      recover_interrupted_saves, resolve_resume, save_checkpoint)
+from dpface.engine.checkpoint import (
+    CheckpointError,
+    TrainState,
+    complete_checkpoints,
+    load_checkpoint,
+    recover_interrupted_saves,
+    resolve_resume,
+    save_checkpoint,
+)
 from dpface.engine.faults import FaultInjection
 from dpface.engine.logging import WANDB_ID_FILE, MetricsLogger, memory_stats
 from dpface.engine.preempt import SignalStop, StopRequested

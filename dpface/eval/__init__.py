@@ -2,19 +2,26 @@
 distractors), IJB templates (``ijb``), .bin sets, plots."""
 from .bin_sets import load_bin, write_bin
 from .embeddings import extract_embeddings
-from .identification import (cmc, identification_rates, rank1_identification,
-                             rank1_vs_distractors, search, template_embedding, tpir_at_fpir)
+from .identification import (
+                             cmc,
+                             identification_rates,
+                             rank1_identification,
+                             rank1_vs_distractors,
+                             search,
+                             template_embedding,
+                             tpir_at_fpir,
+)
 from .plots import cmc_plot, det_plots, distractor_plot, roc_plot, roc_plots
 from .verification import (
-    VerificationResult,
-    auc,
-    best_threshold,
-    evaluate_pairs,
-    evaluate_scores,
-    kfold_accuracy,
-    pair_scores,
-    roc_curve,
-    tar_at_far,
+                             VerificationResult,
+                             auc,
+                             best_threshold,
+                             evaluate_pairs,
+                             evaluate_scores,
+                             kfold_accuracy,
+                             pair_scores,
+                             roc_curve,
+                             tar_at_far,
 )
 
 __all__ = [

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpface.distributed import get_rank, get_world_size
-from dpface.distributed.collectives import (all_gather, all_gather_with_grad, all_reduce_max,
-                                     all_reduce_sum)
 from dpface import ops
+from dpface.distributed import get_rank, get_world_size
+from dpface.distributed.collectives import all_gather, all_gather_with_grad, all_reduce_max, all_reduce_sum
 from dpface.distributed.partition import class_range, sample_count
 from dpface.losses.margin import HeadContext, LogitTransform
 from dpface.ops.margin_softmax import rows_sink

@@ -14,8 +14,17 @@ from dpface.losses.center import CenterLoss
 from dpface.losses.contrastive import ContrastiveLoss
 from dpface.losses.km import KnotMagnify, km
 from dpface.losses.large_margin import LSoftmax, SphereFace, lsoftmax, sphereface
-from dpface.losses.margin import (CombinedMargin, HeadContext, LogitTransform, NormFace, Softmax,
-                                  arcface, combined, cosface, normface)
+from dpface.losses.margin import (
+    CombinedMargin,
+    HeadContext,
+    LogitTransform,
+    NormFace,
+    Softmax,
+    arcface,
+    combined,
+    cosface,
+    normface,
+)
 from dpface.losses.mv_softmax import MVSoftmax, mv_softmax, sv_softmax
 from dpface.losses.range_loss import RangeLoss
 from dpface.losses.triplet import TripletLoss

@@ -28,8 +28,8 @@ import math
 import torch
 from torch import nn
 
-from dpface.ops import FusedMargin
 from dpface.losses.margin import LogitTransform, target_positions
+from dpface.ops import FusedMargin
 
 
 def fixed_scale(num_classes: int) -> float:

@@ -9,8 +9,16 @@ from typing import Mapping
 
 from torch import nn
 
-from dpface.models.iresnet import (IResNet, convert_insightface_state_dict, iresnet18,
-                                   iresnet34, iresnet50, iresnet100, iresnet200, iresnet_tiny)
+from dpface.models.iresnet import (
+    IResNet,
+    convert_insightface_state_dict,
+    iresnet18,
+    iresnet34,
+    iresnet50,
+    iresnet100,
+    iresnet200,
+    iresnet_tiny,
+)
 from dpface.models.mobilefacenet import MobileFaceNet, mobilefacenet
 from dpface.registry import Registry
 

@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dpface.models.iresnet import (STAGE_STRIDE, check_embedding_size, check_image,
-                                   check_input_size, init_weights)
+from dpface.models.iresnet import STAGE_STRIDE, check_embedding_size, check_image, check_input_size, init_weights
 
 # (t, c, n, s) rows of Table 1's bottleneck stages.
 BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
