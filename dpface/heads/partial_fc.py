@@ -189,20 +189,18 @@ class _DistSoftmaxCE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def fused_softmax_ce(out: ops.MarginSoftmaxOut, target: torch.Tensor, group, weight_fn=None):
+def fused_softmax_ce(out: ops.MarginSoftmaxOut, group, weight_fn=None):
     """(loss, accuracy) from the fused op's per-row statistics, combined across ranks.
 
     Only O(B) numbers cross ranks: the max of the local log-sum-exps (and of the scores, for
     accuracy) and the sums of exp(lse_r − max), of the target logit and of the target score.
     Autograd sees each rank's own terms only (the other ranks' are constants), which gives
     each rank its part of the global gradient, as the reference's closed form does."""
-    has = target >= 0
     maxes = all_reduce_max(torch.stack([out.lse.detach(), out.max_score]), group)
     gmax = maxes[0]
     e = torch.exp(out.lse - gmax)
-    t = torch.where(has, out.target_logit, 0.0)
-    ts = torch.where(has, out.target_score, 0.0)
-    sums = all_reduce_sum(torch.stack([e.detach(), t.detach(), ts]), group)
+    t = out.target_logit  # 0 where the class is on another rank (op contract)
+    sums = all_reduce_sum(torch.stack([e.detach(), t.detach(), out.target_score]), group)
     sum_exp = (e + (sums[0] - e.detach())).clamp_min(torch.finfo(e.dtype).tiny)
     nll = sum_exp.log() + gmax - (t + (sums[1] - t.detach()))
     if weight_fn is None:
@@ -571,7 +569,7 @@ class PartialFC(nn.Module):
                                      w_rows_sink=w_sink, bias_rows_sink=b_sink,
                                      bf16=self.precision == "bf16", keep_cols=keep)
             weight_fn = self.transform.loss_weight if self.transform.weighted else None
-            loss, accuracy = fused_softmax_ce(out, target, self.group, weight_fn)
+            loss, accuracy = fused_softmax_ce(out, self.group, weight_fn)
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=k)
 
 

@@ -40,7 +40,8 @@ void sgd_rows_cpu(at::Tensor& param, at::Tensor& buf, const at::Tensor& idx,
 // Argument checks shared by every backend (binding.cpp): each names the argument.
 void check_margin_inputs(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& idx,
                          const at::Tensor& target, const std::optional<at::Tensor>& bias, double s,
-                         double m1, double m2, double m3, bool normalize, int64_t keep_cols);
+                         double m1, double m2, double m3, bool normalize, int64_t keep_cols,
+                         bool check_values = true);
 void check_range_inputs(const at::Tensor& x, const at::Tensor& labels, int64_t k, double margin);
 
 }  // namespace dpface

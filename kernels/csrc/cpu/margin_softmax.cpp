@@ -294,6 +294,8 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
     const scalar_t* gt = g_t.data_ptr<scalar_t>();
     const scalar_t* ls = lse_c.data_ptr<scalar_t>();
     const scalar_t* xp = xg.data_ptr<scalar_t>();
+    at::Tensor tsc = at::empty({B}, opts);
+    scalar_t* tsp = tsc.data_ptr<scalar_t>();
     // Tiles never straddle n_keep: each is read from `saved` or recomputed whole.
     for (int64_t t0 = 0; t0 < K;) {
       const int64_t end = t0 < n_keep ? n_keep : K;
@@ -307,10 +309,8 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
       scalar_t* ep = e.data_ptr<scalar_t>();
       const scalar_t* sv = saved.data_ptr<scalar_t>();
       const scalar_t* rp = tile.gemm_rows.data_ptr<scalar_t>();
-      // z - lse, with the target's score kept aside for dpsi (recomputed as one dot
-      // product from the same operands as the GEMM).
-      at::Tensor tsc = at::zeros({B}, opts);
-      scalar_t* tsp = tsc.data_ptr<scalar_t>();
+      // z - lse, with the target's score kept aside in tsp for dpsi (recomputed as one
+      // dot product from the same operands as the GEMM; read only where written).
       at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
         for (int64_t i = b0; i < b1; ++i) {
           scalar_t* row = ep + i * n;
