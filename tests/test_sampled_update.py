@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dpface.heads import PartialFC
-from dpface.heads.row_optim import SampledRowSGD, make_head_optimizer
+from dpface.heads.row_optim import SampledRowAdamW, SampledRowSGD, make_head_optimizer
 from dpface.losses import build_loss
 
 try:
@@ -129,8 +129,11 @@ def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="update='sampled'"):
         SampledRowSGD(dense, lr=0.1)
     lazy = PartialFC(D, C, build_loss(SPECS["arcface"]), update="sampled")
-    with pytest.raises(ValueError, match="sgd only"):
-        make_head_optimizer(lazy, "adamw", 0.1, 0.9, 0.0)
+    opt = make_head_optimizer(lazy, "adamw", 0.1, 0.9, 0.05)  # lazy AdamW (test_subcenter_adamw.py)
+    assert isinstance(opt, SampledRowAdamW) and opt.param_groups[0]["weight_decay"] == 0.05
+    assert isinstance(make_head_optimizer(lazy, "sgd", 0.1, 0.9, 0.0), SampledRowSGD)
+    with pytest.raises(ValueError, match="sgd or adamw, got 'lamb'"):
+        make_head_optimizer(lazy, "lamb", 0.1, 0.9, 0.0)
 
 
 # -- 2 gloo ranks vs one process, r = 1 ------------------------------------------
@@ -207,10 +210,10 @@ def test_trainer_trains_with_sampled_update(tmp_path):
     assert not torch.equal(t.head.weight, w0)
 
 
-def test_trainer_rejects_adamw_with_sampled_update(tmp_path):
+def test_trainer_builds_lazy_adamw_with_sampled_update(tmp_path):
     Trainer, _, tiny_cfg = _trainer_helpers()
-    with pytest.raises(ValueError, match="sgd only"):
-        Trainer(tiny_cfg(tmp_path, "adam", "head.update=sampled", "train.optimizer=adamw"))
+    t = Trainer(tiny_cfg(tmp_path, "adam", "head.update=sampled", "train.optimizer=adamw"))
+    assert isinstance(t.head_opt, SampledRowAdamW)
 
 
 def _trainer_losses(rank, world, out, name, *extra):

@@ -4,7 +4,9 @@ Deliberately naive — the whole W [C, D] and ``torch.nn.functional.cross_entrop
 the transformed logits — so that the distributed head is checked against code that
 shares nothing with it but the logit transform and the row initialisation. A
 per-sample weight (Knot-Magnify) is applied as w(p)·nll with p = exp(−nll) and plain
-autograd, where PartialFC uses a closed-form gradient factor.
+autograd, where PartialFC uses a closed-form gradient factor. Sub-centres: W is the
+[C·K, D] matrix, the class cosine the max (``amax``) over each class's K columns; the
+sample drop masks the per-sample cross-entropy and divides by the number kept.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpface import ops
-from dpface.heads.partial_fc import HeadOutput, compute_dtype, init_rows
+from dpface.heads.partial_fc import HeadOutput, check_subcenter_args, compute_dtype, init_rows
 from dpface.losses.margin import HeadContext, LogitTransform
 
 
@@ -23,10 +25,16 @@ class FullFC(nn.Module):
     compare the distributed head and the kernels against."""
 
     def __init__(self, embedding_size: int, num_classes: int, transform: LogitTransform,
-                 seed: int = 0, kernel: str = "reference"):
+                 seed: int = 0, kernel: str = "reference", *, subcenters: int = 1,
+                 drop_after: int = 0, drop_angle: float = 75.0):
         super().__init__()
         if kernel not in ("reference", "fused"):
             raise ValueError(f"FullFC kernel must be 'reference' or 'fused', got {kernel!r}")
+        self.subcenters, self.drop_after, self.drop_angle = check_subcenter_args(
+            transform, subcenters, drop_after, drop_angle)
+        if kernel == "fused" and (subcenters > 1 or drop_after > 0):
+            raise ValueError(f"kernel='fused' cannot run subcenters={subcenters}, drop_after={drop_after}: "
+                             "the fused op scores one row per class and has no sample drop")
         if kernel == "fused" and transform.fused_margin() is None:
             raise ValueError(f"kernel=fused: {type(transform).__name__} is not expressible "
                              "by the fused op")
@@ -35,7 +43,7 @@ class FullFC(nn.Module):
         self.transform = transform
         transform.bind_head(self.num_classes)
         # Same rows as PartialFC's shards with the same seed, at any world size.
-        self.weight = nn.Parameter(init_rows(0, num_classes, embedding_size, seed))
+        self.weight = nn.Parameter(init_rows(0, num_classes * self.subcenters, embedding_size, seed))
         self.bias = nn.Parameter(torch.zeros(num_classes)) if transform.bias else None
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0) -> HeadOutput:
@@ -53,19 +61,33 @@ class FullFC(nn.Module):
                 scores = x @ w.T
                 if self.bias is not None:
                     scores = scores + self.bias.to(dtype)
+            if self.subcenters > 1:
+                scores = scores.view(len(x), self.num_classes, self.subcenters).amax(-1)
             # world_size 1: never a collective, even inside a distributed job.
             ctx = HeadContext(step=step, world_size=1)
             if self.transform.needs_norms:
-                ctx.x_norm, ctx.w_norm = x.norm(dim=1), w.norm(dim=1)
+                ctx.x_norm = x.norm(dim=1)
+                ctx.w_norm = w.norm(dim=1) if self.subcenters == 1 else None
             logits = self.transform(scores, labels, ctx)
-            if self.transform.weighted:
+            dropping = self.drop_after > 0 and step >= self.drop_after
+            if self.transform.weighted or dropping:
                 nll = F.cross_entropy(logits, labels, reduction="none")
-                loss = (self.transform.loss_weight(torch.exp(-nll)) * nll).mean()
+                if self.transform.weighted:
+                    nll = self.transform.loss_weight(torch.exp(-nll)) * nll
+                if dropping:
+                    # angle to the closest sub-centre > drop_angle: out of the mean
+                    t_cos = scores.detach().gather(1, labels[:, None]).squeeze(1)
+                    keep = torch.rad2deg(torch.acos(t_cos.clamp(-1, 1))) <= self.drop_angle
+                    loss = (nll * keep).sum() / keep.sum().clamp_min(1)
+                else:
+                    loss = nll.mean()
             else:
                 loss = F.cross_entropy(logits, labels)
         with torch.no_grad():
             accuracy = (scores.argmax(1) == labels).to(logits.dtype).mean()
-        return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=self.num_classes)
+            dropped = (1 - keep.to(logits.dtype).mean()) if dropping else None
+        return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=self.num_classes * self.subcenters,
+                          dropped=dropped)
 
     def _forward_fused(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         margin = self.transform.fused_margin()

@@ -9,6 +9,7 @@ sample. Nothing of size C ever crosses ranks.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -53,11 +54,38 @@ KERNELS = ("auto", "fused", "reference")
 PRECISIONS = ("fp32", "bf16")
 
 
+def check_subcenter_args(transform: LogitTransform, subcenters, drop_after, drop_angle) -> tuple[int, int, float]:
+    """Validated (subcenters, drop_after, drop_angle) of sub-centre ArcFace (both heads)."""
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
+        raise ValueError(f"subcenters must be an integer >= 1 (sub-centres per class), got {subcenters!r}")
+    if isinstance(drop_after, bool) or not isinstance(drop_after, int) or drop_after < 0:
+        raise ValueError(f"drop_after must be an integer step >= 0 (0: never drop), got {drop_after!r}")
+    if isinstance(drop_angle, bool) or not isinstance(drop_angle, (int, float)) or not 0.0 < drop_angle < 180.0:
+        raise ValueError(f"drop_angle must be in (0, 180) degrees, got {drop_angle!r}")
+    if (subcenters > 1 or drop_after > 0) and not transform.normalize:
+        what = f"subcenters={subcenters}" if subcenters > 1 else f"drop_after={drop_after}"
+        raise ValueError(f"{what} needs a cosine transform (normalised scores: the class cosine is the "
+                         f"max over its sub-centres, samples are dropped by angle); "
+                         f"{type(transform).__name__} scores raw dot products")
+    return subcenters, drop_after, float(drop_angle)
+
+
+def drop_weights(target_cos: torch.Tensor, drop_angle: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample weights, fraction dropped) for the global batch's target cosines [B]: a
+    sample whose angle to its class (closest sub-centre) exceeds ``drop_angle`` gets
+    weight 0, the others B/kept, so the loss is the mean over the kept samples."""
+    keep = target_cos >= math.cos(math.radians(drop_angle))
+    kept = keep.sum()
+    w = keep.to(target_cos.dtype) * (keep.numel() / kept.clamp_min(1).to(target_cos.dtype))
+    return w, 1.0 - kept.to(target_cos.dtype) / keep.numel()
+
+
 @dataclass
 class SampledRows:
-    """The last step's rows in ``update="sampled"`` mode: local indices (None = all rows)
-    and the leaves standing in for ``weight``/``bias`` rows, which receive the [K, D]
-    (and [K]) gradients the row optimizer applies."""
+    """The last step's rows in ``update="sampled"`` mode: local row indices of W (None =
+    all rows; with sub-centres, all K rows of each sampled class) and the leaves standing
+    in for ``weight``/``bias`` rows, which receive the [K, D] (and [K]) gradients the row
+    optimizer applies."""
     idx: torch.Tensor | None
     leaves: dict  # "weight"/"bias" -> leaf tensor
 
@@ -70,7 +98,9 @@ _OK, _BAD_EMBEDDINGS, _BAD_LABEL_SHAPE, _BAD_LABEL_DTYPE, _LABEL_OUT_OF_RANGE, _
 class HeadOutput:
     loss: torch.Tensor  # scalar, mean over the global batch, the same on every rank
     accuracy: torch.Tensor  # top-1 over the global batch (among the scored classes), no grad
-    num_sampled: int  # rows of this rank's shard scored this step
+    num_sampled: int  # rows of this rank's shard scored this step (classes × sub-centres)
+    # Fraction of the global batch dropped from the loss (sub-centre drop), when active.
+    dropped: torch.Tensor | None = None
 
 
 def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -133,7 +163,8 @@ class _DistSoftmaxCE(torch.autograd.Function):
 
     Inputs: logits [B, K] (this rank's columns), target [B] (column or −1), scores
     [B, K] (before the margin; only for the accuracy), the group, and an optional
-    per-sample weight function of the true-class probability (Knot-Magnify). Returns
+    per-sample weight function of the true-class probability (Knot-Magnify), and optional
+    constant per-sample weights [B] (sub-centre drop). Returns
     (loss, accuracy). The gradient w.r.t. this rank's logits is (softmax − onehot)/B
     for its columns (times each sample's factor when weighted), the same as the full
     softmax. Max and sums are exchanged as two stacked all-reduces; p_i =
@@ -141,7 +172,7 @@ class _DistSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, scores, group, weight_fn=None):
+    def forward(ctx, logits, target, scores, group, weight_fn=None, sample_weight=None):
         b = logits.shape[0]
         rows = torch.arange(b, device=logits.device)
         has = target >= 0
@@ -161,10 +192,14 @@ class _DistSoftmaxCE(torch.autograd.Function):
         nll = sum_exp.log() + gmax - sums[1]
         factor = None
         if weight_fn is None:
-            loss = nll.mean()
+            per = nll
         else:
             w, factor = weight_and_grad_factor(weight_fn, nll)
-            loss = (w * nll).mean()
+            per = w * nll
+        if sample_weight is not None:  # constants (dropped samples: 0): scale loss and grad
+            per = per * sample_weight
+            factor = sample_weight if factor is None else factor * sample_weight
+        loss = per.mean()
         # A sample is right when its true class's score reaches the global max score
         # (ties count as right: they need exactly equal floats).
         accuracy = (sums[2] >= maxes[1]).to(logits.dtype).mean()
@@ -186,7 +221,7 @@ class _DistSoftmaxCE(torch.autograd.Function):
             grad[rows, target[rows]] -= scale
         else:
             grad[rows, target[rows]] -= scale[rows, 0]
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def fused_softmax_ce(out: ops.MarginSoftmaxOut, group, weight_fn=None):
@@ -256,9 +291,9 @@ class PartialFC(nn.Module):
     Update mode (``update``): "dense" (default) leaves the gradient dense as above.
     "sampled" gives the step's rows to autograd as a separate leaf, so backward makes
     only a [K, D] gradient (``sampled_rows()``/``row_leaves()``; ``weight.grad`` stays
-    None) and :class:`dpface.heads.row_optim.SampledRowSGD` updates just those rows —
-    the original Partial FC's lazy semantics: unsampled rows get no momentum step and no
-    weight decay. Equal to dense SGD at sample rate 1.
+    None) and :class:`dpface.heads.row_optim.SampledRowSGD` (or ``SampledRowAdamW``)
+    updates just those rows — the original Partial FC's lazy semantics: unsampled rows get
+    no momentum/moment step and no weight decay. Equal to dense SGD/AdamW at sample rate 1.
 
     The transform gets a :class:`HeadContext` (step, group, norms if it asks for them)
     and may weight each sample's cross-entropy (``loss_weight``, Knot-Magnify).
@@ -270,6 +305,20 @@ class PartialFC(nn.Module):
     expresses the transform (:meth:`kernel_choice` says which, and why). ``precision="bf16"``
     (fused only) rounds the GEMM operands to bf16, accumulating in fp32.
 
+    Sub-centre ArcFace (``subcenters`` K > 1, after Deng et al., "Sub-center ArcFace",
+    ECCV 2020, for noisy labels): each class has K rows (sub-centres), all on the class's
+    rank, class-major (row i·K + k of the shard is sub-centre k of class class_start + i;
+    ``weight`` is [C_local·K, D]), initialised like rows of a C·K-row matrix (row r's value
+    depends on (seed, r) only). The class cosine is the max over its sub-centres, before the
+    margin; the max's gradient reaches the closest sub-centre only. Sampling draws classes
+    (a sampled class brings all K rows). Needs a cosine transform; runs on the PyTorch
+    reference path (the fused op scores one row per class). ``drop_after`` > 0: from step
+    ``drop_after`` on, a sample whose angle to its class's closest sub-centre exceeds
+    ``drop_angle`` degrees (likely a wrong label) is dropped: it adds nothing to the loss or
+    any gradient, and the loss is the mean over the *kept* samples of the global batch
+    (the same on every rank; 0, with zero gradients, if all are dropped).
+    ``HeadOutput.dropped`` is the dropped fraction. Accuracy still counts every sample.
+
     ``rank``/``world_size`` overrides build a shard without a matching process group
     (checkpoint tools, tests); such a head refuses ``forward``.
     """
@@ -278,6 +327,7 @@ class PartialFC(nn.Module):
                  sample_rate: float = 1.0, seed: int = 0, group=None, *,
                  negatives: str = "uniform", update: str = "dense", kernel: str = "auto",
                  precision: str = "fp32", logits_budget_mb: int = 128,
+                 subcenters: int = 1, drop_after: int = 0, drop_angle: float = 75.0,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if not isinstance(transform, LogitTransform):
@@ -301,6 +351,11 @@ class PartialFC(nn.Module):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if logits_budget_mb < 0:
             raise ValueError(f"logits_budget_mb must be >= 0, got {logits_budget_mb}")
+        self.subcenters, self.drop_after, self.drop_angle = check_subcenter_args(
+            transform, subcenters, drop_after, drop_angle)
+        if self._reference_only() and (kernel == "fused" or precision == "bf16"):
+            key = "kernel='fused'" if kernel == "fused" else "precision='bf16' (fused op only)"
+            raise ValueError(f"{key} cannot run {self._reference_only()}; use kernel='auto' or 'reference'")
         self.kernel, self.precision = kernel, precision
         self.logits_budget_mb = int(logits_budget_mb)
         self._sampled: SampledRows | None = None
@@ -315,7 +370,8 @@ class PartialFC(nn.Module):
         self.rank = get_rank(group) if rank is None else int(rank)
         self.class_start, self.class_end = class_range(self.num_classes, self.world_size, self.rank)
         self.num_local = self.class_end - self.class_start
-        self.weight = nn.Parameter(init_rows(self.class_start, self.class_end,
+        k = self.subcenters
+        self.weight = nn.Parameter(init_rows(self.class_start * k, self.class_end * k,
                                              self.embedding_size, self.seed))
         if transform.bias:
             self.bias = nn.Parameter(torch.zeros(self.num_local))
@@ -326,7 +382,25 @@ class PartialFC(nn.Module):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"classes=[{self.class_start}, {self.class_end}), rank={self.rank}/"
                 f"{self.world_size}, sample_rate={self.sample_rate}, negatives={self.negatives}, "
-                f"update={self.update}, kernel={self.kernel}, precision={self.precision}")
+                f"update={self.update}, kernel={self.kernel}, precision={self.precision}"
+                + (f", subcenters={self.subcenters}" if self.subcenters > 1 else "")
+                + (f", drop_after={self.drop_after}, drop_angle={self.drop_angle}" if self.drop_after else ""))
+
+    def _reference_only(self) -> str | None:
+        """Why the fused op cannot run this head's configuration (None: it can)."""
+        if self.subcenters > 1:
+            return (f"subcenters={self.subcenters} (the fused op scores one row per class, not the "
+                    f"max over a class's sub-centres)")
+        if self.drop_after > 0:
+            return f"drop_after={self.drop_after} (sample dropping is on the reference path only)"
+        return None
+
+    def _rows_of(self, idx: torch.Tensor | None) -> torch.Tensor | None:
+        """Local row indices of W for local class indices (all K sub-centres of each)."""
+        if idx is None or self.subcenters == 1:
+            return idx
+        k = self.subcenters
+        return (idx[:, None] * k + torch.arange(k, device=idx.device)).reshape(-1)
 
     # -- kernel choice --------------------------------------------------------------
     def kernel_choice(self, device_type: str) -> tuple[bool, str]:
@@ -335,6 +409,8 @@ class PartialFC(nn.Module):
         why = None
         if self.kernel == "reference":
             why = "head.kernel=reference"
+        elif self._reference_only():
+            why = self._reference_only()
         elif self.transform.fused_margin() is None:
             why = f"{type(self.transform).__name__} is not expressible by the fused op"
         elif not ops.available(device_type):
@@ -344,7 +420,8 @@ class PartialFC(nn.Module):
         if self.kernel == "fused" or self.precision == "bf16":
             key = "head.kernel=fused" if self.kernel == "fused" else "head.precision=bf16"
             raise ValueError(f"{key} needs the fused op, but {why}")
-        if self.kernel == "auto" and self.transform.fused_margin() is not None:
+        if self.kernel == "auto" and self.transform.fused_margin() is not None \
+                and not self._reference_only():
             ops.warn_missing("PartialFC")
         return False, f"PyTorch reference ({why})"
 
@@ -460,23 +537,25 @@ class PartialFC(nn.Module):
 
     @torch.no_grad()
     def hardness(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """[C_local]: each row's highest score (cosine, or raw logit for unnormalised
-        transforms) against any sample of the batch, computed in row blocks."""
+        """[C_local]: each class's highest score (cosine, or raw logit for unnormalised
+        transforms; with sub-centres, the max over them) against any sample of the batch,
+        computed in blocks of classes."""
         dtype = compute_dtype(self.weight.dtype)
         x = embeddings.detach().to(dtype)
         if self.transform.normalize:
             x = F.normalize(x, dim=1)
-        block = max(1, HARD_BLOCK_ELEMENTS // max(1, x.shape[0]))
+        k = self.subcenters
+        block = max(1, HARD_BLOCK_ELEMENTS // max(1, x.shape[0] * k))
         out = torch.empty(self.num_local, dtype=dtype, device=x.device)
         for a in range(0, self.num_local, block):
-            w = self.weight[a:a + block].detach().to(dtype)
+            w = self.weight[a * k:(a + block) * k].detach().to(dtype)
             if self.transform.normalize:
                 s = x @ F.normalize(w, dim=1).T
             else:
                 s = x @ w.T
                 if self.bias is not None:
                     s = s + self.bias[a:a + block].detach().to(dtype)
-            out[a:a + block] = s.max(0).values
+            out[a:a + block] = s.max(0).values.view(-1, k).max(1).values
         return out
 
     def _row_leaves(self, idx):
@@ -513,13 +592,14 @@ class PartialFC(nn.Module):
         if self.kernel_choice(x.device.type)[0]:
             return self._forward_fused(x, idx, target)
 
+        rows = self._rows_of(idx)
         if self.update == "sampled":
-            w, b = self._row_leaves(idx)
-        elif idx is None:
+            w, b = self._row_leaves(rows)
+        elif rows is None:
             w, b = self.weight, self.bias
         else:
-            w = self.weight.index_select(0, idx)
-            b = None if self.bias is None else self.bias.index_select(0, idx)
+            w = self.weight.index_select(0, rows)
+            b = None if self.bias is None else self.bias.index_select(0, rows)
         dtype = compute_dtype(self.weight.dtype)
         # Logits in full precision even under autocast: the margin on s·cos θ and the
         # exp-sum of a million columns do not survive fp16/bf16.
@@ -531,16 +611,29 @@ class PartialFC(nn.Module):
                 scores = xf @ wf.T
                 if b is not None:
                     scores = scores + b.to(dtype)
+            if self.subcenters > 1:  # class cosine: the closest sub-centre's
+                scores = scores.view(scores.shape[0], -1, self.subcenters).max(2).values
             ctx = HeadContext(step=step, group=self.group, world_size=self.world_size)
             if self.transform.needs_norms:
-                ctx.x_norm, ctx.w_norm = xf.norm(dim=1), wf.norm(dim=1)
+                # Per scored row; with sub-centres a column is no single row (and the only
+                # transform reading ‖W‖, L-Softmax, is not a cosine one: refused).
+                ctx.x_norm = xf.norm(dim=1)
+                ctx.w_norm = wf.norm(dim=1) if self.subcenters == 1 else None
+            sample_weight = dropped = None
+            if self.drop_after and step >= self.drop_after:
+                has = target >= 0
+                t_cos = torch.where(has, scores.detach()[torch.arange(target.numel(), device=target.device),
+                                                         target.clamp(min=0)], 0.0)
+                t_cos = all_reduce_sum(t_cos, self.group)  # each sample's class is on one rank
+                sample_weight, dropped = drop_weights(t_cos, self.drop_angle)
             logits = self.transform(scores, target, ctx)
             weight_fn = self.transform.loss_weight if self.transform.weighted else None
             loss, accuracy = _DistSoftmaxCE.apply(logits, target,
                                                   scores.detach().to(logits.dtype), self.group,
-                                                  weight_fn)
-        n = self.num_local if idx is None else idx.numel()
-        return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=n)
+                                                  weight_fn,
+                                                  None if sample_weight is None else sample_weight.to(logits.dtype))
+        n = self.num_local * self.subcenters if rows is None else rows.numel()
+        return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=n, dropped=dropped)
 
     def _forward_fused(self, x: torch.Tensor, idx, target: torch.Tensor) -> HeadOutput:
         margin = self.transform.fused_margin()

@@ -9,12 +9,19 @@ place that does.
 Shard state layout (a plain dict, loadable with ``weights_only=True``)::
 
     {'format': 'dpface.head_shard/1', 'num_classes', 'class_start', 'class_end',
-     'world_size', 'rank',
-     'rows':    {'weight': [n, D], 'bias': [n], 'weight.momentum_buffer': [n, D],
-                 'weight.exp_avg': ..., 'weight.exp_avg_sq': ..., ...},
+     'world_size', 'rank', 'subcenters': K,        # absent in older files: 1
+     'rows':    {'weight': [n·K, D], 'bias': [n·K], 'weight.momentum_buffer': [n·K, D],
+                 'weight.exp_avg': ..., 'weight.exp_avg_sq': ...,
+                 'weight.step': [n·K] (a per-row count: SampledRowAdamW), ...},
      'scalars': {'state': {'weight.step': tensor, ...},          # non-row optimizer state
                  'param_groups': [{'lr':..., 'param_names': [...], ...}, ...],
                  'params': {'transform.s': tensor, ...}}}        # replicated head params
+
+n = class_end − class_start classes; with K sub-centres per class (sub-centre ArcFace) a
+class's K rows are consecutive (class-major: row i·K + k is sub-centre k of class
+class_start + i), so resharding by class moves blocks of K rows. Optimizer state whose
+first dimension is the parameter's row count (buffers, a per-row step count) is row
+state; anything else (a dense optimizer's scalar step) is non-row state.
 """
 from __future__ import annotations
 
@@ -32,15 +39,6 @@ FORMAT = "dpface.head_shard/1"
 # The head's parameters split by class rows (one shard per rank); any other head
 # parameter (a learned scale) is replicated on every rank.
 ROW_PARAMS = ("weight", "bias")
-
-
-def head_grad_params(head) -> tuple[list, list]:
-    """(row gradients holders, replicated parameters) of a head after backward. Rows are
-    the weight/bias shard, or with ``update="sampled"`` the step's sampled-row leaves."""
-    rows = [p for n, p in head.named_parameters() if n in ROW_PARAMS and p.grad is not None]
-    rows += head.row_leaves()
-    ids = {id(p) for p in rows}
-    return rows, [p for p in head.parameters() if p.grad is not None and id(p) not in ids]
 
 
 def shard_filename(rank: int, world_size: int) -> str:
@@ -89,15 +87,23 @@ def head_shard_state(head, optimizer=None) -> dict:
                 for k, v in optimizer.state.get(p, {}).items():
                     if v is None:
                         continue
-                    if n in ROW_PARAMS and torch.is_tensor(v) and v.shape == p.shape:
+                    if n in ROW_PARAMS and torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == p.shape[0]:
                         rows[f"{n}.{k}"] = _own(v)
                     else:
                         state[f"{n}.{k}"] = _own(v) if torch.is_tensor(v) else v
     return {
         "format": FORMAT, "num_classes": head.num_classes, "class_start": head.class_start,
         "class_end": head.class_end, "world_size": head.world_size, "rank": head.rank,
-        "rows": rows, "scalars": {"state": state, "param_groups": groups, "params": params},
+        "subcenters": _subcenters(head), "rows": rows,
+        "scalars": {"state": state, "param_groups": groups, "params": params},
     }
+
+
+def _subcenters(head_or_state) -> int:
+    """Rows per class: a head's ``subcenters``, or a shard state's (absent = 1)."""
+    if isinstance(head_or_state, dict):
+        return int(head_or_state.get("subcenters", 1))
+    return int(getattr(head_or_state, "subcenters", 1))
 
 
 def save_head_shard(head, optimizer, path: str | os.PathLike) -> Path:
@@ -139,11 +145,13 @@ def _open_shards(shard_files: Iterable[str | os.PathLike]) -> tuple[int, list[tu
     if not opened:
         raise HeadShardError("no head shard files given")
     f0, s0 = opened[0]
-    num_classes = s0["num_classes"]
+    num_classes, k0 = s0["num_classes"], _subcenters(s0)
     for f, st in opened[1:]:
         if st["num_classes"] != num_classes:
             raise HeadShardError(f"num_classes mismatch: {f0} has {num_classes}, {f} has "
                              f"{st['num_classes']}")
+        if _subcenters(st) != k0:
+            raise HeadShardError(f"sub-centres per class differ: {f0} has {k0}, {f} has {_subcenters(st)}")
         if st["rows"].keys() != s0["rows"].keys():
             raise HeadShardError(f"row tensors differ: {f0} has {sorted(s0['rows'])}, {f} has "
                              f"{sorted(st['rows'])} (optimizer state missing on one rank?)")
@@ -159,8 +167,10 @@ def _open_shards(shard_files: Iterable[str | os.PathLike]) -> tuple[int, list[tu
         if not 0 <= lo < hi <= num_classes:
             raise HeadShardError(f"{f} claims classes [{lo}, {hi}) outside [0, {num_classes})")
         for k, t in st["rows"].items():
-            if t.shape[0] != hi - lo:
-                raise HeadShardError(f"'{k}' of {f} has {t.shape[0]} rows for classes [{lo}, {hi})")
+            if t.dim() == 0 or t.shape[0] != (hi - lo) * k0:
+                n = t.shape[0] if t.dim() else 0
+                raise HeadShardError(f"'{k}' of {f} has {n} rows for classes [{lo}, {hi})"
+                                     + (f" with {k0} sub-centres each" if k0 > 1 else ""))
     opened.sort(key=lambda fs: fs[1]["class_start"])
     covered = 0
     prev = None
@@ -184,12 +194,13 @@ def _assemble(num_classes: int, opened, class_start: int, class_end: int) -> dic
         raise HeadShardError(f"requested classes [{class_start}, {class_end}) are not a non-empty "
                          f"part of [0, {num_classes})")
     s0 = opened[0][1]
+    k = _subcenters(s0)  # class c's rows are [c·K, (c+1)·K): reshard in row units
     # a shard with nothing of ours is never touched: its mapped pages are not read
-    rows = {k: gather_rows(((st["class_start"], st["class_end"], st["rows"][k]) for _, st in opened),
-                           class_start, class_end) for k in s0["rows"]}
+    rows = {n: gather_rows(((st["class_start"] * k, st["class_end"] * k, st["rows"][n]) for _, st in opened),
+                           class_start * k, class_end * k) for n in s0["rows"]}
     return {"format": FORMAT, "num_classes": num_classes, "class_start": class_start,
-            "class_end": class_end, "world_size": None, "rank": None, "rows": rows,
-            "scalars": s0["scalars"]}
+            "class_end": class_end, "world_size": None, "rank": None, "subcenters": k,
+            "rows": rows, "scalars": s0["scalars"]}
 
 
 def load_resharded(shard_files: Iterable[str | os.PathLike], class_start: int,
@@ -206,14 +217,19 @@ def load_resharded(shard_files: Iterable[str | os.PathLike], class_start: int,
 def apply_shard_state(head, optimizer, state: dict) -> None:
     """Restore a (possibly resharded) state into ``head`` and its optimizer.
 
-    The optimizer is the plain torch optimizer over the head's parameters, built the
-    same way as at save time (same groups, same parameter order)."""
+    The optimizer is the plain torch optimizer over the head's parameters (or a sampled-row
+    one), built the same way as at save time (same groups, same parameter order). Everything
+    is checked, and the optimizer state loaded (its own checks may refuse it), before any
+    head parameter is written: a refused state leaves head and optimizer as they were."""
     if (state["num_classes"], state["class_start"], state["class_end"]) != \
             (head.num_classes, head.class_start, head.class_end):
         raise ValueError(
             f"shard state is for classes [{state['class_start']}, {state['class_end']}) of "
             f"{state['num_classes']}, the head owns [{head.class_start}, {head.class_end}) of "
             f"{head.num_classes}; use load_resharded for the head's range")
+    if _subcenters(state) != _subcenters(head):
+        raise HeadShardError(f"the checkpoint head has {_subcenters(state)} sub-centre(s) per class, this "
+                             f"head {_subcenters(head)} (head.subcenters must match the checkpoint's)")
     rows, scalars = state["rows"], state["scalars"]
     params = dict(head.named_parameters())
     names = _param_names(head, optimizer)
@@ -222,17 +238,23 @@ def apply_shard_state(head, optimizer, state: dict) -> None:
     if given != expected:
         raise ValueError(f"shard state holds rows for {sorted(given)}, the head has "
                          f"{sorted(expected)} (transform with/without bias?)")
+    sources = {}
+    for n, p in params.items():
+        src = rows[n] if n in ROW_PARAMS else scalars["params"].get(n)
+        if src is None:
+            raise ValueError(f"shard state has no value for head parameter '{n}'")
+        if src.shape != p.shape:
+            raise ValueError(f"'{n}' in the shard state is {list(src.shape)}, the head's is "
+                             f"{list(p.shape)}")
+        sources[n] = src
+    if optimizer is not None:
+        _load_optimizer(optimizer, names, rows, scalars)
     with torch.no_grad():
         for n, p in params.items():
-            src = rows[n] if n in ROW_PARAMS else scalars["params"].get(n)
-            if src is None:
-                raise ValueError(f"shard state has no value for head parameter '{n}'")
-            if src.shape != p.shape:
-                raise ValueError(f"'{n}' in the shard state is {list(src.shape)}, the head's is "
-                                 f"{list(p.shape)}")
-            p.copy_(src)
-    if optimizer is None:
-        return
+            p.copy_(sources[n])
+
+
+def _load_optimizer(optimizer, names, rows, scalars) -> None:
     saved_groups = scalars["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(f"shard state has {len(saved_groups)} optimizer param groups, the "
@@ -249,6 +271,13 @@ def apply_shard_state(head, optimizer, state: dict) -> None:
             index[n] = len(index)
             ids.append(index[n])
         groups.append({**{k: v for k, v in saved.items() if k != "param_names"}, "params": ids})
+    per_row = [k for k in rows if k.endswith(".step")]
+    # A dense torch Adam(W) would load them and fail at its first step ([n] is no scalar).
+    if per_row and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise HeadShardError(
+            f"the checkpoint's head optimizer state has per-row step counts ({per_row[0]}: saved "
+            f"with head.update=sampled and AdamW); {type(optimizer).__name__} keeps one step count. "
+            f"Resume with head.update=sampled")
     opt_state: dict[int, dict[str, Any]] = {}
     for key, v in list(scalars["state"].items()) + [(k, v) for k, v in rows.items() if "." in k]:
         n, k = key.rsplit(".", 1)
