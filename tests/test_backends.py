@@ -25,7 +25,7 @@ def test_backend_trains_through_the_trainer(tmp_path, manifest, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     cfg = load_tiny(tmp_path, "b", "head.embedding_size=16", f"data.backend={backend}",
-                    f"data.webdataset.shards={manifest}", "data.batch_size=8", "data.num_workers=1",
+                    f"data.shards.manifest={manifest}", "data.batch_size=8", "data.num_workers=1",
                     "train.steps=4", "train.log_every=1", drop=SYNTHETIC_SETS)
     t = Trainer(cfg)
     assert t.head.num_classes == json.loads(manifest.read_text())["num_classes"] == 10

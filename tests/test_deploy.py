@@ -272,7 +272,7 @@ def test_webdataset_manifest_hash(tmp_path):
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"num_images": 7, "num_classes": 3, "shards": []}))
     cfg = load_config("configs/cpu_demo.yaml", ["data.backend=webdataset",
-                                                 f"data.webdataset.shards={manifest}"])
+                                                 f"data.shards.manifest={manifest}"])
     ident = mc.data_identity(cfg)
     assert ident["hash"] == "sha256:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
     assert ident["num_images"] == 7 and ident["num_classes"] == 3

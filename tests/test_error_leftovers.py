@@ -70,9 +70,9 @@ def test_shard_pattern_without_manifest_names_the_key(tmp_path, capsys):
     assert len(tars) == 2, tars
     pattern = str(tars[0]).replace("000000.tar", "{000000..000001}.tar")
     assert main(["train", *args(tmp_path, "w", "data.backend=webdataset",
-                                f"data.webdataset.shards={pattern}")]) == 2
+                                f"data.shards.manifest={pattern}")]) == 2
     line = error_line(capsys.readouterr().err)
-    assert "data.webdataset.shards" in line and "manifest" in line and pattern in line
+    assert "data.shards.manifest" in line and "manifest" in line and pattern in line
 
 
 # -- 4: a signal to the whole process group reaches the DataLoader workers too -----------------

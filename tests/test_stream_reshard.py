@@ -118,7 +118,7 @@ def _cfg(out, shards, batch):
     from tests.conftest import SYNTHETIC_SETS, load_tiny
     return load_tiny(out, "wds", "experiment.seed=3",  # = KW: the reference stream below
                      "head.embedding_size=16", "data.backend=webdataset",
-                     f"data.webdataset.shards={shards}", "data.webdataset.shuffle_buffer=5",
+                     f"data.shards.manifest={shards}", "data.shards.shuffle_buffer=5",
                      f"data.batch_size={batch}", "train.steps=3", "train.log_every=1",
                      drop=SYNTHETIC_SETS)
 

@@ -4,13 +4,13 @@ Graph::
 
     fn.readers.webdataset(tar + .idx, ext jpg/cls, shard_id=rank, num_shards=world,
                           shuffle buffer)  ─► fn.decoders.image ('mixed' on GPU, 'cpu')
-    ─► [resize to image_size if needed] ─► [crop: resize to size+2p, random size² crop]
-    ─► [color: brightness/contrast ±20 %]
-    ─► crop_mirror_normalize(uint8, CHW, random mirror)
+    ─► [resize to image_size if needed] ─► data.augment's DALI forms (augment.py: crop
+    resizes to size+2p and takes a random size² window; color; flip mirrors in the last op)
+    ─► crop_mirror_normalize(uint8, CHW)
 
 Labels: DALI hands ``.cls`` over as raw bytes, i.e. the ASCII digits of the label
 (b"17" → [49, 55]). Using those bytes as the label would train against a constant-ish
-garbage target; they are parsed to int64 here, per sample.
+garbage target; they are parsed to int64 here, per sample (decode.parse_label).
 
 The stream is infinite (DALI's reader wraps around epochs; each rank reads its own
 1/world_size of the samples, so no rank starves). It is deterministic from ``seed``
@@ -29,7 +29,7 @@ Bad data:
   samples counted as ``lost_samples`` (converters trial-decode every image, so this
   only happens to data damaged after conversion).
 * Labels outside [0, num_classes) raise, naming the sample; too much bad data
-  (above ``max_bad_fraction`` after ``bad_check_min_samples``) raises.
+  (above ``max_bad_fraction`` after ``bad_check_min_samples``) raises (quality.py).
 """
 from __future__ import annotations
 
@@ -41,10 +41,13 @@ import torch
 
 from dpface.seeding import Stream, seed_int
 
+from .augment import apply_dali, check_augment
+from .decode import check_label, parse_label
+from .position import PositionError, check_format, differences, require_same
+from .quality import BadDataLimit, with_totals
 from .shards import ShardError, read_index, resolve_shards
-from .webdataset_stream import LabelError, PositionError
+from .stream import batches_per_epoch, epochs
 
-AUGMENTS = ("flip", "crop", "color")
 STATE_FORMAT = "dpface-dali-stream/1"
 
 
@@ -60,11 +63,6 @@ def _import_dali():
     return fn, pipeline_def, types
 
 
-def parse_label(raw) -> int:
-    """ASCII-digit bytes of a .cls member → int (ValueError if not an integer)."""
-    return int(bytes(np.asarray(raw, dtype=np.uint8)).decode("ascii").strip())
-
-
 def _empty_stats() -> dict:
     return {"samples": 0, "bad_label": 0, "lost_samples": 0, "failed_batches": 0,
             "missing_image": 0, "missing_label": 0, "truncated_shards": 0, "empty_shards": 0,
@@ -72,7 +70,8 @@ def _empty_stats() -> dict:
 
 
 class DaliStream:
-    """Resumable per-rank stream of (uint8 [B,3,H,W] RGB, int64 [B]) decoded by DALI.
+    """Resumable per-rank stream of (uint8 [B,3,H,W] RGB, int64 [B]) decoded by DALI
+    (a :class:`~dpface.data.stream.BatchStream`).
 
     Args:
         manifest_or_shards: manifest.json (or its directory), a tar path / brace
@@ -83,7 +82,7 @@ class DaliStream:
         num_workers: DALI CPU threads.
         seed: base seed (the pipeline's seed is derived from seed and rank).
         shuffle_buffer: reader shuffle buffer (``initial_fill``); 0/1 → read in order.
-        augment: subset of ("flip", "crop", "color").
+        augment: names in :data:`dpface.data.augment.AUGMENTS` ("flip", "crop", "color").
         image_size: output side.
         device: "gpu" (decode on the GPU via 'mixed') or "cpu"; default: gpu if CUDA is
             available to torch.
@@ -104,10 +103,8 @@ class DaliStream:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got "
                              f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
-        augment = tuple(augment or ())
-        unknown = [a for a in augment if a not in AUGMENTS]
-        if unknown:
-            raise ValueError(f"unknown augmentation(s) {unknown}; choose from {AUGMENTS}")
+        augment = check_augment(augment)
+        limit = BadDataLimit(float(max_bad_fraction), int(bad_check_min_samples))
         if device is None:
             device = "gpu" if torch.cuda.is_available() else "cpu"
         if device not in ("gpu", "cpu"):
@@ -126,8 +123,7 @@ class DaliStream:
         self.num_workers, self.seed = max(1, int(num_workers)), int(seed)
         self.shuffle_buffer, self.augment = int(shuffle_buffer), augment
         self.image_size, self.device, self.device_id = int(image_size), device, device_id
-        self.max_bad_fraction = float(max_bad_fraction)
-        self.bad_check_min_samples = int(bad_check_min_samples)
+        self.limit = limit
         self.prefetch = int(prefetch)
         self._stored_size = shards.image_size
         self._stats = _empty_stats()
@@ -140,15 +136,12 @@ class DaliStream:
 
     @property
     def batches_per_epoch(self) -> int | None:
-        if self.num_images is None:
-            return None
-        return self.num_images // (self.batch_size * self.world_size)
+        return batches_per_epoch(self.num_images, self.batch_size * self.world_size)
 
     @property
     def epoch(self) -> float:
         """Data epochs consumed by this rank, fractional (for logging)."""
-        per = self.batches_per_epoch
-        return self._batches / per if per else 0.0
+        return epochs(self._batches, self.batches_per_epoch)
 
     def _usable_shards(self, shards):
         """Drop truncated/empty shards (counted) and count incomplete samples, from the indexes."""
@@ -189,17 +182,13 @@ class DaliStream:
         else:
             bad = s["bad_label"] + s["lost_samples"]
             seen = bad + s["samples"]
-        if seen >= self.bad_check_min_samples and bad > self.max_bad_fraction * seen:
-            raise ShardError(f"too much bad data in {where}: {bad} of {seen} samples unusable "
-                               f"(stats: {s}), above max_bad_fraction={self.max_bad_fraction}")
+        self.limit.check(bad, seen, f"in {where}", s)
 
     def _build(self):
         fn, pipeline_def, types = _import_dali()
         size = self.image_size
         shuffle = self.shuffle_buffer > 1
         decode_device = "mixed" if self.device == "gpu" else "cpu"
-        resize = self._stored_size != size
-        pad = max(1, size // 28)
         reader_kw = dict(paths=self.tars, ext=["jpg", "cls"], missing_component_behavior="skip",
                          random_shuffle=shuffle, shard_id=self.rank, num_shards=self.world_size,
                          name="reader")
@@ -207,7 +196,7 @@ class DaliStream:
             reader_kw["index_paths"] = self.indexes
         if shuffle:
             reader_kw["initial_fill"] = self.shuffle_buffer
-        augment = self.augment
+        augment, stored_size = self.augment, self._stored_size
         seed = seed_int(self.seed, Stream.DALI, self.rank) % (2**31 - 1)
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_workers,
@@ -216,20 +205,8 @@ class DaliStream:
         def pipeline():
             jpegs, cls = fn.readers.webdataset(**reader_kw)
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-            if "crop" in augment:  # slight zoom + shift: resize up by 2p, random size² window
-                images = fn.resize(images, resize_x=size + 2 * pad, resize_y=size + 2 * pad)
-                images = fn.crop(images, crop=(size, size),
-                                 crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                                 crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
-            elif resize:
-                images = fn.resize(images, resize_x=size, resize_y=size)
-            if "color" in augment:
-                images = fn.brightness_contrast(
-                    images, brightness=fn.random.uniform(range=(0.8, 1.2)),
-                    contrast=fn.random.uniform(range=(0.8, 1.2)))
-            mirror = fn.random.coin_flip(probability=0.5) if "flip" in augment else 0
-            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW",
-                                              mirror=mirror)
+            images, final = apply_dali(fn, images, augment, size, stored_size)
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", **final)
             return images, cls
 
         kw = {}
@@ -258,14 +235,11 @@ class DaliStream:
                 self._stats["bad_label"] += 1
                 labels.append(-1)
                 continue
-            if not 0 <= label < self.num_classes:
-                raise LabelError(f"sample {cls[i].source_info()!r} has label {label}, outside "
-                                 f"[0, {self.num_classes}) (num_classes of the manifest)")
-            labels.append(label)
+            labels.append(check_label(label, self.num_classes, f"sample {cls[i].source_info()!r}"))
             good.append(i)
         return torch.tensor(labels, dtype=torch.int64), good
 
-    # -- the loader protocol ---------------------------------------------------------
+    # -- the BatchStream protocol ----------------------------------------------------
     def __iter__(self):
         if self._pipe is None:
             self._pipe = self._build()
@@ -304,11 +278,10 @@ class DaliStream:
                 else base64.b64encode(self._checkpoint).decode("ascii")}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise PositionError(f"not a DaliStream state (format={state.get('format')!r})")
+        check_format(state, STATE_FORMAT, "DaliStream")
         mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size}
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        diff = differences(state, mine)
         if set(diff) == {"world_size", "batch_size"} and (
                 state["world_size"] * state["batch_size"] == self.world_size * self.batch_size):
             raise PositionError(
@@ -316,9 +289,7 @@ class DaliStream:
                 f"at world size {self.world_size}, even at the same global batch: DALI's reader "
                 "checkpoint is tied to its shard_id/num_shards split. Resume at world size "
                 f"{state['world_size']}, or use data.backend: webdataset (same shards), which reshards")
-        if diff:
-            raise PositionError(f"the saved data position belongs to a different stream (saved vs "
-                             f"now: {diff}); it cannot continue where it stopped")
+        require_same(state, mine)
         self._batches = int(state["batches"])
         self._stats = dict(state["stats"])
         ck = state.get("checkpoint")
@@ -326,8 +297,6 @@ class DaliStream:
         self._pipe = None  # rebuilt from the checkpoint on the next __iter__
 
     def stats(self) -> dict:
-        s = dict(self._stats)
-        s["bad_samples"] = (s["bad_label"] + s["lost_samples"] + s["missing_image"]
-                            + s["missing_label"])
-        s["bad_shards"] = s["truncated_shards"] + s["empty_shards"]
-        return s
+        # An undecodable image fails DALI's whole batch: its lost samples are bad samples.
+        return with_totals(self._stats, ("bad_label", "lost_samples", "missing_image", "missing_label"),
+                           ("truncated_shards", "empty_shards"))

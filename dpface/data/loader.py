@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dpface.seeding import Stream, rng
 
+from .stream import batches_per_epoch, epochs
+
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn`` of every training stream. Ctrl-C (and SLURM's
@@ -46,7 +48,8 @@ class _BatchIndices:
 
 
 class MapStream:
-    """Resumable per-rank batch stream over a map-style dataset yielding (uint8 CHW, label)."""
+    """Resumable per-rank batch stream over a map-style dataset yielding (uint8 CHW, label)
+    (a :class:`~dpface.data.stream.BatchStream`)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 0, num_classes: int | None = None):
@@ -60,12 +63,12 @@ class MapStream:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.num_workers = seed, num_workers
         self.num_classes = num_classes if num_classes is not None else dataset.num_classes
-        self.batches_per_epoch = n // (batch_size * world_size)
+        self.batches_per_epoch = batches_per_epoch(n, batch_size * world_size)
         self._consumed = 0
 
     @property
     def epoch(self) -> float:
-        return self._consumed / self.batches_per_epoch
+        return epochs(self._consumed, self.batches_per_epoch)
 
     def state_dict(self) -> dict:
         return {"batches": self._consumed, "global_batch": self.batch_size * self.world_size}

@@ -1,4 +1,4 @@
-"""WebDataset shard files: writer, DALI index files, manifest, and resume checks.
+"""WebDataset shard files: writer, reader, DALI index files, manifest, and resume checks.
 
 Layout of an output directory::
 
@@ -15,7 +15,8 @@ A shard is written under a temporary name and renamed when complete (index first
 last), so a present ``.tar`` with a matching ``.idx`` is a complete shard: an interrupted
 conversion resumes after the last complete shard (:func:`complete_shard_prefix`).
 Tar members get fixed metadata (mtime 0, uid 0), so a resumed conversion writes
-byte-identical shards.
+byte-identical shards. The reader (:class:`ShardRead`) streams one shard's samples and
+reports damage (empty, truncated, unreadable) instead of raising.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import json
 import os
 import tarfile
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 from dpface.io import atomic_write_bytes
 
@@ -38,6 +40,10 @@ _BLOCK = tarfile.BLOCKSIZE  # 512
 
 class ShardError(RuntimeError):
     """A shard, index or manifest is missing, malformed or inconsistent."""
+
+
+class TarFormatError(ValueError):
+    """A tar stream is truncated or has a corrupt header."""
 
 
 def sample_key(index: int) -> str:
@@ -207,6 +213,121 @@ def _remove_if_exists(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+# -- reading -----------------------------------------------------------------------
+SAMPLE_EXTS = frozenset(("jpg", "cls"))  # the members a training reader needs
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+def iter_tar_members(f, keep=None) -> Iterator[dict]:
+    """Regular files of a tar stream as {"fname", "data"} — webdataset's member records.
+
+    A lean replacement for ``tarfile`` streaming (≈10× less CPU per member, which
+    matters when members are 4 kB JPEGs): parses ustar/GNU headers directly, checks
+    their checksums, follows GNU long names and pax ``path`` records, and skips
+    (seeks over) the data of members whose extension is not in ``keep``. Raises
+    TarFormatError on a truncated stream, including one that ends without the
+    end-of-archive block, after yielding every complete member before the damage.
+    """
+    long_name = None
+    while True:
+        hdr = f.read(512)
+        if len(hdr) < 512:
+            raise TarFormatError("unexpected end of data (no end-of-archive block)")
+        if hdr == _ZERO_BLOCK:
+            return
+        stored = hdr[148:156].strip(b"\0 ")
+        try:
+            ok = int(stored or b"0", 8) == sum(hdr) - sum(hdr[148:156]) + 256
+        except ValueError:
+            ok = False
+        if not ok:
+            raise TarFormatError("bad tar header checksum")
+        size_field = hdr[124:136]
+        size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
+                else int(size_field.strip(b"\0 ") or b"0", 8))
+        kind = hdr[156:157]
+        name = hdr[:100].split(b"\0", 1)[0]
+        if hdr[257:262] == b"ustar" and hdr[345] != 0:
+            name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+        padded = (size + 511) & ~511
+        special = kind in (b"L", b"x", b"g")
+        regular = kind in (b"0", b"\0", b"7")
+        fname = (long_name or name).decode("utf-8", "replace")
+        wanted = special or (regular and (keep is None or fname.partition(".")[2] in keep))
+        if wanted:
+            data = f.read(size)
+            if len(data) < size:
+                raise TarFormatError(f"unexpected end of data in member {fname!r}")
+            f.seek(padded - size, 1)
+        else:
+            f.seek(padded, 1)
+        if kind == b"L":
+            long_name = data.rstrip(b"\0")
+        elif kind == b"x":
+            for rec in data.split(b"\n"):
+                k, _, v = rec.partition(b" ")[2].partition(b"=")
+                if k == b"path":
+                    long_name = v
+        elif kind != b"g":
+            long_name = None
+            if wanted:
+                yield {"fname": fname, "data": data}
+
+
+class ShardRead:
+    """One pass over one shard's samples ({"__key__", "__url__", "jpg", "cls"}, grouped
+    by key with webdataset's ``group_by_keys``).
+
+    Damage never raises: once iteration ends, ``outcome`` is "intact", "empty" (a 0-byte
+    file, or no sample and no error), "truncated" (a tar error after ``count`` complete
+    samples, all of which were yielded) or "unreadable" (the file could not be opened).
+    ``reader``: "fast" (:func:`iter_tar_members`) or "webdataset" (the library's
+    tarfile-based ``tar_file_iterator``).
+    """
+
+    def __init__(self, path: str, reader: str = "fast"):
+        self.path, self.reader = path, reader
+        self.count, self.outcome = 0, None
+
+    def __iter__(self) -> Iterator[dict]:
+        from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+        errors = []
+
+        def handler(exn: Exception) -> bool:
+            errors.append(exn)
+            return True
+
+        try:
+            stream = open(self.path, "rb", buffering=1 << 20)
+            empty = os.fstat(stream.fileno()).st_size == 0
+        except OSError:  # deleted or unreadable since the stream was set up
+            self.outcome = "unreadable"
+            return
+
+        def files():
+            try:
+                if self.reader == "fast":
+                    members = iter_tar_members(stream, keep=SAMPLE_EXTS)
+                else:
+                    members = tar_file_iterator(stream, handler=handler)
+                for f in members:
+                    f["__url__"] = self.path
+                    yield f
+            except Exception as exn:  # noqa: BLE001 — tarfile raises many types on bad input
+                errors.append(exn)
+
+        with stream:
+            if not empty:
+                for sample in group_by_keys(files(), handler=handler, suffixes=SAMPLE_EXTS):
+                    self.count += 1
+                    yield sample
+        if empty or (self.count == 0 and not errors):
+            self.outcome = "empty"  # a 0-byte file is empty, not truncated
+        else:
+            self.outcome = "truncated" if errors else "intact"
 
 
 # -- index files ---------------------------------------------------------------------

@@ -52,7 +52,7 @@ def data_identity(cfg) -> dict:
         blob = json.dumps(params, sort_keys=True).encode()
         return {"backend": "synthetic", "parameters": params,
                 "hash": "sha256:" + hashlib.sha256(blob).hexdigest(), "hash_of": "generator parameters"}
-    spec = d.webdataset.shards
+    spec = d.shards.manifest
     out = {"backend": d.backend, "shards": spec}
     try:
         p = Path(spec)
