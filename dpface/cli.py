@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true")
         sp.set_defaults(fn=_cmd_convert)
     add_convert_parser(csub)  # convert synthetic-ijb: an IJB-format set, not shards
+    from dpface.cluster.cli import add_cluster_parser
+
+    add_cluster_parser(sub)  # dpface cluster [train-gcn]: GCN linkage face clustering
     return p
 
 

@@ -1,0 +1,208 @@
+"""`dpface cluster` (cluster embeddings with a linkage GCN) and `dpface cluster train-gcn`.
+
+The parser is built without importing torch; every expected failure of the library
+(:class:`~dpface.cluster.knn.ClusterError`) becomes the CLI's InputError: one
+``dpface: error: …`` line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG = """examples:
+  dpface cluster train-gcn --checkpoint runs/demo --images labelled/manifest.json --out gcn.pt
+  dpface cluster --checkpoint runs/demo --images pool/manifest.json --gcn gcn.pt --out clusters.json
+  dpface cluster --embeddings pool.npy --gcn gcn.pt --out clusters.json
+"""
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_cluster_parser(sub) -> None:
+    """Register `dpface cluster` (and its `train-gcn`) on the main parser's sub-commands."""
+    c = sub.add_parser("cluster", help="cluster face embeddings by GCN linkage (Wang et al. 2019); "
+                                       "`dpface cluster train-gcn` trains the GCN",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _source_options(c, None)
+    c.add_argument("--gcn", default=None, help="GCN file written by `dpface cluster train-gcn`")
+    c.add_argument("--out", default=None, help="clusters.json to write")
+    c.add_argument("--threshold", type=float, default=None,
+                   help="linkage probability an edge must exceed (default: the one tuned at training)")
+    c.add_argument("--max-size", type=int, default=None,
+                   help="pseudo label propagation: re-split clusters larger than this at a raised threshold")
+    c.add_argument("--score", action="store_true",
+                   help="compare the clusters with the labels of --images / of the .npz (metrics in the output)")
+    c.add_argument("--save-embeddings", default=None, help="also write the embeddings (+ labels) as .npz")
+    c.set_defaults(fn=cmd_cluster)
+    csub = c.add_subparsers(dest="cluster_cmd", metavar="train-gcn")
+    t = csub.add_parser("train-gcn", help="train the linkage GCN on labelled identities")
+    # Defaults suppressed: argparse would otherwise overwrite the same options given before `train-gcn`.
+    _source_options(t, argparse.SUPPRESS)
+    t.add_argument("--out", default=argparse.SUPPRESS, help="GCN file to write (e.g. gcn.pt)")
+    for name, typ, default, text in (
+            ("--k1", int, 10, "1-hop neighbours of a pivot (its IPS; above the typical cluster size)"),
+            ("--k2", int, 5, "2-hop neighbours per 1-hop node"),
+            ("--k-adj", int, 5, "nearest neighbours that define the IPS's edges"),
+            ("--hidden", int, 64, "GCN width"), ("--layers", int, 3, "graph convolutions"),
+            ("--epochs", int, 6, "passes over the training pivots"), ("--lr", float, 3e-3, "Adam learning rate"),
+            ("--val-fraction", float, 0.2, "identities held out to tune the merge threshold"),
+            ("--seed", int, 0, "split, initialisation and batch order")):
+        t.add_argument(name, type=typ, default=default, help=f"{text} (default {default})")
+    t.set_defaults(fn=cmd_train_gcn)
+
+
+def _source_options(p, default) -> None:
+    p.add_argument("--checkpoint", default=default, help="run directory or checkpoint dir (…/checkpoints/step-N) "
+                                                          "whose backbone embeds --images")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", default=default, help="manifest.json of a converted set (`dpface convert`)")
+    src.add_argument("--embeddings", default=default,
+                     help=".npy [N, D] embeddings, or .npz with 'embeddings' (and 'labels')")
+    p.add_argument("--batch-size", type=int, default=default, help="images / pivots per batch")
+
+
+def _opt(args, name):
+    return getattr(args, name, None)
+
+
+def _load_embeddings(path, need_labels: bool):
+    import numpy as np
+
+    from .knn import ClusterError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--embeddings: no such file: {p}")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ClusterError(f"--embeddings {p}: not a .npy / .npz file ({e})") from e
+    labels = None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            if "embeddings" not in data.files:
+                raise ClusterError(f"--embeddings {p}: the .npz holds {data.files}, not 'embeddings'")
+            x = data["embeddings"]
+            labels = data["labels"] if "labels" in data.files else None
+    else:
+        x = data
+    if need_labels and labels is None:
+        raise ClusterError(f"--embeddings {p}: training needs labels: a .npz with 'embeddings' and 'labels'")
+    if labels is not None and labels.shape != (len(x),):
+        raise ClusterError(f"--embeddings {p}: 'labels' has shape {labels.shape} for {len(x)} embeddings")
+    return x, labels
+
+
+def _embeddings(args, need_labels: bool):
+    """(embeddings, labels or None, items or None) from --embeddings or --checkpoint + --images."""
+    if _opt(args, "embeddings"):
+        if _opt(args, "checkpoint"):
+            raise _input("--checkpoint is for --images; --embeddings are used as they are")
+        x, y = _load_embeddings(args.embeddings, need_labels)
+        return x, y, None
+    if not _opt(args, "images"):
+        raise _input("give the pool: --embeddings FILE, or --checkpoint RUN --images MANIFEST")
+    if not _opt(args, "checkpoint"):
+        raise _input("--images needs --checkpoint (the run or checkpoint whose backbone embeds them)")
+    import torch
+
+    from .embed import embed_manifest, load_backbone
+
+    backbone, cfg, ckpt = load_backbone(args.checkpoint)
+    device = "cuda" if torch.cuda.is_available() and cfg.experiment.device != "cpu" else "cpu"
+    backbone.to(device)
+    t0 = time.perf_counter()
+    x, y, items = embed_manifest(backbone, args.images, cfg.data.image_size, device=device,
+                                 batch_size=_opt(args, "batch_size") or cfg.eval.batch_size, flip=cfg.eval.flip)
+    _err(f"dpface cluster: embedded {len(x)} images of {args.images} with {ckpt} "
+         f"({time.perf_counter() - t0:.1f} s, D={x.shape[1]})")
+    return x, y, items
+
+
+def _input(msg: str):
+    from dpface.cli import InputError
+
+    return InputError(msg)
+
+
+def _as_input_error(fn):
+    def run(args) -> int:
+        from .knn import ClusterError
+
+        try:
+            return fn(args)
+        except ClusterError as e:
+            raise _input(str(e)) from e
+    return run
+
+
+@_as_input_error
+def cmd_train_gcn(args) -> int:
+    from .gcn import save_gcn, train_gcn
+
+    out = _opt(args, "out")
+    if not out:
+        raise _input("train-gcn needs --out FILE (the GCN file to write, e.g. gcn.pt)")
+    x, y, _ = _embeddings(args, need_labels=True)
+    model, info = train_gcn(x, y, k1=args.k1, k2=args.k2, k_adj=args.k_adj, hidden=args.hidden,
+                            layers=args.layers, epochs=args.epochs, batch_size=_opt(args, "batch_size") or 32,
+                            lr=args.lr, val_fraction=args.val_fraction, seed=args.seed, log=_err)
+    info["source"] = str(_opt(args, "embeddings") or _opt(args, "images"))
+    save_gcn(model, out, info)
+    print(f"wrote {out}: GCN for D={x.shape[1]} (k1={args.k1}, k2={args.k2}, k_adj={args.k_adj}) trained on "
+          f"{info['train_items']} embeddings of {info['train_identities']} identities; merge threshold "
+          f"{info['threshold']:.2f} (pairwise F {info['tuned_pairwise_f']:.3f} on the {info['threshold_tuned_on']})")
+    return 0
+
+
+@_as_input_error
+def cmd_cluster(args) -> int:
+    import numpy as np
+
+    from dpface.io import atomic_write_json
+
+    from . import metrics as M
+    from .gcn import cluster, load_gcn
+
+    if not args.gcn:
+        raise _input("dpface cluster needs --gcn FILE (train one with `dpface cluster train-gcn`)")
+    if not args.out:
+        raise _input("dpface cluster needs --out FILE (the clusters.json to write)")
+    if args.max_size is not None and args.max_size < 1:
+        raise _input(f"--max-size must be >= 1, got {args.max_size}")
+    model = load_gcn(args.gcn)  # before the (slow) embedding: a bad GCN file fails at once
+    x, y, items = _embeddings(args, need_labels=False)
+    src = "--embeddings" if args.embeddings else "--images"
+    labels, times = cluster(model, x, threshold=args.threshold, max_size=args.max_size,
+                            batch_size=args.batch_size or 256, name=f"{src} {args.embeddings or args.images}")
+    if args.save_embeddings:
+        from dpface.io import atomic_write
+
+        atomic_write(args.save_embeddings, lambda f: np.savez(f, embeddings=x, **({} if y is None else {"labels": y})))
+    sizes = np.bincount(labels)
+    out = {"format": "dpface-clusters", "version": 1, "num_items": int(len(labels)),
+           "num_clusters": int(sizes.size), "singletons": int((sizes == 1).sum()),
+           "labels": labels.tolist(), "sizes": sizes.tolist(),
+           "params": {"gcn": str(args.gcn), "threshold": times["threshold"], "max_size": args.max_size,
+                      **{k: model.config[k] for k in ("k1", "k2", "k_adj")}, "source": src,
+                      "path": str(args.embeddings or args.images),
+                      "checkpoint": str(args.checkpoint) if args.checkpoint else None},
+           "timing_s": {k[:-2]: round(v, 4) for k, v in times.items() if k.endswith("_s")}}
+    if items is not None:
+        out["items"] = [{"shard": s, "key": k} for s, k in items]
+    if args.score:
+        if y is None:
+            raise _input("--score needs labels: --images, or an --embeddings .npz with 'labels'")
+        out["metrics"] = M.all_metrics(labels, y)
+    atomic_write_json(args.out, out, indent=None)
+    print(f"wrote {args.out}: {len(labels)} items in {sizes.size} clusters ({out['singletons']} singletons, "
+          f"largest {int(sizes.max())}); threshold {times['threshold']:.2f}; kNN {times['knn_s']:.2f} s, "
+          f"GCN {times['gcn_s']:.2f} s")
+    if args.score:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out["metrics"].items()}))
+    return 0

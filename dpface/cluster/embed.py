@@ -1,0 +1,117 @@
+"""Embeddings for clustering: a checkpoint's backbone (loaded as ``dpface export-onnx`` loads
+it) run over the images of a converted shard set (``dpface convert``) with the evaluation
+embedding helper (``dpface.eval.embeddings.extract_embeddings``: flip convention, L2 norm)."""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .knn import ClusterError
+
+
+def resolve_checkpoint(path) -> Path:
+    """A step directory as given, or the newest complete checkpoint of a run directory."""
+    p = Path(path)
+    if p.is_dir() and not (p / "meta.json").exists() and (p / "checkpoints").is_dir():
+        try:  # the run-directory object of the trainer redesign, where present
+            from dpface.rundir import RunDir
+
+            done = RunDir(p).complete()
+        except ImportError:
+            from dpface.engine.checkpoint import complete_checkpoints
+
+            done = complete_checkpoints(p / "checkpoints")
+        if not done:
+            raise ClusterError(f"--checkpoint: run directory {p} holds no complete checkpoint "
+                               "(checkpoints/step-N with meta.json)")
+        return done[-1]
+    return p
+
+
+def load_backbone(path):
+    """(backbone in eval mode, its Config, the step directory) of a run or step directory,
+    through the checkpoint loader `dpface eval` / `dpface export-onnx` use."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        from dpface.restore import load_backbone as load
+    except ImportError:  # before the trainer redesign: export-onnx's loader
+        from dpface.eval.export_onnx import load_backbone as load
+    backbone, cfg = tuple(load(ckpt))[:2]
+    return backbone, cfg, ckpt
+
+
+def iter_samples(manifest) -> Iterator[tuple[str, str, bytes, int]]:
+    """(shard name, sample key, JPEG bytes, label) of every sample of a converted set, in order."""
+    from dpface.data.shards import ShardError, resolve_shards
+
+    try:
+        shards = resolve_shards(manifest)
+    except ValueError as e:  # a manifest listing no shards
+        raise ClusterError(f"{manifest}: {e} (empty pool)") from e
+    for tar_path in shards.tars:
+        name = Path(tar_path).name
+        try:
+            with tarfile.open(tar_path, mode="r:") as tar:
+                key, parts = None, {}
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    k, _, ext = member.name.partition(".")
+                    if k != key and key is not None:
+                        yield _sample(name, key, parts)
+                        parts = {}
+                    key = k
+                    if ext in ("jpg", "cls"):
+                        parts[ext] = tar.extractfile(member).read()
+                if key is not None:
+                    yield _sample(name, key, parts)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ShardError(f"{tar_path}: unreadable shard ({e})") from e
+
+
+def _sample(shard: str, key: str, parts: dict) -> tuple[str, str, bytes, int]:
+    from dpface.data.shards import ShardError
+
+    if "jpg" not in parts or "cls" not in parts:
+        raise ShardError(f"{shard}: sample {key} lacks its {'image' if 'jpg' not in parts else 'label'}")
+    return shard, key, parts["jpg"], int(parts["cls"].decode("ascii"))
+
+
+def decode(jpeg: bytes, size: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im)
+
+
+def embed_manifest(backbone, manifest, image_size: int, device="cpu", batch_size: int = 128,
+                   flip: bool = True, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray, list]:
+    """(L2-normalised float32 [N, D], labels int64 [N], [(shard, key)]) of a converted set,
+    decoded and embedded ``chunk`` images at a time (memory stays bounded)."""
+    from dpface.eval.embeddings import extract_embeddings
+
+    embs, labels, where, batch = [], [], [], []
+
+    def flush():
+        if batch:
+            embs.append(extract_embeddings(backbone, np.stack(batch), batch_size=batch_size, device=device,
+                                           flip=flip).numpy())
+            batch.clear()
+
+    for shard, key, jpeg, label in iter_samples(manifest):
+        batch.append(decode(jpeg, image_size))
+        labels.append(label)
+        where.append((shard, key))
+        if len(batch) >= chunk:
+            flush()
+    flush()
+    if not embs:
+        raise ClusterError(f"{manifest}: the set holds no images: empty pool")
+    return np.concatenate(embs), np.asarray(labels, np.int64), where

@@ -1,0 +1,61 @@
+"""Simulated embedding pools for tests and benchmarks (no network needed).
+
+An identity is a random centre on the unit sphere in R^D; its images are centre + noise,
+the noise isotropic Gaussian with per-coordinate sd ``spread / sqrt(D)`` (so its norm is
+about ``spread``), then L2-normalised. Identity sizes follow dpface's long tail,
+floor(max_size · (i+1)^-exponent) clipped to [min_size, max_size], shuffled.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dpface.data.synthetic import long_tail_counts
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def embedding_pool(num_identities: int, dim: int = 64, *, spread=0.5, max_size: int = 30, min_size: int = 2,
+                   exponent: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [N, D] unit embeddings, int64 [N] identity labels). ``spread`` is one number or
+    a (low, high) range each identity draws its own spread from, uniformly."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.permutation(long_tail_counts(num_identities, max_size, min_size, exponent))
+    centres = _unit(rng.standard_normal((num_identities, dim)))
+    lo, hi = (spread, spread) if np.isscalar(spread) else spread
+    spreads = rng.uniform(lo, hi, num_identities)
+    labels = np.repeat(np.arange(num_identities), sizes)
+    noise = rng.standard_normal((labels.size, dim)) * (spreads[labels] / np.sqrt(dim))[:, None]
+    return _unit(centres[labels] + noise).astype(np.float32), labels.astype(np.int64)
+
+
+def twins_pool(num_twins: int, num_loose: int, dim: int = 32, *, size: int = 10, tight: float = 0.15,
+               twin_cos: float = 0.85, loose: float = 0.9, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A pool one global distance threshold cannot cluster: ``num_twins`` pairs of tight
+    identities (spread ``tight``) whose centres are only ``twin_cos`` apart, and ``num_loose``
+    isolated identities of a wide spread ``loose``, ``size`` images each.
+
+    The two twins' members are closer to each other (cosine ~ twin_cos) than a loose
+    identity's members are to one another (~1/(1+loose²)), so a threshold that joins the loose
+    identities merges the twins, and one that separates the twins splits the loose ones. Locally
+    the two are easy to tell apart: around a twin member its own identity is a tight group with
+    a clear gap to the other one, around a loose member there is no other identity near at all.
+    """
+    rng = np.random.default_rng(seed)
+    feats, labels, ident = [], [], 0
+    for _ in range(num_twins):
+        a = _unit(rng.standard_normal(dim))
+        r = _unit(rng.standard_normal(dim) - a * (a @ rng.standard_normal(dim)))
+        r = _unit(r - a * (a @ r))  # orthogonal to a
+        b = twin_cos * a + np.sqrt(1 - twin_cos ** 2) * r
+        for c in (a, b):
+            feats.append(c + rng.standard_normal((size, dim)) * tight / np.sqrt(dim))
+            labels += [ident] * size
+            ident += 1
+    for _ in range(num_loose):
+        c = _unit(rng.standard_normal(dim))
+        feats.append(c + rng.standard_normal((size, dim)) * loose / np.sqrt(dim))
+        labels += [ident] * size
+        ident += 1
+    return _unit(np.concatenate(feats)).astype(np.float32), np.asarray(labels, np.int64)
