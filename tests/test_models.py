@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dpface.models import BACKBONES, build_backbone, convert_insightface_state_dict
 from dpface.models.iresnet import DEPTHS
 from dpface.models.mobilefacenet import BOTTLENECKS
+from dpface.models.vit import SIZES as VIT_SIZES
 from dpface.registry import SpecError
 
 D = 16
@@ -19,6 +20,8 @@ SMALL = {
     **{name: {"name": name, "base_width": 8, "input_size": 16} for name in DEPTHS},
     "iresnet_tiny": {"name": "iresnet_tiny", "base_width": 8, "input_size": 32},
     "mobilefacenet": {"name": "mobilefacenet", "width": 0.25, "input_size": 32},
+    # ViTs at their real depths, dim 16, a 2x2 grid of 9-pixel patches (tests/test_vit_checkpointing.py).
+    **{name: {"name": name, "dim": 16, "num_heads": 2, "input_size": 18} for name in VIT_SIZES},
 }
 
 

@@ -20,6 +20,7 @@ from dpface.models.iresnet import (
     iresnet_tiny,
 )
 from dpface.models.mobilefacenet import MobileFaceNet, mobilefacenet
+from dpface.models.vit import ViT, vit_b, vit_l, vit_s, vit_t, vit_tiny_cpu
 from dpface.registry import Registry
 
 BACKBONES = Registry("backbone")
@@ -30,6 +31,11 @@ BACKBONES.register("iresnet100", iresnet100)
 BACKBONES.register("iresnet200", iresnet200)
 BACKBONES.register("iresnet_tiny", iresnet_tiny)
 BACKBONES.register("mobilefacenet", mobilefacenet)
+BACKBONES.register("vit_t", vit_t)
+BACKBONES.register("vit_s", vit_s)
+BACKBONES.register("vit_b", vit_b)
+BACKBONES.register("vit_l", vit_l)
+BACKBONES.register("vit_tiny_cpu", vit_tiny_cpu)
 
 
 def build_backbone(spec: Mapping, embedding_size: int) -> nn.Module:
@@ -42,5 +48,6 @@ __all__ = [
     "build_backbone",
     "IResNet",
     "MobileFaceNet",
+    "ViT",
     "convert_insightface_state_dict",
 ]
