@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from dpface.models import BACKBONES, build_backbone, convert_insightface_state_dict
 from dpface.models.iresnet import DEPTHS
 from dpface.models.mobilefacenet import BOTTLENECKS
-from dpface.models.vit import SIZES as VIT_SIZES
 from dpface.registry import SpecError
 
 D = 16
@@ -20,8 +19,8 @@ SMALL = {
     **{name: {"name": name, "base_width": 8, "input_size": 16} for name in DEPTHS},
     "iresnet_tiny": {"name": "iresnet_tiny", "base_width": 8, "input_size": 32},
     "mobilefacenet": {"name": "mobilefacenet", "width": 0.25, "input_size": 32},
-    # ViTs at their real depths, dim 16, a 2x2 grid of 9-pixel patches (tests/test_vit_checkpointing.py).
-    **{name: {"name": name, "dim": 16, "num_heads": 2, "input_size": 18} for name in VIT_SIZES},
+    "rangenet": {"name": "rangenet", "base_width": 4, "layers": [1, 1, 0, 1, 1], "input_size": 32},
+    "qan": {"name": "qan", "hidden": 8, "base": {"name": "iresnet_tiny", "base_width": 8, "input_size": 32}},
 }
 
 
@@ -36,7 +35,7 @@ def one_thread():
 
 
 def images(spec, b, seed=0):
-    s = spec.get("input_size", 112)
+    s = BACKBONES.input_size(spec)  # a wrapper's (qan) is its base's
     return torch.rand(b, 3, s, s, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 

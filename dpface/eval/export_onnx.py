@@ -184,8 +184,13 @@ def export(module: torch.nn.Module, out: Path | str, image_size: int = 112,
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ExportError(f"ONNX export needs onnx and onnxscript: pip install 'dpface[onnx]' ({e})") from None
+    from dpface.models.quality import QualityAware, QualityOutputs
+
     out = Path(out)
     module = module.eval().float().cpu()
+    outputs = ["embedding"]
+    if isinstance(module, QualityAware):  # a qan backbone also exports its quality score
+        module, outputs = QualityOutputs(module), ["embedding", "quality"]
     x = torch.zeros(2, 3, image_size, image_size)
     t0 = time.perf_counter()
     # The exporter logs one line per missing torchvision op and a banner per stage.
@@ -197,7 +202,7 @@ def export(module: torch.nn.Module, out: Path | str, image_size: int = 112,
             warnings.simplefilter("ignore")
             kw = {} if opset is None else {"opset_version": opset}
             prog = torch.onnx.export(
-                module, (x,), input_names=["data"], output_names=["embedding"],
+                module, (x,), input_names=["data"], output_names=outputs,
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
                 verbose=False, **kw)
     except Exception as e:
@@ -210,7 +215,9 @@ def export(module: torch.nn.Module, out: Path | str, image_size: int = 112,
     used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
     props = {"opset": str(used), "preprocessing": PREPROCESSING.format(s=image_size),
              "input": f"data: float32 [N,3,{image_size},{image_size}], N dynamic",
-             "output": "embedding: float32 [N,D], not L2-normalised",
+             "output": "embedding: float32 [N,D], not L2-normalised" + (
+                 "; quality: float32 [N], > 0, the image's weight in quality-aware set pooling"
+                 if "quality" in outputs else ""),
              "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True)",
              **{k: str(v) for k, v in (metadata or {}).items()}}
     del model.metadata_props[:]

@@ -27,6 +27,7 @@ from dpface.losses.margin import (
 )
 from dpface.losses.mv_softmax import MVSoftmax, mv_softmax, sv_softmax
 from dpface.losses.range_loss import RangeLoss
+from dpface.losses.set_loss import SetToSetLoss
 from dpface.losses.triplet import TripletLoss
 from dpface.registry import Registry, SpecError
 
@@ -85,12 +86,14 @@ LOSSES.register("sv_softmax", sv_softmax)
 # Embedding losses added to the classification loss with a weight. A constructor takes
 # ``num_classes`` and ``embedding_size`` (filled in by the trainer) plus its own
 # parameters; the module is called as ``loss(embeddings [B_local, D] fp32, labels
-# [B_local], step) -> scalar`` on every rank (it may gather across ranks itself).
+# [B_local], step) -> scalar`` on every rank (it may gather across ranks itself). One with
+# ``needs_quality = True`` (qan_set) is also given ``quality=`` the backbone's scores [B_local].
 AUX_LOSSES = Registry("auxiliary loss")
 AUX_LOSSES.register("range", RangeLoss)
 AUX_LOSSES.register("center", CenterLoss)
 AUX_LOSSES.register("triplet", TripletLoss)
 AUX_LOSSES.register("contrastive", ContrastiveLoss)
+AUX_LOSSES.register("qan_set", SetToSetLoss)
 
 
 def build_loss(spec) -> LogitTransform:
@@ -107,4 +110,4 @@ def build_aux_loss(spec, num_classes: int, embedding_size: int):
 __all__ = ["LOSSES", "AUX_LOSSES", "build_loss", "build_aux_loss", "LogitTransform",
            "HeadContext", "CombinedMargin", "Softmax", "NormFace", "SphereFace", "LSoftmax",
            "AdaCos", "KnotMagnify", "MVSoftmax", "RangeLoss", "CenterLoss", "TripletLoss",
-           "ContrastiveLoss", "LossRegistry"]
+           "ContrastiveLoss", "SetToSetLoss", "LossRegistry"]

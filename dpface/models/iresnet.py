@@ -20,8 +20,6 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from dpface.models.checkpointing import check_checkpoint, run_blocks
-
 # PReLU starts at slope 0.25; the Kaiming gain uses the same slope.
 PRELU_INIT = 0.25
 STAGE_STRIDE = 16  # four stride-2 stages: 112 → 7
@@ -112,13 +110,9 @@ class IResNet(nn.Module):
         base_width: int = 64,
         dropout: float = 0.0,
         input_size: int = 112,
-        checkpoint: str = "none",
-        checkpoint_every: int = 2,
     ):
         super().__init__()
         layers = check_layers(layers)
-        # Activation checkpointing of the residual blocks (dpface/models/checkpointing.py).
-        self.checkpoint, self.checkpoint_every = check_checkpoint(checkpoint, checkpoint_every)
         check_embedding_size(embedding_size)
         positive_int("base_width", base_width)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
@@ -138,6 +132,7 @@ class IResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             cin = cout
         spatial = input_size // STAGE_STRIDE
+        self.feature_channels = cin
         self.bn2 = nn.BatchNorm2d(cin)
         self.dropout = nn.Dropout(p=float(dropout))
         # No FC bias: the BN1d right after subtracts the batch mean, so a bias would
@@ -149,12 +144,17 @@ class IResNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.feature_map(x))
+
+    # forward = embed ∘ feature_map: wrappers (models/quality.py) read the map in between.
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map after BN, [B, feature_channels, S/16, S/16]."""
         check_image(x, self.input_size)
         x = self.prelu(self.bn1(self.conv1(x)))
-        blocks = [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
-        x = run_blocks(blocks, x, self.checkpoint, self.checkpoint_every, self.training)
-        x = self.dropout(self.bn2(x))
-        x = torch.flatten(x, 1)
+        return self.bn2(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+
+    def embed(self, fmap: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.dropout(fmap), 1)
         # The 25088-wide FC and the final BN run in fp32 even under autocast: in
         # fp16 the long reduction loses precision and the BN statistics can overflow.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -192,8 +192,6 @@ def _preset(name: str, depth: tuple[int, ...], default_width: int = 64):
         dropout: float = 0.0,
         layers: Sequence[int] | None = None,
         input_size: int = 112,
-        checkpoint: str = "none",
-        checkpoint_every: int = 2,
     ) -> IResNet:
         return IResNet(
             depth if layers is None else layers,
@@ -201,15 +199,12 @@ def _preset(name: str, depth: tuple[int, ...], default_width: int = 64):
             base_width=base_width,
             dropout=dropout,
             input_size=input_size,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
         )
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (
         f"{name}: IResNet with {list(depth)} blocks per stage, widths base_width·(1,2,4,8); "
-        "`layers` overrides the depth; `checkpoint` (none | blocks | every_n, with "
-        "`checkpoint_every`) checkpoints the residual blocks' activations."
+        "`layers` overrides the depth."
     )
     return build
 
