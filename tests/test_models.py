@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dpface.models import BACKBONES, build_backbone, convert_insightface_state_dict
 from dpface.models.iresnet import DEPTHS
 from dpface.models.mobilefacenet import BOTTLENECKS
+from dpface.models.vit import SIZES as VIT_SIZES
 from dpface.registry import SpecError
 
 D = 16
@@ -21,6 +22,8 @@ SMALL = {
     "mobilefacenet": {"name": "mobilefacenet", "width": 0.25, "input_size": 32},
     "rangenet": {"name": "rangenet", "base_width": 4, "layers": [1, 1, 0, 1, 1], "input_size": 32},
     "qan": {"name": "qan", "hidden": 8, "base": {"name": "iresnet_tiny", "base_width": 8, "input_size": 32}},
+    # ViTs at their real depths, dim 16, a 2x2 grid of 9-pixel patches (tests/test_vit_checkpointing.py).
+    **{name: {"name": name, "dim": 16, "num_heads": 2, "input_size": 18} for name in VIT_SIZES},
 }
 
 

@@ -27,6 +27,7 @@ from dpface.models.iresnet import (
 from dpface.models.mobilefacenet import MobileFaceNet, mobilefacenet
 from dpface.models.quality import QualityAware, qan
 from dpface.models.rangenet import RangeNet, rangenet
+from dpface.models.vit import ViT, vit_b, vit_l, vit_s, vit_t, vit_tiny_cpu
 from dpface.registry import Registry, SpecError
 
 # The constructor parameter of a wrapper that holds another backbone spec.
@@ -88,6 +89,11 @@ BACKBONES.register("iresnet100", iresnet100)
 BACKBONES.register("iresnet200", iresnet200)
 BACKBONES.register("iresnet_tiny", iresnet_tiny)
 BACKBONES.register("mobilefacenet", mobilefacenet)
+BACKBONES.register("vit_t", vit_t)
+BACKBONES.register("vit_s", vit_s)
+BACKBONES.register("vit_b", vit_b)
+BACKBONES.register("vit_l", vit_l)
+BACKBONES.register("vit_tiny_cpu", vit_tiny_cpu)
 BACKBONES.register("rangenet", rangenet)
 BACKBONES.register("qan", qan)
 
@@ -102,6 +108,7 @@ __all__ = [
     "build_backbone",
     "IResNet",
     "MobileFaceNet",
+    "ViT",
     "QualityAware",
     "RangeNet",
     "convert_insightface_state_dict",

@@ -20,6 +20,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from dpface.models.checkpointing import check_checkpoint, run_blocks
+
 # PReLU starts at slope 0.25; the Kaiming gain uses the same slope.
 PRELU_INIT = 0.25
 STAGE_STRIDE = 16  # four stride-2 stages: 112 → 7
@@ -110,9 +112,13 @@ class IResNet(nn.Module):
         base_width: int = 64,
         dropout: float = 0.0,
         input_size: int = 112,
+        checkpoint: str = "none",
+        checkpoint_every: int = 2,
     ):
         super().__init__()
         layers = check_layers(layers)
+        # Activation checkpointing of the residual blocks (dpface/models/checkpointing.py).
+        self.checkpoint, self.checkpoint_every = check_checkpoint(checkpoint, checkpoint_every)
         check_embedding_size(embedding_size)
         positive_int("base_width", base_width)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
@@ -151,7 +157,8 @@ class IResNet(nn.Module):
         """The last stage's map after BN, [B, feature_channels, S/16, S/16]."""
         check_image(x, self.input_size)
         x = self.prelu(self.bn1(self.conv1(x)))
-        return self.bn2(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+        blocks = [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
+        return self.bn2(run_blocks(blocks, x, self.checkpoint, self.checkpoint_every, self.training))
 
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.dropout(fmap), 1)
@@ -192,6 +199,8 @@ def _preset(name: str, depth: tuple[int, ...], default_width: int = 64):
         dropout: float = 0.0,
         layers: Sequence[int] | None = None,
         input_size: int = 112,
+        checkpoint: str = "none",
+        checkpoint_every: int = 2,
     ) -> IResNet:
         return IResNet(
             depth if layers is None else layers,
@@ -199,12 +208,15 @@ def _preset(name: str, depth: tuple[int, ...], default_width: int = 64):
             base_width=base_width,
             dropout=dropout,
             input_size=input_size,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
         )
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (
         f"{name}: IResNet with {list(depth)} blocks per stage, widths base_width·(1,2,4,8); "
-        "`layers` overrides the depth."
+        "`layers` overrides the depth; `checkpoint` (none | blocks | every_n, with "
+        "`checkpoint_every`) checkpoints the residual blocks' activations."
     )
     return build
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpface.models.checkpointing import check_checkpoint, run_blocks
 from dpface.models.iresnet import STAGE_STRIDE, check_embedding_size, check_image, check_input_size, init_weights
 
 # (t, c, n, s) rows of Table 1's bottleneck stages.
@@ -63,9 +64,12 @@ class Bottleneck(nn.Module):
 class MobileFaceNet(nn.Module):
     """MobileFaceNet over [B,3,S,S] images in [-1,1]; returns unnormalised float32 [B,D]."""
 
-    def __init__(self, embedding_size: int, width: float = 1.0, input_size: int = 112):
+    def __init__(self, embedding_size: int, width: float = 1.0, input_size: int = 112,
+                 checkpoint: str = "none", checkpoint_every: int = 2):
         super().__init__()
         check_embedding_size(embedding_size)
+        # Activation checkpointing of the bottlenecks (dpface/models/checkpointing.py).
+        self.checkpoint, self.checkpoint_every = check_checkpoint(checkpoint, checkpoint_every)
         if isinstance(width, bool) or not isinstance(width, (int, float)) \
                 or not 0 < width < float("inf"):
             raise ValueError(f"width must be a positive number, got {width!r}")
@@ -103,7 +107,8 @@ class MobileFaceNet(nn.Module):
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The 1x1 conv's map before GDConv, [B, feature_channels, S/16, S/16]."""
         check_image(x, self.input_size)
-        return self.conv_sep(self.blocks(self.stem(x)))
+        x = run_blocks(self.blocks, self.stem(x), self.checkpoint, self.checkpoint_every, self.training)
+        return self.conv_sep(x)
 
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.linear(self.gdconv(fmap)), 1)
@@ -111,6 +116,9 @@ class MobileFaceNet(nn.Module):
             return self.features(x.float())
 
 
-def mobilefacenet(embedding_size: int, width: float = 1.0, input_size: int = 112) -> MobileFaceNet:
-    """MobileFaceNet (Chen et al. 2018); ``width`` scales every channel count."""
-    return MobileFaceNet(embedding_size, width=width, input_size=input_size)
+def mobilefacenet(embedding_size: int, width: float = 1.0, input_size: int = 112,
+                  checkpoint: str = "none", checkpoint_every: int = 2) -> MobileFaceNet:
+    """MobileFaceNet (Chen et al. 2018); ``width`` scales every channel count; ``checkpoint``
+    (none | blocks | every_n, with ``checkpoint_every``) checkpoints the bottlenecks."""
+    return MobileFaceNet(embedding_size, width=width, input_size=input_size,
+                         checkpoint=checkpoint, checkpoint_every=checkpoint_every)
