@@ -253,3 +253,20 @@ def test_self_training_runs_through_the_trainer(tmp_path):
     assert [x["step"] for x in rows if x.get("kind") == "train"] == [3]
     assert set(r["verification"]) == {"teacher", "self_train"}
     assert all(0 <= v["acc"] <= 1 for v in r["verification"].values())
+
+    # The CLI from a run directory and converted sets: train-gcn on the labelled set, then the pool.
+    from dpface.cluster.embed import embed_manifest, load_backbone
+
+    run, g, out = tmp_path / "w" / "runs" / "teacher", tmp_path / "g.pt", tmp_path / "c.json"
+    assert main(["cluster", "train-gcn", "--checkpoint", str(run), "--images", str(tmp_path / "L"), "--out", str(g),
+                 "--k1", "4", "--k2", "2", "--k-adj", "2", "--hidden", "8", "--layers", "1", "--epochs", "1",
+                 "--val-fraction", "0"]) == 0
+    assert main(["cluster", "--checkpoint", str(run), "--images", str(tmp_path / "U" / "manifest.json"),
+                 "--gcn", str(g), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    backbone, cfg, _ = load_backbone(run)
+    xu, _, where = embed_manifest(backbone, tmp_path / "U", cfg.data.image_size)
+    assert res["items"] == [{"shard": s, "key": k} for s, k in where]
+    assert res["labels"] == gcn.cluster(gcn.load_gcn(g), xu)[0].tolist()
+    assert main(["cluster", "--checkpoint", str(tmp_path / "nowhere"), "--images", str(tmp_path / "U"),
+                 "--gcn", str(g), "--out", str(out)]) == 2
