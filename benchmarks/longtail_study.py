@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-import dpface.engine.trainer as trainer_module
 from dpface.config import load_config
+from dpface.data.config import DataConfig
 from dpface.data.synthetic import long_tail_counts, make_verification_pairs
 from dpface.engine.trainer import Trainer
 from dpface.eval import evaluate_pairs
@@ -116,14 +116,14 @@ class RenderedDataset(torch.utils.data.Dataset):
 
 
 class CachedStreams:
-    """Wraps the trainer's ``build_stream``: the synthetic data set of the stream it
-    builds is swapped for its in-memory rendering (built once per study)."""
+    """Wraps ``DataConfig.build``: the synthetic data set of the stream it builds is
+    swapped for its in-memory rendering (built once per study)."""
 
     def __init__(self, build_stream):
         self.build_stream, self.cache = build_stream, None
 
-    def __call__(self, cfg, info):
-        stream = self.build_stream(cfg, info)
+    def __call__(self, data_cfg, ctx, seed):
+        stream = self.build_stream(data_cfg, ctx, seed)
         if self.cache is None:
             self.cache = RenderedDataset(stream.dataset)
         if len(self.cache) != len(stream.dataset):
@@ -200,9 +200,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     groups, info = group_pairs(args)
     print(f"groups: {info} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    # The trainer builds its stream through this module-level function; the study's
-    # wrapper only changes where the (identical) images come from.
-    trainer_module.build_stream = CachedStreams(trainer_module.build_stream)
+    # The trainer builds its stream through the data config; the study's wrapper only
+    # changes where the (identical) images come from.
+    cached = CachedStreams(DataConfig.build)
+    DataConfig.build = lambda data_cfg, ctx, seed: cached(data_cfg, ctx, seed)
     results = []
     for seed in args.seeds:  # seed-major: an interrupted study still covers every method
         for name in args.methods:

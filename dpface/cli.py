@@ -24,12 +24,12 @@ class InputError(Exception):
 def _error_message(e: BaseException) -> tuple[str, int] | None:
     """(one-line message, exit code) for an expected failure; None for anything else,
     which keeps its traceback."""
-    from dpface.config import ConfigError
     from dpface.data.shards import ShardError
-    from dpface.engine.checkpoint import CheckpointError
     from dpface.eval.ijb import ProtocolError
     from dpface.heads.sharding import HeadShardError
     from dpface.registry import SpecError
+    from dpface.rundir import CheckpointError
+    from dpface.schema import ConfigError
 
     chain, c = [], e
     while c is not None and len(chain) < 10:  # torch wraps a failed write in its own error
@@ -85,31 +85,19 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     import torch
 
-    from dpface.config import apply_overrides, config_from_dict, load_config
-    from dpface.engine.checkpoint import check_backbone_fits, checkpoint_dir, load_file, read_meta
-    from dpface.engine.trainer import build_eval_sets, evaluate
-    from dpface.models import build_backbone
+    from dpface.config import load_config
+    from dpface.restore import load_backbone
+    from dpface.rundir import RunDir
 
-    ckpt = checkpoint_dir(args.checkpoint, "--checkpoint")
-    meta = read_meta(ckpt)
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-    else:
-        cfg = config_from_dict(meta["config"], f"{ckpt}/meta.json")
-        if args.overrides:
-            data = apply_overrides(cfg.to_dict(), args.overrides)
-            cfg = config_from_dict(data, f"{ckpt}/meta.json (with overrides)")
+    own = load_config(args.config, args.overrides) if args.config else None
+    backbone, cfg, meta, ckpt = load_backbone(args.checkpoint, args.overrides, cfg=own)
     if args.bin:
         cfg.eval.bin_sets = list(args.bin)
-    backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size)
-    state = load_file(ckpt / "trainer.pt")["backbone"]
-    check_backbone_fits(ckpt, meta, state, backbone, cfg.to_dict())
-    backbone.load_state_dict(state)
     device = "cuda" if torch.cuda.is_available() and cfg.experiment.device != "cpu" else "cpu"
     backbone.to(device)
-    if args.protocol != "verification":  # ijb | identification (dpface/eval/commands.py)
-        from dpface.eval.commands import run_protocol
+    if args.protocol != "verification":  # ijb | identification (dpface/eval_commands.py)
         from dpface.eval.model_card import append_checkpoint_evaluation
+        from dpface.eval_commands import run_protocol
 
         metrics = run_protocol(args, backbone, cfg, device, ckpt, int(meta.get("step", 0)))
         print(_json_metrics(metrics))
@@ -118,7 +106,7 @@ def _cmd_eval(args) -> int:
             print(f"dpface eval: results appended to {card}", file=sys.stderr, flush=True)
         return 0
     try:
-        sets = build_eval_sets(cfg)
+        sets = cfg.eval.build_sets(cfg.data)
     except (ValueError, OSError) as e:  # a missing or unreadable --bin / eval.bin_sets file
         raise InputError(str(e)) from e
     if not sets:
@@ -127,10 +115,10 @@ def _cmd_eval(args) -> int:
     print("dpface eval: " + ", ".join(f"{k} ({len(v[2])} pairs)" for k, v in sets.items()),
           file=sys.stderr, flush=True)
     rocs: dict = {}
-    metrics = evaluate(backbone, sets, cfg, device, rocs)
-    from dpface.eval.commands import run_dir_of_checkpoint, verification_plots
+    metrics = cfg.eval.run(backbone, sets, device, rocs)
+    from dpface.eval_commands import verification_plots
 
-    for path in verification_plots(rocs, run_dir_of_checkpoint(ckpt) / "plots", int(meta.get("step", 0))):
+    for path in verification_plots(rocs, RunDir.of_checkpoint(ckpt).plots, int(meta.get("step", 0))):
         print(f"dpface eval: wrote {path}", file=sys.stderr, flush=True)
     print(_json_metrics(metrics))
     from dpface.eval.model_card import append_checkpoint_evaluation
@@ -156,8 +144,8 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_export_head(args) -> int:
-    from dpface.engine.checkpoint import checkpoint_dir
     from dpface.heads.sharding import merge_shards
+    from dpface.rundir import checkpoint_dir
 
     ckpt = checkpoint_dir(args.checkpoint, "--checkpoint")
     shards = sorted(ckpt.glob("head-rank*.pt"))
@@ -170,12 +158,13 @@ def _cmd_export_head(args) -> int:
 
 def _cmd_export_onnx(args) -> int:
     from dpface.eval.export_onnx import ExportError, export_checkpoint
+    from dpface.restore import load_backbone
 
     if args.check_images < 1:
         raise InputError(f"--check-images must be at least 1, got {args.check_images}")
     try:
-        r = export_checkpoint(args.checkpoint, args.out, tol=args.tol, num_images=args.check_images,
-                              overrides=args.overrides)
+        r = export_checkpoint(load_backbone(args.checkpoint, args.overrides), args.out, tol=args.tol,
+                              num_images=args.check_images)
     except ExportError as e:  # the export or its onnxruntime check failed: not bad input
         print(f"dpface: error: {e}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 """The options of `dpface eval --protocol …` and `dpface convert synthetic-ijb` (kept apart from
-dpface/eval/commands.py, which runs them, so building the parser imports no torch)."""
+dpface/eval_commands.py, which runs them, so building the parser imports no torch)."""
 from __future__ import annotations
 
 PROTOCOLS = ("verification", "ijb", "identification")

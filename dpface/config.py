@@ -19,11 +19,12 @@ from typing import Any, Literal
 
 import yaml
 
-from dpface.registry import SpecError, closest
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names key and source."""
+from dpface.data.config import DataConfig, ShardsConfig, SyntheticDataConfig
+from dpface.eval.config import EvalConfig
+from dpface.heads.config import HeadConfig
+from dpface.registry import SpecError
+from dpface.schema import ConfigError, Invalid, at_least, build_section, non_negative, positive, rule, type_name
+from dpface.schema import type_ok as _type_ok
 
 
 class _Loader(yaml.SafeLoader):
@@ -46,93 +47,56 @@ class ExperimentConfig:
 
 
 @dataclass
-class HeadConfig:
-    embedding_size: int = 512
-    # Partial-FC share of each rank's negative classes kept per step, in (0, 1].
-    sample_rate: float = 1.0
-    # Which negatives fill the sample: uniform (Partial FC) or the highest-scoring ones
-    # (DP-Softmax's dominant prototypes; scores every row of the shard, without grad).
-    negatives: Literal["uniform", "hard"] = "uniform"
-    # Which W rows the optimizer moves: all (dense gradient; unsampled rows still get
-    # momentum and weight decay) or only the step's sampled rows (original Partial FC's
-    # lazy update, much cheaper at small sample_rate; SGD only).
-    update: Literal["dense", "sampled"] = "dense"
-    # Margin-softmax implementation: the compiled fused op (kernels/, never materialises
-    # the [B, K] logits), the PyTorch reference, or auto (fused where built and the loss
-    # is one the op expresses; the trainer's start-up line says which).
-    kernel: Literal["auto", "fused", "reference"] = "auto"
-    # Head GEMM operands: fp32, or bf16 with fp32 accumulation (fused op only; softmax,
-    # margin, parameters and optimizer state stay fp32).
-    precision: Literal["fp32", "bf16"] = "fp32"
-    # MiB of the step's logits the fused op may keep for backward; columns beyond it are
-    # recomputed (one more GEMM over them) instead of stored.
-    logits_budget_mb: int = 128
-    loss: dict = field(default_factory=lambda: {"name": "arcface", "s": 64.0, "m": 0.5})
-
-
-@dataclass
-class SyntheticDataConfig:
-    num_identities: int = 200
-    max_images: int = 60
-    min_images: int = 4
-    exponent: float = 1.0
-    difficulty: float = 1.0
-    seed: int = 0
-
-
-@dataclass
-class WebDatasetConfig:
-    shards: str = ""  # manifest.json of a converted dataset (see `dpface convert`)
-    shuffle_buffer: int = 2000
-    max_bad_fraction: float = 0.01
-    augment: list = field(default_factory=lambda: ["flip"])
-
-
-@dataclass
-class DataConfig:
-    backend: Literal["synthetic", "webdataset", "dali"] = "synthetic"
-    batch_size: int = 64  # per rank
-    # instance: shuffled images; pk: P identities × K images per batch (batch_size = P·K),
-    # for range/triplet/contrastive losses that need several images per identity.
-    sampler: Literal["instance", "pk"] = "instance"
-    pk_images: int = 4  # K of the P×K sampler
-    num_workers: int = 2
-    image_size: int = 112
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    webdataset: WebDatasetConfig = field(default_factory=WebDatasetConfig)
-
-
-@dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = positive(1000)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
-    head_lr: float = 0.0  # 0: same as lr
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_steps: int = 0
+    lr: float = positive(0.1)
+    head_lr: float = non_negative(0.0)  # 0: same as lr
+    momentum: float = rule(0.9, lambda v: 0 <= v < 1, "in [0, 1)")
+    weight_decay: float = non_negative(5e-4)
+    warmup_steps: int = non_negative(0)
     schedule: Literal["poly", "cosine", "constant"] = "poly"
-    poly_power: float = 2.0
-    min_lr: float = 0.0
+    poly_power: float = non_negative(2.0)
+    min_lr: float = non_negative(0.0)
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    grad_clip: float = 5.0  # max global grad norm; 0 disables
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    ckpt_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
+    grad_clip: float = non_negative(5.0)  # max global grad norm; 0 disables
+    log_every: int = positive(10)
+    eval_every: int = non_negative(0)  # 0: only at the end
+    ckpt_every: int = non_negative(0)  # 0: only at the end
+    keep_checkpoints: int = at_least(2, 1)
     # Stop when this many consecutive steps were skipped for non-finite gradients.
     max_skipped_steps: int = 20
+    # Micro-batches per update: each is a full step of data.batch_size per rank (the head
+    # and embedding losses see that global batch), their gradients averaged, one update.
+    accumulate: int = at_least(1, 1)
+    # The global batch per update; 0: data.batch_size × ranks × accumulate. When set, each
+    # rank's micro-batch is global_batch / (ranks × accumulate), replacing data.batch_size.
+    global_batch: int = non_negative(0)
+    # Compression of the backbone's data-parallel gradient all-reduce (DDP comm hook).
+    comm_hook: Literal["none", "fp16", "bf16"] = "none"
 
+    def validate(self) -> None:
+        if self.min_lr > min(self.lr, self.head_lr or self.lr):
+            raise Invalid("min_lr", f"({self.min_lr}) must not exceed 'train.lr' ({self.lr}) or "
+                                    f"'train.head_lr' ({self.head_lr or self.lr})")
 
-@dataclass
-class EvalConfig:
-    num_identities: int = 100  # held-out synthetic identities (disjoint from training)
-    num_pairs: int = 600
-    folds: int = 10
-    flip: bool = True
-    batch_size: int = 128
-    fars: list = field(default_factory=lambda: [0.1, 0.01])
-    bin_sets: list = field(default_factory=list)  # insightface-format .bin files
+    def optimizer_for(self, params, lr: float | None = None):
+        """The configured torch optimizer over ``params`` (the backbone's, a dense head's)."""
+        import torch
+
+        lr = self.lr if lr is None else lr
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+
+    def head_optimizer_for(self, head):
+        """The head's optimizer: lazy row updates for ``update: sampled``, else a dense one."""
+        lr = self.head_lr or self.lr
+        if head.update == "sampled":
+            from dpface.heads.row_optim import make_head_optimizer
+
+            return make_head_optimizer(head, self.optimizer, lr, self.momentum, self.weight_decay)
+        return self.optimizer_for(head.parameters(), lr)
 
 
 @dataclass
@@ -151,8 +115,10 @@ class DeepSpeedConfig:
     module and optimizer (its shards must not be averaged across ranks). Precision
     follows train.amp (bf16/fp16 become DeepSpeed's own mixed precision)."""
     enabled: bool = False
-    zero_stage: int = 1  # 1: optimizer state sharded; 2: + gradients sharded
-    bucket_mb: int = 200  # reduce / all-gather bucket size (MB of fp32 elements)
+    # 1: optimizer state sharded; 2: + gradients sharded
+    zero_stage: int = rule(1, lambda v: v in (1, 2),
+                           "1 or 2 (ZeRO-3 would shard the backbone's weights, which evaluation reads whole)")
+    bucket_mb: int = positive(200)  # reduce / all-gather bucket size (MB of fp32 elements)
     overlap_comm: bool = False  # overlap gradient reduction with backward (GPU)
     extra: dict = field(default_factory=dict)  # raw DeepSpeed keys, merged over the generated config
 
@@ -173,104 +139,32 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Rules that span sections."""
+        t = self.train
+        if t.accumulate > 1 and self.deepspeed.enabled:
+            raise Invalid("train.accumulate", "> 1 is not supported with deepspeed.enabled (DeepSpeed "
+                                              "would need its own gradient_accumulation_steps)")
+        if t.accumulate > 1 and self.head.update == "sampled":
+            raise Invalid("train.accumulate", "> 1 needs head.update: dense (the sampled-row optimizer "
+                                              "updates the rows one micro-batch sampled)")
+        if t.comm_hook != "none" and self.deepspeed.enabled:
+            raise Invalid("train.comm_hook", "applies to the DDP backbone; with deepspeed.enabled set "
+                                             "DeepSpeed's own communication options in deepspeed.extra")
+        if t.global_batch and t.global_batch % t.accumulate:
+            raise Invalid("train.global_batch", f"({t.global_batch}) must be a multiple of "
+                                                f"train.accumulate ({t.accumulate})")
 
-# Range checks: key -> (predicate, description). Kept in one table so every rule
-# is visible in one place.
-_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "head.embedding_size": (lambda v: v > 0, "> 0"),
-    "head.sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "head.logits_budget_mb": (lambda v: v >= 0, ">= 0"),
-    "data.batch_size": (lambda v: v > 0, "> 0"),
-    "data.num_workers": (lambda v: v >= 0, ">= 0"),
-    "data.pk_images": (lambda v: v >= 1, ">= 1"),
-    "data.image_size": (lambda v: v >= 16 and v % 16 == 0, "a multiple of 16, >= 16"),
-    "data.synthetic.num_identities": (lambda v: v >= 2, ">= 2"),
-    "data.synthetic.min_images": (lambda v: v >= 1, ">= 1"),
-    "data.synthetic.difficulty": (lambda v: v >= 0, ">= 0"),
-    "data.webdataset.max_bad_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "train.steps": (lambda v: v > 0, "> 0"),
-    "train.lr": (lambda v: v > 0, "> 0"),
-    "train.head_lr": (lambda v: v >= 0, ">= 0"),
-    "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
-    "train.warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "train.poly_power": (lambda v: v >= 0, ">= 0"),
-    "train.min_lr": (lambda v: v >= 0, ">= 0"),
-    "train.grad_clip": (lambda v: v >= 0, ">= 0"),
-    "train.log_every": (lambda v: v > 0, "> 0"),
-    "train.eval_every": (lambda v: v >= 0, ">= 0"),
-    "train.ckpt_every": (lambda v: v >= 0, ">= 0"),
-    "train.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
-    "eval.num_identities": (lambda v: v >= 2, ">= 2"),
-    "eval.num_pairs": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2"),
-    "eval.folds": (lambda v: v >= 2, ">= 2"),
-    "eval.batch_size": (lambda v: v > 0, "> 0"),
-    "eval.fars": (lambda v: all(not isinstance(f, bool) and isinstance(f, (int, float)) and 0 < f <= 1
-                                for f in v), "a list of numbers in (0, 1]"),
-    "deepspeed.zero_stage": (lambda v: v in (1, 2),
-                             "1 or 2 (ZeRO-3 would shard the backbone's weights, which evaluation reads whole)"),
-    "deepspeed.bucket_mb": (lambda v: v > 0, "> 0"),
-}
-
-
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp in (str, bool, list, dict):
-        return isinstance(value, tp), value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    raise TypeError(f"unsupported annotation {tp}")
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _build(cls, data: Any, prefix: str, source: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(
-                f"{source}: unknown key '{where}'{closest(key, names)}; valid keys here: {', '.join(names)}"
-            )
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        key = f"{prefix}.{name}" if prefix else name
-        tp, value = hints[name], data[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key, source)
-            continue
-        ok, value = _type_ok(value, tp)
-        if not ok:
-            raise ConfigError(
-                f"{source}: '{key}' expects {_type_name(tp)}, got {type(data[name]).__name__} {data[name]!r}"
-            )
-        rule = _RULES.get(key)
-        if rule and not rule[0](value):
-            raise ConfigError(f"{source}: '{key}' must be {rule[1]}, got {value!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
+    def per_rank_batch(self, world_size: int) -> int:
+        """data.batch_size, or the share of train.global_batch each rank's micro-batch gets."""
+        t = self.train
+        if not t.global_batch:
+            return self.data.batch_size
+        if t.global_batch % (t.accumulate * world_size):
+            raise ConfigError(f"train.global_batch {t.global_batch} cannot be split into train.accumulate "
+                              f"{t.accumulate} micro-batches on {world_size} rank(s): it must be a multiple "
+                              f"of {t.accumulate * world_size}")
+        return t.global_batch // (t.accumulate * world_size)
 
 
 # Component specs are replaced whole by a derived recipe, never merged: parameters
@@ -338,7 +232,7 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 
 # Filled in by the trainer, never by a config.
-AUX_PROVIDED = ("num_classes", "embedding_size")
+AUX_PROVIDED = ("num_classes", "embedding_size", "group")
 
 
 def _check_spec_types(registry, spec: dict, key: str, source: str) -> None:
@@ -360,7 +254,7 @@ def _check_spec_types(registry, spec: dict, key: str, source: str) -> None:
         args = set(typing.get_args(tp)) - {type(None)}
         if tp in scalar or (typing.get_origin(tp) in (typing.Union, types.UnionType) and args <= scalar):
             if not _type_ok(value, tp)[0] and not (value is None and type(None) in typing.get_args(tp)):
-                raise ConfigError(f"{source}: '{key}.{name}' expects {_type_name(tp)}, "
+                raise ConfigError(f"{source}: '{key}.{name}' expects {type_name(tp)}, "
                                   f"got {type(value).__name__} {value!r}")
 
 
@@ -403,8 +297,7 @@ def _check_specs(cfg: Config, source: str) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{source}: 'head.loss': {e}") from None
     # Backbones take a fixed input side (a constructor parameter, default 112).
-    p = BACKBONES.parameters(cfg.model["name"]).get("input_size")
-    side = cfg.model.get("input_size", p.default if p is not None else None)
+    side = BACKBONES.input_size(cfg.model)
     if side is not None and side != cfg.data.image_size:
         raise ConfigError(f"{source}: 'data.image_size' is {cfg.data.image_size} but backbone "
                           f"'{cfg.model['name']}' takes {side}-pixel input; set both "
@@ -427,21 +320,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     """Validate a plain mapping (e.g. the config stored in a checkpoint)."""
-    cfg = _build(Config, _merge(Config().to_dict(), data), "", source)
+    cfg = build_section(Config, _merge(Config().to_dict(), data), "", source)
     _check_specs(cfg, source)
-    d, t = cfg.data, cfg.train
-    if t.min_lr > min(t.lr, t.head_lr or t.lr):
-        raise ConfigError(f"{source}: 'train.min_lr' ({t.min_lr}) must not exceed 'train.lr' "
-                          f"({t.lr}) or 'train.head_lr' ({t.head_lr or t.lr})")
-    if d.sampler == "pk":
-        if d.backend != "synthetic":
-            raise ConfigError(f"{source}: 'data.sampler: pk' needs an indexable data set "
-                              f"(data.backend: synthetic), not '{d.backend}'")
-        if d.batch_size % d.pk_images:
-            raise ConfigError(f"{source}: 'data.batch_size' ({d.batch_size}) must be a multiple "
-                              f"of 'data.pk_images' ({d.pk_images}) with data.sampler: pk")
     return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from dpface.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+__all__ = ["Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "EvalConfig", "ExperimentConfig",
+           "HeadConfig", "ShardsConfig", "SyntheticDataConfig", "TrainConfig", "WandbConfig",
+           "apply_overrides", "config_from_dict", "load_config", "save_config"]

@@ -30,6 +30,12 @@ class Stream(IntEnum):
     NEGATIVES = 0x1418   # head's sampled negative rows: (step, rank)
     PK_BATCH = 0x504B    # P×K sampler's identities of a batch: (index,)
     PK_IMAGES = 0x504C   # P×K sampler's images of one identity: (index, group)
+    IJB_SET = 0x1B01     # synthetic IJB set's layout: (identity offset, identities)
+    TEMPLATE_LEVEL = 0x7E01    # mixed-quality templates: an image's degradation level (identity, sample)
+    TEMPLATE_DEGRADE = 0x7E02  # ... its degradation draw (identity, sample)
+    TEMPLATE_LAYOUT = 0x7E03   # ... the templates' layout (offset, n, per identity, lo, hi)
+    CLUSTER_POOL = 0xC101      # simulated embedding pools for clustering: (which,)
+    CLUSTER_GCN = 0xC102       # GCN training: (purpose,)
 
 
 def _entropy(seed: int, stream: Stream, parts) -> list[int]:

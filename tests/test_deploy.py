@@ -1,4 +1,4 @@
-"""From a checkpoint to a deployable model (issue 12 items 1, 5, 6): ONNX export checked with
+"""From a checkpoint to a deployable model: ONNX export checked with
 onnxruntime (random, synthetic-eval and real photographs; dynamic batch; metadata; bad
 checkpoints), the model card a run writes and `dpface eval` appends to, and a real-face
 smoke path on scikit-image's bundled photographs (detect → crop → 112 → embed → ONNX parity).
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dpface.cli import main
 from dpface.engine.checkpoint import complete_checkpoints
+from dpface.restore import load_backbone
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
@@ -49,8 +50,8 @@ def ckpt(run):
 @pytest.fixture(scope="module")
 def exported(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    report = xo.export_checkpoint(ckpt, out, num_images=16)
-    backbone, cfg, _ = xo.load_backbone(ckpt)
+    report = xo.export_checkpoint(load_backbone(ckpt), out, num_images=16)
+    backbone, cfg = load_backbone(ckpt)[:2]
     return out, report, backbone, cfg
 
 
@@ -149,7 +150,7 @@ def test_checkpoint_without_backbone_is_one_clear_error(ckpt, tmp_path, capsys):
 
 def test_verify_catches_a_different_model(exported):
     path, _, backbone, _ = exported
-    other = xo.load_backbone(exported[1].metadata["checkpoint"])[0]
+    other = load_backbone(exported[1].metadata["checkpoint"])[0]
     with torch.no_grad():
         next(other.parameters()).add_(0.05)
     with pytest.raises(xo.ExportError, match="disagrees"):

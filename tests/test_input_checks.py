@@ -86,9 +86,8 @@ def test_values_wrong_later_are_refused_at_load(overrides, match):
 
 def test_unset_shards_is_refused_before_training():
     from dpface import distributed as dist
-    from dpface.engine.trainer import build_stream
     with pytest.raises(ConfigError, match="'data.shards.manifest' must name"):
-        build_stream(load_config(DEMO, ["data.backend=webdataset"]), dist.init_from_env("cpu"))
+        load_config(DEMO, ["data.backend=webdataset"]).data.build(dist.init_from_env("cpu"), seed=0)
 
 
 def test_image_size_with_matching_backbone_input_is_fine():

@@ -1,4 +1,4 @@
-"""Nothing a user does loses a checkpoint (issue 10): real `python -m dpface train`
+"""Nothing a user does loses a checkpoint: real `python -m dpface train`
 processes that diverge, find stale partial saves, rerun in a used run directory, are
 killed mid-save or get SIGTERM / SIGINT, then run again."""
 from __future__ import annotations

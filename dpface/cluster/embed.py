@@ -10,6 +10,9 @@ from typing import Iterator
 
 import numpy as np
 
+from dpface.restore import load_backbone as load_backbone_of
+from dpface.rundir import RunDir
+
 from .knn import ClusterError
 
 
@@ -17,14 +20,7 @@ def resolve_checkpoint(path) -> Path:
     """A step directory as given, or the newest complete checkpoint of a run directory."""
     p = Path(path)
     if p.is_dir() and not (p / "meta.json").exists() and (p / "checkpoints").is_dir():
-        try:  # the run-directory object of the trainer redesign, where present
-            from dpface.rundir import RunDir
-
-            done = RunDir(p).complete()
-        except ImportError:
-            from dpface.engine.checkpoint import complete_checkpoints
-
-            done = complete_checkpoints(p / "checkpoints")
+        done = RunDir(p).complete()
         if not done:
             raise ClusterError(f"--checkpoint: run directory {p} holds no complete checkpoint "
                                "(checkpoints/step-N with meta.json)")
@@ -36,11 +32,7 @@ def load_backbone(path):
     """(backbone in eval mode, its Config, the step directory) of a run or step directory,
     through the checkpoint loader `dpface eval` / `dpface export-onnx` use."""
     ckpt = resolve_checkpoint(path)
-    try:
-        from dpface.restore import load_backbone as load
-    except ImportError:  # before the trainer redesign: export-onnx's loader
-        from dpface.eval.export_onnx import load_backbone as load
-    backbone, cfg = tuple(load(ckpt))[:2]
+    backbone, cfg, _, ckpt = load_backbone_of(ckpt)
     return backbone, cfg, ckpt
 
 

@@ -38,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpface import seeding
+from dpface.seeding import Stream
+
 from . import linkage
 from .knn import ClusterError, check_embeddings, check_k, knn_graph
 from .metrics import pairwise
@@ -245,10 +248,11 @@ def train_gcn(x, labels, *, k1: int = 10, k2: int = 5, k_adj: int = 5, hidden: i
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ClusterError(f"{name} must be a positive integer, got {v!r}")
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = LinkageGCN(x.shape[1], hidden, layers, k1, k2, k_adj).to(device)
+    rng = seeding.rng(seed, Stream.CLUSTER_GCN, 0)  # the identity split
+    gen = torch.Generator().manual_seed(seeding.seed_int(seed, Stream.CLUSTER_GCN, 1))  # batches, rotations
+    with torch.random.fork_rng(devices=[]):  # the initial weights, without touching the global stream
+        torch.manual_seed(seeding.seed_int(seed, Stream.CLUSTER_GCN, 2))
+        model = LinkageGCN(x.shape[1], hidden, layers, k1, k2, k_adj).to(device)
     k = model.k_max
     tr, va = _split_identities(y, val_fraction, k, rng)
     xt, yt = x[tr], y[tr]

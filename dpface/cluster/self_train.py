@@ -81,13 +81,8 @@ def _check_disjoint(ranges: dict) -> None:
 
 
 def shards_override(manifest) -> str:
-    """The override naming a shard set's manifest: ``data.shards.manifest`` in the redesigned
-    config schema, ``data.webdataset.shards`` before it (read off the schema's defaults)."""
-    from dpface.config import Config
-
-    data = Config().to_dict()["data"]
-    key = "data.shards.manifest" if isinstance(data.get("shards"), dict) else "data.webdataset.shards"
-    return f"{key}={manifest}"
+    """The override naming a shard set's manifest."""
+    return f"data.shards.manifest={manifest}"
 
 
 def verification(backbone, pairs, cfg) -> dict:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpface import seeding
 from dpface.data.synthetic import long_tail_counts
+from dpface.seeding import Stream
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -20,7 +22,7 @@ def embedding_pool(num_identities: int, dim: int = 64, *, spread=0.5, max_size: 
                    exponent: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(float32 [N, D] unit embeddings, int64 [N] identity labels). ``spread`` is one number or
     a (low, high) range each identity draws its own spread from, uniformly."""
-    rng = np.random.default_rng(seed)
+    rng = seeding.rng(seed, Stream.CLUSTER_POOL, 0)
     sizes = rng.permutation(long_tail_counts(num_identities, max_size, min_size, exponent))
     centres = _unit(rng.standard_normal((num_identities, dim)))
     lo, hi = (spread, spread) if np.isscalar(spread) else spread
@@ -42,7 +44,7 @@ def twins_pool(num_twins: int, num_loose: int, dim: int = 32, *, size: int = 10,
     the two are easy to tell apart: around a twin member its own identity is a tight group with
     a clear gap to the other one, around a loose member there is no other identity near at all.
     """
-    rng = np.random.default_rng(seed)
+    rng = seeding.rng(seed, Stream.CLUSTER_POOL, 1)
     feats, labels, ident = [], [], 0
     for _ in range(num_twins):
         a = _unit(rng.standard_normal(dim))

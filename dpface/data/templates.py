@@ -29,9 +29,10 @@ import torch
 from PIL import Image
 
 from dpface.data.synthetic import EVAL_SAMPLE_BASE, SyntheticFaceDataset, SyntheticFaces, _check_int
+from dpface.seeding import Stream, rng
 
 # Tags of this module's random streams (numpy SeedSequence entropy, like ijb.py's set).
-_TAG_LEVEL, _TAG_DEGRADE, _TAG_LAYOUT = 0x7E01, 0x7E02, 0x7E03
+_TAG_LEVEL, _TAG_DEGRADE, _TAG_LAYOUT = Stream.TEMPLATE_LEVEL, Stream.TEMPLATE_DEGRADE, Stream.TEMPLATE_LAYOUT
 TEMPLATE_SAMPLE_BASE = EVAL_SAMPLE_BASE + (1 << 25)
 # Renderer difficulties are quantised to these steps of u, so a handful of renderers
 # (each with its own face cache) cover every level.
@@ -121,7 +122,7 @@ def make_templates(num_identities: int, identity_offset: int, templates_per_iden
     poor_fraction = _check_fraction("poor_fraction", poor_fraction)
     seed = _check_int("seed", seed, 0)
     renderers = _Renderers(seed, image_size, difficulty)
-    layout = np.random.default_rng([seed, _TAG_LAYOUT, offset, n, tpi, lo, hi])
+    layout = rng(seed, _TAG_LAYOUT, offset, n, tpi, lo, hi)
     images, template, levels, t_ident = [], [], [], []
     for i in range(n):
         g = offset + i
@@ -130,9 +131,9 @@ def make_templates(num_identities: int, identity_offset: int, templates_per_iden
             t = len(t_ident)
             t_ident.append(g)
             for j in range(int(layout.integers(lo, hi + 1))):
-                lrng = np.random.default_rng([seed, _TAG_LEVEL, g, sample])
+                lrng = rng(seed, _TAG_LEVEL, g, sample)
                 u = draw_level(lrng, poor_fraction, good=j == 0)
-                drng = np.random.default_rng([seed, _TAG_DEGRADE, g, sample])
+                drng = rng(seed, _TAG_DEGRADE, g, sample)
                 images.append(degrade(renderers.render(g, sample, u), u, drng))
                 template.append(t)
                 levels.append(u)
@@ -164,14 +165,14 @@ class DegradedFaceDataset(SyntheticFaceDataset):
     def level(self, index) -> float:
         label, sample = self.locate(index)
         g = self.identity_offset + label
-        return draw_level(np.random.default_rng([self.seed, _TAG_LEVEL, g, sample]), self.poor_fraction)
+        return draw_level(rng(self.seed, _TAG_LEVEL, g, sample), self.poor_fraction)
 
     def __getitem__(self, index) -> tuple[torch.Tensor, int]:
         label, sample = self.locate(index)
         g = self.identity_offset + label
-        u = draw_level(np.random.default_rng([self.seed, _TAG_LEVEL, g, sample]), self.poor_fraction)
+        u = draw_level(rng(self.seed, _TAG_LEVEL, g, sample), self.poor_fraction)
         img = degrade(self._renderers.render(g, sample, u), u,
-                      np.random.default_rng([self.seed, _TAG_DEGRADE, g, sample]))
+                      rng(self.seed, _TAG_DEGRADE, g, sample))
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), label
 
 

@@ -14,11 +14,23 @@ import torch.distributed as tdist
 
 
 @dataclass(frozen=True)
-class DistInfo:
+class ParallelContext:
+    """Where this process runs and with whom it talks: its rank, the device, and the
+    named process groups. Everything that communicates takes its group from here.
+
+    ``data``: the backbone's data-parallel replicas (gradient averaging, the data split).
+    ``head``: the ranks that shard the classifier between them; the global grad norm, the
+    skip decision, centre-loss centres and checkpoint barriers use it because the head's
+    row shards (and their squares in the norm) are only disjoint within it.
+    None means the world. The trainer runs one head over the whole world (both None);
+    tests build contexts with a head group smaller than the world.
+    """
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    data_group: object = None
+    head_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -37,7 +49,7 @@ def get_world_size(group=None) -> int:
     return tdist.get_world_size(group) if is_initialized() else 1
 
 
-def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> ParallelContext:
     """Join the process group described by the launcher's environment.
 
     torchrun and Ray Train both export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
@@ -50,7 +62,7 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         # Checked here: torch's own failure without CUDA is an AttributeError deep inside.
-        from dpface.config import ConfigError
+        from dpface.schema import ConfigError
 
         if not torch.cuda.is_available():
             raise ConfigError("experiment.device is 'cuda' but there is no CUDA device (torch "
@@ -68,12 +80,12 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
         tdist.init_process_group(
             backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs
         )
-    return DistInfo(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank, device=dev)
+    return ParallelContext(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank, device=dev)
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if is_initialized():
-        tdist.barrier()
+        tdist.barrier(group)
 
 
 def destroy() -> None:

@@ -68,3 +68,11 @@ def gather_rows(blocks: Iterable[tuple[int, int, torch.Tensor]], class_start: in
 
 
 __all__ = ["check_cover", "class_range", "gather_rows", "sample_count"]
+
+
+def check_sample_rate(sample_rate) -> float:
+    """The one owner of the sample-rate rule: a number in (0, 1]."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
+            or not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    return float(sample_rate)

@@ -3,8 +3,8 @@ skip decision is agreed by every rank.
 
 torch's GradScaler decides per rank whether gradients overflowed. With a sharded
 head, one rank can overflow in its W shard while the others do not; they would
-step, it would skip, and the shards would drift apart. Here the overflow flag is
-all-reduced first, so every rank skips together. The scale also has a floor: a run
+step, it would skip, and the shards would drift apart. Here the decision comes from
+the all-reduced global grad norm (engine/step.py), so every rank skips together. The scale also has a floor: a run
 whose gradients stay non-finite fails with a clear error instead of quietly
 collapsing the scale to 0 and training on nothing.
 """
@@ -13,9 +13,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as tdist
-
-from dpface import distributed as dist
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -43,26 +40,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def global_grad_norm(replicated_params, sharded_params, device: torch.device) -> torch.Tensor:
-    """L2 norm of the whole model's gradient, the same number on every rank.
-
-    Replicated gradients (backbone after DDP, a head's learned scale) are identical on
-    every rank and counted once; the head's row shards are disjoint, so their squares are
-    summed across ranks (one all-reduce). The norm is non-finite iff some gradient on
-    some rank is, so it doubles as the cross-rank skip decision.
-    """
-    def sq(params):
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=device, dtype=torch.float32)
-        return torch.nn.utils.get_total_norm(grads).float().pow(2)  # foreach kernels
-
-    shard_sq = sq(sharded_params)
-    if dist.is_initialized():
-        tdist.all_reduce(shard_sq)
-    return (sq(replicated_params) + shard_sq).sqrt()
 
 
 class LossScaler:

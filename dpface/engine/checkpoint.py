@@ -21,9 +21,7 @@ another: each rank reads only the rows of its new range (dpface.heads.sharding).
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,13 +33,8 @@ import torch.distributed as tdist
 from dpface import distributed as dist
 from dpface.heads.sharding import apply_shard_state, head_shard_state, load_resharded, shard_filename
 from dpface.io import atomic_save, atomic_write_json, fsync_dir
-
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-LEFTOVER = re.compile(r"^(step-\d{8})\.(partial|replaced)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or unreadable."""
+from dpface.restore import check_backbone_fits, load_file
+from dpface.rundir import CheckpointError, RunDir, read_meta
 
 
 class NonFiniteStateError(CheckpointError, FloatingPointError):
@@ -49,71 +42,9 @@ class NonFiniteStateError(CheckpointError, FloatingPointError):
     a FloatingPointError too, so the CLI reports it as divergence."""
 
 
-def load_file(path: Path, weights_only: bool = True, mmap: bool = False):
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
-    except Exception as e:  # torch raises several types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint file unreadable (corrupt or truncated?): {path}: {e}") from None
-
-
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [p for p in ckpt_root.iterdir()
-             if p.is_dir() and STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
-    """'auto' → latest complete checkpoint under ckpt_root (or None to start fresh);
-    a path → that checkpoint directory, which must be complete."""
-    if not resume:
-        return None
-    if resume == "auto":
-        done = complete_checkpoints(ckpt_root)
-        return done[-1] if done else None
-    return checkpoint_dir(resume, "--resume")
-
-
-def checkpoint_dir(path, option: str) -> Path:
-    """The complete checkpoint directory a user named with ``option`` (--resume,
-    --checkpoint), or a CheckpointError saying what the path is instead."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{option}: no checkpoint directory at {path}")
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(
-            f"{option}: {path} is an interrupted save (no meta.json); use a complete step-N"
-            if LEFTOVER.match(path.name) else
-            f"{option}: {path} is not a checkpoint (no meta.json; expected …/checkpoints/step-N)")
-    return path
-
-
-def recover_interrupted_saves(ckpt_root: Path) -> None:
-    """Rank 0 at start-up, while no rank saves: remove the ``.partial`` directories of
-    interrupted saves, and finish a re-save killed between its two renames (its old
-    directory, ``step-N.replaced``, goes back in place if ``step-N`` is missing)."""
-    if not ckpt_root.is_dir():
-        return
-    for p in ckpt_root.iterdir():
-        m = LEFTOVER.match(p.name)
-        if not m:
-            continue
-        final = ckpt_root / m.group(1)
-        if m.group(2) == "replaced" and not final.exists() and (p / "meta.json").is_file():
-            os.replace(p, final)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def read_meta(path: Path) -> dict:
-    try:
-        return json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}/meta.json unreadable: {e}") from None
+    """Complete checkpoint directories under a run's ``checkpoints/``, oldest first."""
+    return RunDir(Path(ckpt_root).parent).complete()
 
 
 @dataclass
@@ -122,14 +53,13 @@ class TrainState:
     step: int
     backbone: torch.nn.Module
     head: torch.nn.Module
-    backbone_opt: torch.optim.Optimizer
     head_opt: torch.optim.Optimizer
-    scaler: object
     stream: object
     aux_losses: torch.nn.Module  # per-rank state (e.g. class centres) of embedding losses
-    # Writes/reads its own per-rank files in the step directory, on every rank: the
-    # DeepSpeed backbone engine, whose ZeRO optimizer state is partitioned over ranks.
-    engine: object = None
+    # The backbone-parallel object (engine/parallel.py): its optimizer and loss-scale
+    # state go into trainer.pt; per-rank files of its own (ZeRO partitions) into the
+    # step directory, on every rank.
+    parallel: object
 
 
 def _first_non_finite(obj, name: str = "") -> str | None:
@@ -144,7 +74,7 @@ def _first_non_finite(obj, name: str = "") -> str | None:
     return None
 
 
-def _ranks_with(flag: bool, info: dist.DistInfo) -> list[int]:
+def _ranks_with(flag: bool, info: dist.ParallelContext) -> list[int]:
     """The ranks where ``flag`` holds (one all-reduce; every rank gets the same list)."""
     if info.world_size == 1:
         return [0] if flag else []
@@ -154,7 +84,7 @@ def _ranks_with(flag: bool, info: dist.DistInfo) -> list[int]:
     return [r for r, f in enumerate(flags.tolist()) if f]
 
 
-def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, config: dict,
+def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.ParallelContext, config: dict,
                     keep: int) -> Path:
     final = ckpt_root / f"step-{state.step:08d}"
     partial = ckpt_root / f"step-{state.step:08d}.partial"
@@ -167,8 +97,7 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, con
                                  "world_size": info.world_size, "aux_losses": state.aux_losses.state_dict()}}
     if info.is_main:
         files["trainer.pt"] = {"step": state.step, "backbone": state.backbone.state_dict(),
-                               "backbone_opt": state.backbone_opt.state_dict(),
-                               "scaler": state.scaler.state_dict()}
+                               **state.parallel.state_dict()}
     # Checked before anything is written, agreed by all ranks: a diverged run must not
     # rotate its last good checkpoints away with NaN ones. (DeepSpeed's partitioned
     # optimizer state is its own; its backbone weights are checked here.)
@@ -188,8 +117,7 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.DistInfo, con
     dist.barrier()  # the empty .partial exists before any rank writes into it
     for fname, obj in files.items():
         atomic_save(obj, partial / fname)
-    if state.engine is not None:
-        state.engine.save_to(partial)
+    state.parallel.save_to(partial)
     dist.barrier()
     if info.is_main:
         meta = {"step": state.step, "world_size": info.world_size,
@@ -231,29 +159,7 @@ def check_compatible(path: Path, meta: dict, config: dict, world_size: int) -> N
             f"To continue that run use {fix}; {_NEW_RUN}")
 
 
-def check_backbone_fits(path: Path, meta: dict, saved: dict, backbone: torch.nn.Module,
-                        config: dict | None) -> None:
-    """Before loading: the saved tensors fit ``backbone``; else one line naming what
-    differs (embedding size, model spec keys) instead of torch's list of every tensor."""
-    have = {k: tuple(v.shape) for k, v in saved.items()}
-    want = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
-    diff = [k for k in want if k in have and have[k] != want[k]] or sorted(have.keys() ^ want.keys())
-    if not diff:
-        return
-    what = []
-    if config is not None:
-        old = meta["config"]
-        d0, d1 = old["head"]["embedding_size"], config["head"]["embedding_size"]
-        if d0 != d1:
-            what.append(f"checkpoint embedding size {d0}, config {d1}")
-        m0, m1 = old["model"], config["model"]
-        what += [f"model.{k}: checkpoint {m0.get(k, '(default)')}, config {m1.get(k, '(default)')}"
-                 for k in sorted(m0.keys() | m1.keys()) if m0.get(k) != m1.get(k)]
-    raise CheckpointError(f"{path}: checkpoint backbone does not fit this config ({'; '.join(what) or 'same spec'}"
-                          f"; first differing tensor: {diff[0]})")
-
-
-def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo, config: dict | None = None) -> int:
+def load_checkpoint(path: Path, state: TrainState, info: dist.ParallelContext, config: dict | None = None) -> int:
     """Restore ``state`` in place from checkpoint ``path``; returns the step. ``config``
     (this run's, as a dict) is checked against the checkpoint's first."""
     meta = read_meta(path)
@@ -267,13 +173,8 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.DistInfo, config: 
     trainer = load_file(path / "trainer.pt")
     check_backbone_fits(path, meta, trainer["backbone"], state.backbone, config)
     state.backbone.load_state_dict(trainer["backbone"])
-    if state.engine is None and "deepspeed" in trainer["backbone_opt"]:
-        raise CheckpointError(f"{path}: saved with deepspeed.enabled=true (the backbone optimizer "
-                              "state is in its deepspeed/ folder); resume it with deepspeed.enabled=true")
-    state.backbone_opt.load_state_dict(trainer["backbone_opt"])
-    if state.engine is not None:
-        state.engine.load_from(path, meta)
-    state.scaler.load_state_dict(trainer["scaler"])
+    state.parallel.load_state_dict(trainer, path)
+    state.parallel.load_from(path, meta)
 
     shard_files = sorted(path.glob("head-rank*.pt"))
     if len(shard_files) != meta["world_size"]:

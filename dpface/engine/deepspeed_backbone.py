@@ -6,9 +6,8 @@ would mix unrelated rows. So only the backbone goes into ``deepspeed.initialize`
 head keeps its plain torch optimizer and is stepped here, after DeepSpeed's step, with
 the same skip decision.
 
-The class below plays two roles for the trainer, so the trainer's branch stays small:
-it is the backbone's forward (``self.model``) and its optimizer (``self.backbone_opt``:
-``param_groups`` for the LR schedule, ``state_dict`` for ``trainer.pt``). DeepSpeed's
+:class:`ZeroBackbone` implements the backbone-parallel interface of engine/parallel.py
+(the training step in engine/step.py drives it like the DDP one). DeepSpeed's
 partitioned optimizer state is written by every rank into ``deepspeed/`` inside the
 checkpoint's step directory (``save_to`` / ``load_from``), which is renamed into place
 only when complete, as every other checkpoint file.
@@ -23,16 +22,14 @@ Differences from the DDP path, by design:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 from pathlib import Path
 
 import torch
 
 from dpface import distributed as dist
-from dpface.engine.amp import global_grad_norm, resolve_amp
-from dpface.engine.checkpoint import CheckpointError
-from dpface.heads.sharding import head_grad_params
+from dpface.rundir import CheckpointError
 
 SUBDIR = "deepspeed"  # inside the step directory
 TAG = "zero"
@@ -93,16 +90,16 @@ def _cast_inputs_hook(dtype: torch.dtype):
     return hook
 
 
-class DeepSpeedBackbone:
+class ZeroBackbone:
     def __init__(self, backbone: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg,
-                 info: dist.DistInfo):
+                 ctx: dist.ParallelContext, amp_dtype: torch.dtype | None):
         try:
             import deepspeed
         except ImportError as e:
             raise ImportError("deepspeed.enabled=true needs DeepSpeed: pip install 'dpface[deepspeed]'") from e
-        self.info = info
-        self.amp_dtype = resolve_amp(cfg.train.amp, info.device)
-        self.config = deepspeed_config(cfg, info.world_size, self.amp_dtype)
+        self.info = ctx
+        self.amp_dtype = amp_dtype
+        self.config = deepspeed_config(cfg, ctx.world_size, self.amp_dtype)
         # A torch optimizer instance (not a name) keeps DeepSpeed from JIT-building its
         # fused Adam; ZeRO wraps it and shards its state.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -112,55 +109,51 @@ class DeepSpeedBackbone:
         if self.amp_dtype == torch.float16:
             self.module.register_forward_pre_hook(_cast_inputs_hook(self.amp_dtype))
 
-    # -- the backbone's forward ----------------------------------------------------
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine(x)
+    def __call__(self, x: torch.Tensor, **kwargs):
+        return self.engine(x, **kwargs)
 
-    # -- the backbone's optimizer, as the trainer sees it ---------------------------
     @property
     def param_groups(self):
         return self.optimizer.param_groups
-
-    def state_dict(self) -> dict:
-        return dict(OPT_MARKER)
-
-    def load_state_dict(self, state: dict) -> None:
-        if state != OPT_MARKER:
-            raise CheckpointError("this checkpoint was saved without DeepSpeed (its backbone optimizer "
-                                  "state is a torch optimizer's); resume it with deepspeed.enabled=false")
 
     @property
     def loss_scale(self) -> float:
         return float(getattr(self.optimizer, "loss_scale", 1.0)) if self.amp_dtype == torch.float16 else 1.0
 
-    # -- one update -----------------------------------------------------------------
-    def backward_and_step(self, loss: torch.Tensor, head: torch.nn.Module,
-                          head_opt: torch.optim.Optimizer, grad_clip: float) -> tuple[bool, float]:
-        """Backward through backbone and head, DeepSpeed step of the backbone, plain step
-        of the head shard; returns (stepped, global grad norm before clipping)."""
-        scale = self.loss_scale  # the scale this backward uses (step() may change it)
-        self.engine.backward(loss)
-        rows, replicated = head_grad_params(head)
-        hparams = rows + replicated
-        if scale != 1.0:
-            for p in hparams:
-                p.grad.mul_(1.0 / scale)
-        head_norm = global_grad_norm(replicated, rows, self.info.device).item()
-        head_finite = math.isfinite(head_norm)
+    # -- one update (engine/step.py) ---------------------------------------------------
+    def accumulating(self, last: bool):
+        return contextlib.nullcontext()  # train.accumulate > 1 is refused with DeepSpeed
 
-        self.engine.step()  # reduce, overflow check, clip, step, zero the backbone grads
-        overflow = bool(getattr(self.optimizer, "overflow", False))
-        stepped = head_finite and not overflow
-        if stepped:
-            if grad_clip > 0 and head_norm > grad_clip:
-                for p in hparams:
-                    p.grad.mul_(grad_clip / (head_norm + 1e-6))
-            head_opt.step()
-        head_opt.zero_grad(set_to_none=True)
-        backbone_norm = self.engine.get_global_grad_norm()
-        if not stepped or backbone_norm is None:
-            return stepped, float("nan")
-        return stepped, math.sqrt(float(backbone_norm) ** 2 + head_norm ** 2)
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed scales by its own loss scale
+
+    def grad_sq_norm(self):
+        return None  # reduced, checked and clipped inside DeepSpeed's step
+
+    norm_includes_backbone = False
+
+    def clip_(self, coef: float) -> None:
+        pass  # DeepSpeed clips the backbone to its gradient_clipping itself
+
+    def step(self, finite: bool) -> bool:
+        """DeepSpeed's step (reduce, overflow check, clip, update, zero grads); True when
+        the head may step too: its gradients were finite and the backbone's did not overflow."""
+        self.engine.step()
+        return finite and not bool(getattr(self.optimizer, "overflow", False))
+
+    def backbone_grad_norm(self) -> float | None:
+        n = self.engine.get_global_grad_norm()
+        return None if n is None else float(n)
+
+    # -- checkpoints: trainer.pt holds a marker; the ZeRO partitions are per rank -------
+    def state_dict(self) -> dict:
+        # the scaler entry keeps trainer.pt's layout; DeepSpeed's own scale is in SUBDIR
+        return {"backbone_opt": dict(OPT_MARKER), "scaler": {"scale": 1.0, "good_steps": 0, "enabled": False}}
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        if state["backbone_opt"] != OPT_MARKER:
+            raise CheckpointError(f"{path}: saved without DeepSpeed (its backbone optimizer state is a "
+                                  "torch optimizer's); resume it with deepspeed.enabled=false")
 
     # -- checkpoints (called on every rank, inside the step directory) ---------------
     def save_to(self, step_dir: Path) -> None:

@@ -25,8 +25,8 @@ import torch
 
 from dpface import distributed as dist
 from dpface.config import Config, config_from_dict, load_config
-from dpface.engine.checkpoint import read_meta, resolve_resume
 from dpface.engine.trainer import Trainer
+from dpface.rundir import RunDir, read_meta
 
 # Environment variables forwarded from the driver to the workers (W&B settings, NCCL
 # tuning, dpface's fault injection for recovery tests).
@@ -42,7 +42,7 @@ def absolute_paths(cfg: Config, base: Path) -> Config:
         return p if not p or os.path.isabs(p) or "://" in p else str((base / p).resolve())
 
     data["experiment"]["output_dir"] = fix(data["experiment"]["output_dir"])
-    data["data"]["webdataset"]["shards"] = fix(data["data"]["webdataset"]["shards"])
+    data["data"]["shards"]["manifest"] = fix(data["data"]["shards"]["manifest"])
     data["eval"]["bin_sets"] = [fix(p) for p in data["eval"]["bin_sets"]]
     return config_from_dict(data, "<ray driver>")
 
@@ -65,7 +65,7 @@ class _RayTrainer(Trainer):
         return path
 
 
-def _worker_info(cfg: Config) -> dist.DistInfo:
+def _worker_info(cfg: Config) -> dist.ParallelContext:
     """init_from_env joins nothing here (Ray formed the group) and reads rank and world
     size. The CUDA device is Ray's pick for this worker, which need not be LOCAL_RANK
     when Ray gives each worker its own CUDA_VISIBLE_DEVICES."""
@@ -87,8 +87,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg = config_from_dict(loop_config["config"], loop_config["source"])
     info = _worker_info(cfg)
-    ckpt_root = Path(cfg.experiment.output_dir) / cfg.experiment.name / "checkpoints"
-    local = resolve_resume("auto", ckpt_root)
+    local = RunDir.of(cfg.experiment.output_dir, cfg.experiment.name).resolve_resume("auto")
     reported = ray.train.get_checkpoint()
     trainer = None
     if reported is not None:
@@ -128,7 +127,7 @@ def build_trainer(cfg: Config, source: str, *, num_workers: int, gpus_per_worker
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    run_dir = Path(cfg.experiment.output_dir) / cfg.experiment.name
+    run_dir = RunDir.of(cfg.experiment.output_dir, cfg.experiment.name).root
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
@@ -163,4 +162,4 @@ def launch(config_path: str, overrides: list[str] = (), *, address: str | None =
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False)
     result = build_trainer(cfg, source, **trainer_kwargs).fit()
-    return result, Path(cfg.experiment.output_dir) / cfg.experiment.name
+    return result, RunDir.of(cfg.experiment.output_dir, cfg.experiment.name).root

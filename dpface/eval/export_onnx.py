@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from dpface.data import transforms
-from dpface.engine.checkpoint import CheckpointError, load_file, read_meta
 
 INSIGHTFACE_MEAN = INSIGHTFACE_STD = 127.5
 PREPROCESSING = ("RGB, CHW, float32, (pixel - 127.5) / 127.5 (insightface convention); "
@@ -80,49 +79,6 @@ def insightface_normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - INSIGHTFACE_MEAN) / INSIGHTFACE_STD
 
 
-# -- the checkpoint ----------------------------------------------------------------------
-def load_backbone(ckpt: Path | str, overrides: list[str] | None = None):
-    """(backbone in eval mode, Config, meta) of a complete checkpoint directory.
-
-    Every failure is a CheckpointError naming the file: not a checkpoint, no meta.json,
-    a trainer.pt without a backbone, a backbone that does not fit its config."""
-    from dpface.config import apply_overrides, config_from_dict
-    from dpface.models import build_backbone
-
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"--checkpoint: no checkpoint directory at {ckpt}")
-    if not (ckpt / "meta.json").is_file():
-        raise CheckpointError(f"--checkpoint: {ckpt} is not a complete checkpoint (no meta.json; "
-                              "expected …/checkpoints/step-N)")
-    meta = read_meta(ckpt)
-    if not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{ckpt / 'meta.json'}: no 'config' in it (not a dpface checkpoint?)")
-    cfg = config_from_dict(meta["config"], f"{ckpt}/meta.json")
-    if overrides:
-        cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides),
-                               f"{ckpt}/meta.json (with overrides)")
-    path = ckpt / "trainer.pt"
-    saved = load_file(path)
-    state = saved.get("backbone") if isinstance(saved, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{path}: holds no backbone weights (no 'backbone' state dict); "
-                              "export needs the trainer.pt of a dpface checkpoint")
-    backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size)
-    mine = backbone.state_dict()
-    missing = sorted(mine.keys() - state.keys())
-    unexpected = sorted(state.keys() - mine.keys())
-    wrong = [k for k in mine if k in state and tuple(state[k].shape) != tuple(mine[k].shape)]
-    if missing or unexpected or wrong:
-        first = (wrong or missing or unexpected)[0]
-        raise CheckpointError(
-            f"{path}: backbone does not fit model {cfg.model} with embedding size "
-            f"{cfg.head.embedding_size} ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(wrong)} wrong-shaped tensors; first: {first})")
-    backbone.load_state_dict(state)
-    return backbone.eval(), cfg, meta
-
-
 def check_images(cfg, n: int = 64) -> tuple[torch.Tensor, str]:
     """Up to ``n`` uint8 [n,3,S,S] images of the checkpoint's evaluation set and its name:
     the held-out synthetic identities, else the first .bin set."""
@@ -145,7 +101,7 @@ def check_images(cfg, n: int = 64) -> tuple[torch.Tensor, str]:
         try:
             a, b, _ = load_bin(path, image_size=cfg.data.image_size)
         except (ValueError, OSError) as e:  # missing / unreadable: bad input (exit 2)
-            from dpface.config import ConfigError
+            from dpface.schema import ConfigError
 
             raise ConfigError(f"eval.bin_sets: {path}: {e}") from e
         return _nchw(torch.cat([torch.as_tensor(a), torch.as_tensor(b)])[:n]), Path(path).name
@@ -272,12 +228,12 @@ def verify(path: Path | str, module: torch.nn.Module, images: dict, tol: float =
     return checks
 
 
-def export_checkpoint(ckpt: Path | str, out: Path | str, tol: float = DEFAULT_TOL,
-                      num_images: int = 64, overrides: list[str] | None = None,
-                      opset: int | None = None) -> ExportReport:
-    """Export a checkpoint's backbone to ``out`` and check it (module docstring)."""
+def export_checkpoint(restored, out: Path | str, tol: float = DEFAULT_TOL,
+                      num_images: int = 64, opset: int | None = None) -> ExportReport:
+    """Export a restored checkpoint's backbone (``dpface.restore.load_backbone``) to ``out``
+    and check it (module docstring)."""
+    backbone, cfg, meta, ckpt = restored
     ckpt, out = Path(ckpt), Path(out)
-    backbone, cfg, meta = load_backbone(ckpt, overrides)
     size = cfg.data.image_size
     module = onnx_input_module(backbone)
     n_params = sum(p.numel() for p in backbone.parameters())

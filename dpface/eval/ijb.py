@@ -30,11 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpface import seeding
+from dpface.seeding import Stream
+
 from .verification import roc_curve, tar_at_far
 
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-# insightface's ArcFace destination points for a 112×112 crop (arcface_torch/utils, skimage
-# SimilarityTransform onto these, cv2.warpAffine): eyes, nose tip, mouth corners (x, y).
+# The standard ArcFace five-point destination for a 112×112 crop (a similarity transform
+# onto these, then an affine warp): eyes, nose tip, mouth corners (x, y).
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
 META_SUFFIXES = {"tid_mid": "_face_tid_mid.txt", "pairs": "_template_pair_label.txt",
@@ -339,7 +342,7 @@ def make_synthetic_ijb(out, num_identities: int = 30, templates_per_identity: in
         raise ProtocolError(f"{out}: not empty (pass overwrite to replace it)")
     (out / "meta").mkdir(parents=True, exist_ok=True)
     (out / "loose_crop").mkdir(exist_ok=True)
-    rng = np.random.default_rng([seed, 12, identity_offset, num_identities])
+    rng = seeding.rng(seed, Stream.IJB_SET, identity_offset, num_identities)
     levels = (0.5, 1.0, 1.5, 2.0)
     renderers = [SyntheticFaces(seed=seed, image_size=image_size, difficulty=d) for d in levels]
     s = image_size

@@ -20,7 +20,7 @@ from torch import nn
 from dpface import ops
 from dpface.distributed import get_rank, get_world_size
 from dpface.distributed.collectives import all_gather, all_gather_with_grad, all_reduce_max, all_reduce_sum
-from dpface.distributed.partition import class_range, sample_count
+from dpface.distributed.partition import check_sample_rate, class_range, sample_count
 from dpface.losses.margin import HeadContext, LogitTransform
 from dpface.ops.margin_softmax import rows_sink
 from dpface.seeding import Stream, seed_int
@@ -334,9 +334,7 @@ class PartialFC(nn.Module):
             raise TypeError(f"transform must be a LogitTransform, got {type(transform).__name__}")
         if transform.normalize and transform.bias:
             raise ValueError("a bias makes no sense with normalised (cosine) scores")
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
-                or not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        check_sample_rate(sample_rate)
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
         if negatives not in NEGATIVES:
@@ -363,7 +361,7 @@ class PartialFC(nn.Module):
         self.num_classes = int(num_classes)
         self.transform = transform
         transform.bind_head(self.num_classes)
-        self.sample_rate = float(sample_rate)
+        self.sample_rate = check_sample_rate(sample_rate)
         self.seed = int(seed)
         self.group = group
         self.world_size = get_world_size(group) if world_size is None else int(world_size)

@@ -11,7 +11,7 @@ tensor) are not counted.
 """
 from __future__ import annotations
 
-from dpface.distributed.partition import class_range, sample_count
+from dpface.distributed.partition import check_sample_rate, class_range, sample_count
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 # Optimizer state per weight element, in units of the parameter.
@@ -38,8 +38,7 @@ def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.
     for name, v in (("classes", classes), ("dim", dim), ("world", world), ("batch", batch)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    check_sample_rate(sample_rate)
     if param_dtype not in DTYPE_BYTES:
         raise ValueError(f"param_dtype {param_dtype!r} unknown; valid: {', '.join(DTYPE_BYTES)}")
     if optimizer not in OPTIMIZER_STATE:

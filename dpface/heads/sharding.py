@@ -41,15 +41,6 @@ FORMAT = "dpface.head_shard/1"
 ROW_PARAMS = ("weight", "bias")
 
 
-def head_grad_params(head) -> tuple[list, list]:
-    """(row gradients holders, replicated parameters) of a head after backward. Rows are
-    the weight/bias shard, or with ``update="sampled"`` the step's sampled-row leaves."""
-    rows = [p for n, p in head.named_parameters() if n in ROW_PARAMS and p.grad is not None]
-    rows += head.row_leaves()
-    ids = {id(p) for p in rows}
-    return rows, [p for p in head.parameters() if p.grad is not None and id(p) not in ids]
-
-
 def shard_filename(rank: int, world_size: int) -> str:
     return f"head-rank{rank:05d}-of-{world_size:05d}.pt"
 

@@ -100,11 +100,15 @@ def build_loss(spec) -> LogitTransform:
     return LOSSES.build(spec)
 
 
-def build_aux_loss(spec, num_classes: int, embedding_size: int):
-    """Build one auxiliary loss from ``{name, weight, **params}``; returns (module, weight)."""
+def build_aux_loss(spec, num_classes: int, embedding_size: int, group=None):
+    """Build one auxiliary loss from ``{name, weight, **params}``; returns (module, weight).
+    ``group`` (the head group) goes to losses that shard class state across ranks."""
     spec = dict(spec)
     weight = float(spec.pop("weight"))
-    return AUX_LOSSES.build(spec, num_classes=num_classes, embedding_size=embedding_size), weight
+    provided = dict(num_classes=num_classes, embedding_size=embedding_size)
+    if "group" in AUX_LOSSES.parameters(spec["name"]):
+        provided["group"] = group
+    return AUX_LOSSES.build(spec, **provided), weight
 
 
 __all__ = ["LOSSES", "AUX_LOSSES", "build_loss", "build_aux_loss", "LogitTransform",

@@ -29,13 +29,15 @@ from dpface.distributed.partition import check_cover, class_range, gather_rows
 
 
 class CenterLoss(nn.Module):
-    def __init__(self, num_classes: int, embedding_size: int, alpha: float = 0.5):
+    def __init__(self, num_classes: int, embedding_size: int, alpha: float = 0.5, group=None):
         super().__init__()
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
             raise ValueError(f"center: alpha (centre update rate) must be in (0, 1], got {alpha!r}")
         self.alpha = float(alpha)
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
-        self.rank, self.world_size = get_rank(), get_world_size()
+        # ``group``: the ranks sharding the centres (the head group; None: the world).
+        self.group = group
+        self.rank, self.world_size = get_rank(group), get_world_size(group)
         self.class_start, self.class_end = class_range(self.num_classes, self.world_size, self.rank)
         self.register_buffer("centers", torch.zeros(self.class_end - self.class_start,
                                                     self.embedding_size))
@@ -86,14 +88,14 @@ class CenterLoss(nn.Module):
             raise ValueError(f"center: labels must be in [0, {self.num_classes})")
         b = emb.shape[0]
         with torch.no_grad():
-            xg = all_gather(emb.detach().to(self.centers.dtype))
-            yg = all_gather(labels)
+            xg = all_gather(emb.detach().to(self.centers.dtype), self.group)
+            yg = all_gather(labels, self.group)
             local = yg - self.class_start
             mine = (local >= 0) & (local < self.centers.shape[0])
             cg = self.centers.new_zeros(xg.shape)
             cg[mine] = self.centers[local[mine]]
             if self.world_size > 1:
-                cg = all_reduce_sum(cg)
+                cg = all_reduce_sum(cg, self.group)
             c = cg[self.rank * b:(self.rank + 1) * b]
         loss = 0.5 * (emb - c.to(emb.dtype)).pow(2).sum(1).mean()
         if self.training:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpface.eval.sets import check_quality, quality_pool
+from dpface.losses.pooling import check_quality, quality_pool
 
 KINDS = ("softmax", "triplet")
 

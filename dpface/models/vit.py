@@ -1,7 +1,7 @@
 """Vision Transformer (ViT) backbones for aligned 112x112 faces.
 
-The layout of the face ViTs of insightface's arcface_torch (as trained on WebFace42M in
-"Killing Two Birds with One Stone", An et al. 2022, and Partial FC), not ImageNet's:
+The layout of the published face ViTs (trained on WebFace42M in "Killing Two Birds with
+One Stone", An et al. 2022, and in the Partial FC paper), not ImageNet's:
 
   * patch embedding: a 9x9 conv with stride 9 and no padding. 112 = 12·9 + 4, so it gives a
     12x12 grid of 144 tokens and the last 4 pixel rows and columns (bottom, right) are never

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .identification import cmc, search, tpir_at_fpir
-from .ijb import IJB_FARS, ProtocolError, evaluate_ijb_features, face_features, load_ijb
-from .verification import auc
+from dpface.eval.identification import cmc, search, tpir_at_fpir
+from dpface.eval.ijb import IJB_FARS, ProtocolError, evaluate_ijb_features, face_features, load_ijb
+from dpface.eval.verification import auc
+from dpface.rundir import RunDir
 
 FPIRS = (0.01, 0.1)
 CMC_RANKS = (1, 5, 10)
@@ -22,11 +23,6 @@ _IDENT_SAMPLE_BASE = (1 << 30) + (1 << 25)
 
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def run_dir_of_checkpoint(ckpt: Path) -> Path:
-    ckpt = Path(ckpt)
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def _counts(text: str) -> list[int]:
@@ -194,7 +190,7 @@ def identification_metrics(g, gl, p, pl, d, counts) -> tuple[dict, dict]:
 
 
 def run_identification(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[dict, list]:
-    from .embeddings import extract_embeddings
+    from dpface.eval.embeddings import extract_embeddings
 
     counts = _counts(args.distractors)
     n_d = max(counts, default=0)
@@ -240,12 +236,12 @@ def run_identification(args, backbone, cfg, device, plots_dir: Path, step: int) 
 
 def run_protocol(args, backbone, cfg, device, ckpt: Path, step: int) -> dict:
     """`dpface eval --protocol ijb|identification`: metrics (plots written, W&B when enabled)."""
-    plots_dir = run_dir_of_checkpoint(ckpt) / "plots"
+    plots_dir = RunDir.of_checkpoint(ckpt).plots
     fn = run_ijb if args.protocol == "ijb" else run_identification
     metrics, plots = fn(args, backbone, cfg, device, plots_dir, step)
     for p in plots:
         _err(f"dpface eval: wrote {p}")
-    log_to_wandb(cfg, run_dir_of_checkpoint(ckpt), step, metrics, plots, f"eval-{args.protocol}")
+    log_to_wandb(cfg, RunDir.of_checkpoint(ckpt).root, step, metrics, plots, f"eval-{args.protocol}")
     return metrics
 
 

@@ -1,0 +1,125 @@
+"""The training step, written once for every backbone-parallel implementation.
+
+Per update: N micro-batches (``train.accumulate``), each a full head step over its
+global batch (the head gathers its embeddings, its loss is the mean over them) whose
+loss is divided by N, so the accumulated gradient is the mean of the N micro-batch
+gradients — the gradient of their union where the loss is a per-sample mean over a
+fixed W (dense update, no BatchNorm, no batch-dependent scale). Then one unscale,
+one global grad norm over backbone and head (the head's shards summed over the head
+group), one shared skip decision, one clip, one step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as tdist
+
+from dpface import distributed as dist
+from dpface.data.transforms import normalize
+from dpface.engine.amp import autocast
+from dpface.heads.sharding import ROW_PARAMS
+
+
+def head_grad_params(head) -> tuple[list, list]:
+    """(row-gradient holders, replicated parameters) of a head after backward. Rows are
+    the weight/bias shard, or with ``update="sampled"`` the step's sampled-row leaves."""
+    rows = [p for n, p in head.named_parameters() if n in ROW_PARAMS and p.grad is not None]
+    rows += head.row_leaves()
+    ids = {id(p) for p in rows}
+    return rows, [p for p in head.parameters() if p.grad is not None and id(p) not in ids]
+
+
+def _sq(params, device) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device, dtype=torch.float32)
+    return torch.nn.utils.get_total_norm(grads).float().pow(2)  # foreach kernels
+
+
+def head_grad_sq_norm(rows, replicated, device, group=None) -> torch.Tensor:
+    """Squared L2 norm of the head's gradient, the same on every rank of ``group``: the
+    row shards are disjoint (squares summed over the group, one all-reduce), replicated
+    parameters (a learned scale) are counted once."""
+    shard = _sq(rows, device)
+    if dist.is_initialized():
+        tdist.all_reduce(shard, group=group)
+    return shard + _sq(replicated, device)
+
+
+class TrainStep:
+    """One optimizer update from ``accumulate`` micro-batches; see the module docstring.
+
+    ``aux``: (name, module, weight) of the embedding losses; a module with
+    ``needs_quality`` receives the backbone's quality scores (``forward(x,
+    with_quality=True)``, the QAN backbone)."""
+
+    def __init__(self, parallel, head, head_opt, aux, ctx, *, grad_clip: float,
+                 amp_dtype: torch.dtype | None, accumulate: int = 1, with_quality: bool = False):
+        self.parallel, self.head, self.head_opt = parallel, head, head_opt
+        self.aux, self.ctx = aux, ctx
+        self.grad_clip, self.amp_dtype = grad_clip, amp_dtype
+        self.accumulate, self.with_quality = accumulate, with_quality
+
+    def _forward(self, images, labels, step: int):
+        dev = self.ctx.device
+        x = normalize(images.to(dev, non_blocking=True))
+        labels = labels.to(dev, non_blocking=True)
+        quality = None
+        with autocast(dev, self.amp_dtype):
+            if self.with_quality:
+                emb, quality = self.parallel(x, with_quality=True)
+            else:
+                emb = self.parallel(x)
+        emb = emb.float()
+        out = self.head(emb, labels, step)
+        loss, values = out.loss, {}
+        for name, fn, w in self.aux:
+            v = fn(emb, labels, step, quality.float()) if getattr(fn, "needs_quality", False) else fn(emb, labels, step)
+            values[f"aux/{name}"] = v.item()
+            loss = loss + w * v
+        return loss, float(out.accuracy), values
+
+    def __call__(self, micro_batches, step: int) -> dict:
+        """Train on ``micro_batches`` (``accumulate`` (images, labels) pairs); returns
+        the step's metrics (loss, acc and aux values averaged over micro-batches)."""
+        bp, n = self.parallel, len(micro_batches)
+        if n != self.accumulate:
+            raise ValueError(f"expected {self.accumulate} micro-batches, got {n}")
+        scale = bp.loss_scale  # this step's scale (the backbone's step may change it)
+        if self.head.update == "sampled" and n > 1:
+            raise ValueError("gradient accumulation needs head.update: dense (the sampled-row "
+                             "optimizer steps the rows of one micro-batch)")
+        loss_sum, acc_sum, aux_sum = 0.0, 0.0, {}
+        for i, (images, labels) in enumerate(micro_batches):
+            with bp.accumulating(last=i == n - 1):
+                loss, acc, values = self._forward(images, labels, step)
+                bp.backward(loss / n if n > 1 else loss)
+            loss_sum, acc_sum = loss_sum + loss.item(), acc_sum + acc
+            for k, v in values.items():
+                aux_sum[k] = aux_sum.get(k, 0.0) + v
+
+        rows, replicated = head_grad_params(self.head)
+        hparams = rows + replicated
+        if scale != 1.0:
+            torch._foreach_mul_([p.grad for p in hparams], 1.0 / scale)
+        sq = head_grad_sq_norm(rows, replicated, self.ctx.device, self.ctx.head_group)
+        bb = bp.grad_sq_norm()
+        if bb is not None:
+            sq = sq + bb
+        norm = sq.sqrt().item()
+        finite = math.isfinite(norm)  # the same on every rank: the norm is all-reduced
+        if finite and 0 < self.grad_clip < norm:
+            coef = self.grad_clip / (norm + 1e-6)
+            torch._foreach_mul_([p.grad for p in hparams], coef)
+            if bp.norm_includes_backbone:
+                bp.clip_(coef)
+        stepped = bp.step(finite)
+        if stepped:
+            self.head_opt.step()
+        self.head_opt.zero_grad(set_to_none=True)
+        if not bp.norm_includes_backbone:  # ZeRO: the backbone's norm comes from its step
+            other = bp.backbone_grad_norm() if stepped else None
+            norm = math.sqrt(norm ** 2 + other ** 2) if other is not None else float("nan")
+        return {"loss": loss_sum / n, "acc": acc_sum / n, "grad_norm": norm if stepped else float("nan"),
+                "skipped": 0 if stepped else 1, **{k: v / n for k, v in aux_sum.items()}}

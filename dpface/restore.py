@@ -1,0 +1,77 @@
+"""A trained backbone back from a checkpoint directory, with the config it was trained
+under: what `dpface eval`, `dpface export-onnx` and `dpface cluster` start from."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from dpface.config import Config, apply_overrides, config_from_dict
+from dpface.models import build_backbone
+from dpface.rundir import CheckpointError, checkpoint_dir, read_meta
+
+
+class Restored(NamedTuple):
+    backbone: torch.nn.Module  # in eval mode, on the CPU
+    cfg: Config
+    meta: dict
+    path: Path  # the step directory
+
+
+def load_file(path: Path, weights_only: bool = True, mmap: bool = False):
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except Exception as e:  # torch raises several types for truncated/corrupt files
+        raise CheckpointError(f"checkpoint file unreadable (corrupt or truncated?): {path}: {e}") from None
+
+
+def check_backbone_fits(path: Path, meta: dict, saved: dict, backbone: torch.nn.Module,
+                        config: dict | None) -> None:
+    """Before loading: the saved tensors fit ``backbone``; else one line naming what
+    differs (embedding size, model spec keys) instead of torch's list of every tensor."""
+    have = {k: tuple(v.shape) for k, v in saved.items()}
+    want = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+    diff = [k for k in want if k in have and have[k] != want[k]] or sorted(have.keys() ^ want.keys())
+    if not diff:
+        return
+    what = []
+    if config is not None:
+        old = meta["config"]
+        d0, d1 = old["head"]["embedding_size"], config["head"]["embedding_size"]
+        if d0 != d1:
+            what.append(f"checkpoint embedding size {d0}, config {d1}")
+        m0, m1 = old["model"], config["model"]
+        what += [f"model.{k}: checkpoint {m0.get(k, '(default)')}, config {m1.get(k, '(default)')}"
+                 for k in sorted(m0.keys() | m1.keys()) if m0.get(k) != m1.get(k)]
+    raise CheckpointError(f"{path}: checkpoint backbone does not fit this config ({'; '.join(what) or 'same spec'}"
+                          f"; first differing tensor: {diff[0]})")
+
+
+def load_backbone(ckpt: Path | str, overrides: list[str] | None = None, cfg: Config | None = None,
+                  option: str = "--checkpoint") -> Restored:
+    """The backbone of a complete checkpoint directory, under its stored config (with
+    ``overrides``) or under ``cfg``. Every failure is a CheckpointError naming the file:
+    not a checkpoint, no meta.json, a trainer.pt without a backbone, a backbone that
+    does not fit its config."""
+    ckpt = checkpoint_dir(ckpt, option)
+    meta = read_meta(ckpt)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{ckpt / 'meta.json'}: no 'config' in it (not a dpface checkpoint?)")
+    if cfg is None:
+        cfg = config_from_dict(meta["config"], f"{ckpt}/meta.json")
+        if overrides:
+            cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides),
+                                   f"{ckpt}/meta.json (with overrides)")
+    path = ckpt / "trainer.pt"
+    saved = load_file(path)
+    state = saved.get("backbone") if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: holds no backbone weights (no 'backbone' state dict); "
+                              "a dpface checkpoint's trainer.pt is needed")
+    backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size)
+    check_backbone_fits(ckpt, meta, state, backbone, cfg.to_dict())
+    backbone.load_state_dict(state)
+    return Restored(backbone.eval(), cfg, meta, ckpt)
