@@ -10,7 +10,8 @@ after one training forward + backward of the backbone alone (B images 112x112, e
 a fixed random projection of the output as the loss); reported beside it is the resident set
 just before that step, after the model, its (pre-allocated) gradients and the batch exist, so
 peak − before is what the step itself needs: activations kept for backward plus workspace.
-Step time: the median of ``--steps`` further steps (forward + backward, no optimizer).
+Step time: the median of ``--steps`` further steps (forward + backward, no optimizer), wall
+clock and process CPU time (the latter less disturbed by other load on a shared machine).
 Throughput: images/s of a training step (forward + backward) and of an eval forward, at the
 demo's batch (32), embedding (128) and image size (112), median of ``--steps``.
 """
@@ -66,12 +67,13 @@ def child(args) -> dict:
     train_step()
     out.update(first_step_s=time.perf_counter() - t0, rss_before_mb=before, peak_before_mb=peak_before,
                peak_mb=peak_mb())
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train_step()
         times.append(time.perf_counter() - t0)
-    out["step_s"] = times
+        cpu.append(time.process_time() - c0)
+    out["step_s"], out["step_cpu_s"] = times, cpu
     if args.eval:
         model.eval()
         ev = []
@@ -102,31 +104,32 @@ def memory(args) -> None:
           "RSS in MiB (ru_maxrss); step = forward + backward, median of "
           f"{args.steps} (min-max)")
     print(f"{'model':<10} {'mode':<10} {'params':>7} {'before':>7} {'peak':>7} {'peak-before':>12} "
-          f"{'saved':>6} {'step s':>16} {'ratio':>6}")
+          f"{'saved':>6} {'step s':>16} {'ratio':>6} {'cpu s':>7} {'ratio':>6}")
     for model in args.models.split(","):
         base = None
         for mode, every in MODES:
             r = run(model, mode, every, args, 512)
             need = r["peak_mb"] - r["rss_before_mb"]
-            med = statistics.median(r["step_s"])
+            med, cpu = statistics.median(r["step_s"]), statistics.median(r["step_cpu_s"])
             if base is None:
-                base = (need, med)
+                base = (need, med, cpu)
             label = mode if mode != "every_n" else f"every_{every}"
             print(f"{model:<10} {label:<10} {r['params_M']:6.1f}M {r['rss_before_mb']:7.0f} {r['peak_mb']:7.0f} "
                   f"{need:12.0f} {1 - need / base[0]:6.0%} {med:7.2f} ({min(r['step_s']):.2f}-"
-                  f"{max(r['step_s']):.2f}) {med / base[1]:6.2f}", flush=True)
+                  f"{max(r['step_s']):.2f}) {med / base[1]:6.2f} {cpu:7.2f} {cpu / base[2]:6.2f}", flush=True)
 
 
 def throughput(args) -> None:
     print(f"batch {args.batch}, {args.size}x{args.size}, embedding 128 (the CPU demo), {args.threads} threads; "
           f"img/s from the median of {args.steps} steps (min-max)")
-    print(f"{'model':<14} {'params':>7} {'train img/s':>22} {'eval img/s':>22}")
+    print(f"{'model':<14} {'params':>7} {'train img/s':>22} {'eval img/s':>22} {'train img/CPU-s':>16}")
     for model in args.models.split(","):
         r = run(model, "none", 2, args, 128, evaluate=True)
         tr = [args.batch / t for t in r["step_s"]]
         ev = [args.batch / t for t in r["eval_s"]]
         print(f"{model:<14} {r['params_M']:6.2f}M {statistics.median(tr):9.1f} ({min(tr):.1f}-{max(tr):.1f}) "
-              f"{statistics.median(ev):9.1f} ({min(ev):.1f}-{max(ev):.1f})", flush=True)
+              f"{statistics.median(ev):9.1f} ({min(ev):.1f}-{max(ev):.1f}) "
+              f"{args.batch / statistics.median(r['step_cpu_s']):16.1f}", flush=True)
 
 
 def main() -> None:
