@@ -83,8 +83,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import torch
-
+    from dpface import distributed as dist
     from dpface.config import load_config
     from dpface.restore import load_backbone
     from dpface.rundir import RunDir
@@ -93,7 +92,7 @@ def _cmd_eval(args) -> int:
     backbone, cfg, meta, ckpt = load_backbone(args.checkpoint, args.overrides, cfg=own)
     if args.bin:
         cfg.eval.bin_sets = list(args.bin)
-    device = "cuda" if torch.cuda.is_available() and cfg.experiment.device != "cpu" else "cpu"
+    device = dist.pick_device(cfg.experiment.device)
     backbone.to(device)
     if args.protocol != "verification":  # ijb | identification (dpface/eval_commands.py)
         from dpface.eval.model_card import append_checkpoint_evaluation

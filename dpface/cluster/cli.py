@@ -109,12 +109,12 @@ def _embeddings(args, need_labels: bool):
         raise _input("give the pool: --embeddings FILE, or --checkpoint RUN --images MANIFEST")
     if not _opt(args, "checkpoint"):
         raise _input("--images needs --checkpoint (the run or checkpoint whose backbone embeds them)")
-    import torch
+    from dpface import distributed as dist
 
     from .embed import embed_manifest, load_backbone
 
     backbone, cfg, ckpt = load_backbone(args.checkpoint)
-    device = "cuda" if torch.cuda.is_available() and cfg.experiment.device != "cpu" else "cpu"
+    device = dist.pick_device(cfg.experiment.device)
     backbone.to(device)
     t0 = time.perf_counter()
     x, y, items = embed_manifest(backbone, args.images, cfg.data.image_size, device=device,

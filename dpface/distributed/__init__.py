@@ -49,6 +49,25 @@ def get_world_size(group=None) -> int:
     return tdist.get_world_size(group) if is_initialized() else 1
 
 
+def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``experiment.device`` (auto | cpu | cuda) as a torch device: auto means this node's
+    CUDA device ``local_rank`` where there is one, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda":
+        return torch.device(device)
+    # Checked here: torch's own failure without CUDA is an AttributeError deep inside.
+    from dpface.schema import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError("experiment.device is 'cuda' but there is no CUDA device (torch "
+                          f"{torch.__version__} sees none); use experiment.device=cpu or auto")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                          "CUDA device(s) are visible on this node")
+    return torch.device("cuda", local_rank)
+
+
 def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> ParallelContext:
     """Join the process group described by the launcher's environment.
 
@@ -58,22 +77,9 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> ParallelCo
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        # Checked here: torch's own failure without CUDA is an AttributeError deep inside.
-        from dpface.schema import ConfigError
-
-        if not torch.cuda.is_available():
-            raise ConfigError("experiment.device is 'cuda' but there is no CUDA device (torch "
-                              f"{torch.__version__} sees none); use experiment.device=cpu or auto")
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
-                              "CUDA device(s) are visible on this node")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1 and not is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
