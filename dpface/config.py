@@ -296,6 +296,17 @@ def _check_specs(cfg: Config, source: str) -> None:
         LOSSES.build(cfg.head.loss)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{source}: 'head.loss': {e}") from None
+    # Activation checkpointing's options, checked here so a typo is a load-time error.
+    spec = cfg.model
+    while BACKBONES.is_wrapper(spec["name"]) and isinstance(spec.get("base"), dict):
+        spec = spec["base"]
+    if "checkpoint" in BACKBONES.parameters(spec["name"]):
+        from dpface.models.checkpointing import check_checkpoint
+
+        try:
+            check_checkpoint(spec.get("checkpoint", "none"), spec.get("checkpoint_every", 2))
+        except ValueError as e:
+            raise ConfigError(f"{source}: 'model': {e}") from None
     # Backbones take a fixed input side (a constructor parameter, default 112).
     side = BACKBONES.input_size(cfg.model)
     if side is not None and side != cfg.data.image_size:
