@@ -32,8 +32,8 @@ def test_check_cover_errors():
 
 def centre_loss(monkeypatch, rank, world):
     # The constructor takes rank and world from the process group; stand in for one.
-    monkeypatch.setattr(center_mod, "get_rank", lambda: rank)
-    monkeypatch.setattr(center_mod, "get_world_size", lambda: world)
+    monkeypatch.setattr(center_mod, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(center_mod, "get_world_size", lambda group=None: world)
     return CenterLoss(C, D)
 
 

@@ -74,6 +74,8 @@ class TrainStep:
         emb = emb.float()
         out = self.head(emb, labels, step)
         loss, values = out.loss, {}
+        if getattr(out, "dropped", None) is not None:  # sub-centre drop: share of the global batch left out
+            values["head/dropped"] = float(out.dropped)
         for name, fn, w in self.aux:
             v = fn(emb, labels, step, quality.float()) if getattr(fn, "needs_quality", False) else fn(emb, labels, step)
             values[f"aux/{name}"] = v.item()

@@ -229,7 +229,7 @@ class Trainer:
             if step % t.log_every == 0 or step == stop:
                 now = time.perf_counter()
                 rate = global_batch * (step - steps_last) / max(now - t_last, 1e-9)
-                means = ["loss", "acc", *(k for k in m if k.startswith("aux/"))]
+                means = ["loss", "acc", *(k for k in m if k.startswith(("aux/", "head/")))]
                 agg = {k: sum(w[k] for w in window) / len(window) for k in means}
                 agg.update(lr=m["lr"], grad_norm=m["grad_norm"], img_s=rate,
                            skipped=sum(w["skipped"] for w in window), epoch=self.stream.epoch,
