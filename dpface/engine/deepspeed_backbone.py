@@ -132,7 +132,7 @@ class ZeroBackbone:
 
     norm_includes_backbone = False
 
-    def clip_(self, coef: float) -> None:
+    def clip_(self, coef) -> None:
         pass  # DeepSpeed clips the backbone to its gradient_clipping itself
 
     def step(self, finite: bool) -> bool:

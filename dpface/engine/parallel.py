@@ -75,7 +75,7 @@ class DDPBackbone:
             return None
         return torch.nn.utils.get_total_norm(grads).float().pow(2)  # replicated: counted once
 
-    def clip_(self, coef: float) -> None:
+    def clip_(self, coef: torch.Tensor) -> None:
         grads = self._grads()
         if grads:
             torch._foreach_mul_(grads, coef)

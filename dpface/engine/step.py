@@ -109,10 +109,12 @@ class TrainStep:
         bb = bp.grad_sq_norm()
         if bb is not None:
             sq = sq + bb
-        norm = sq.sqrt().item()
+        norm_t = sq.sqrt()
+        norm = norm_t.item()
         finite = math.isfinite(norm)  # the same on every rank: the norm is all-reduced
         if finite and 0 < self.grad_clip < norm:
-            coef = self.grad_clip / (norm + 1e-6)
+            # torch.nn.utils.clip_grads_with_norm_'s coefficient, a float32 tensor
+            coef = (self.grad_clip / (norm_t + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_([p.grad for p in hparams], coef)
             if bp.norm_includes_backbone:
                 bp.clip_(coef)
