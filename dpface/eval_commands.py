@@ -43,7 +43,7 @@ def _counts(text: str) -> list[int]:
 def verification_plots(rocs: dict, plots_dir: Path, step: int) -> list[Path]:
     """ROC (log FAR) and DET of every verification set; [] without matplotlib."""
     try:
-        from .plots import det_plots, roc_plots
+        from dpface.eval.plots import det_plots, roc_plots
     except ImportError:
         return []
     out = []
@@ -90,7 +90,7 @@ def run_ijb(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[di
             metrics[f"{key}/auc"] = auc(*r["roc"][:2])
             rocs[r["mode"]] = r["roc"][:2]
         try:
-            from .plots import det_plots, roc_plots
+            from dpface.eval.plots import det_plots, roc_plots
 
             plots.append(roc_plots(rocs, plots_dir / f"ijb-{s.name}-roc-step{step:08d}.png",
                                    title=f"IJB {s.name}, step {step}"))
@@ -221,7 +221,7 @@ def run_identification(args, backbone, cfg, device, plots_dir: Path, step: int) 
     metrics, curves = identification_metrics(g, gl, p, pl, d, counts)
     plots = []
     try:
-        from .plots import cmc_plot, distractor_plot
+        from dpface.eval.plots import cmc_plot, distractor_plot
 
         plots.append(cmc_plot(curves["cmc"], plots_dir / f"ident-cmc-step{step:08d}.png",
                               title=f"CMC ({source}), step {step}"))

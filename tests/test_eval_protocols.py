@@ -70,25 +70,25 @@ def test_best_threshold_adjacent_floats():
 
 def test_bin_sets_use_eval_folds(monkeypatch):
     """A set without fold ids (a .bin) is split into eval.folds parts, not always 10."""
-    import dpface.engine.trainer as trainer
+    import dpface.eval.verification as verification
     from dpface.config import Config
 
     seen = []
-    real = trainer.evaluate_pairs
+    real = verification.evaluate_pairs
 
     def spy(*a, **kw):
         r = real(*a, **kw)
         seen.append(len(r.fold_accuracies))
         return r
 
-    monkeypatch.setattr(trainer, "evaluate_pairs", spy)
+    monkeypatch.setattr(verification, "evaluate_pairs", spy)
     cfg = Config()
     cfg.eval.folds = 4
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (2, 24, 8, 8, 3), dtype=np.uint8)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 6))
     sets = {"lfw": (imgs[0], imgs[1], np.arange(24) % 2 == 0, None)}
-    trainer.evaluate(model, sets, cfg, "cpu")
+    cfg.eval.run(model, sets, "cpu")
     assert seen == [4]
 
 
