@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run(hook: str, args) -> dict:
     name = f"hook_{hook}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(29600 + hash(hook) % 200), "-m", "dpface", "train", str(REPO / "configs" / "cpu_demo.yaml"),
+           str(29600 + hash(hook) % 200), "-m", "dpface", "train", "--config", str(REPO / "configs" / "cpu_demo.yaml"),
            f"experiment.output_dir={args.out}", f"experiment.name={name}", f"train.steps={args.steps}",
            f"train.comm_hook={hook}", "train.ckpt_every=0", "data.batch_size=16", "data.num_workers=0",
            "--overwrite"]

@@ -87,4 +87,9 @@ class Registry:
             raise SpecError(f"{self.kind} spec needs a 'name'; valid: {', '.join(self.names())}")
         name = spec.pop("name")
         self.check(name, spec, provided=tuple(provided))
+        self._build_nested(name, spec, provided)
         return self.get(name)(**spec, **provided)
+
+    def _build_nested(self, name: str, spec: dict, provided: dict) -> None:
+        """Replace nested component specs in ``spec`` by their built components (in place);
+        registries whose components wrap others override it."""

@@ -14,6 +14,8 @@ ranks can use them (``from tests.conftest import ...``).
 """
 from __future__ import annotations
 
+import pytest
+
 TINY_RUN = [
     "experiment.device=cpu",
     "model={name: iresnet_tiny, base_width: 8}", "head.embedding_size=32",
@@ -49,3 +51,16 @@ def load_tiny(out, name: str, *extra: str, drop=()):
     from dpface.config import load_config
 
     return load_config(None, tiny_overrides(*extra, out=out, name=name, drop=drop))
+
+
+@pytest.fixture
+def one_thread():
+    """Toy-sized ops gain nothing from intra-op threads, and on a busy machine the thread
+    pool's spinning made them ~10x slower; restored afterwards. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

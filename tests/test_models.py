@@ -27,14 +27,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Toy-sized ops gain nothing from threads, and on a busy machine the thread pool's
-    # spinning made the deep models' tests 10x slower. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(spec, b, seed=0):

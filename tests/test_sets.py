@@ -30,12 +30,7 @@ QAN = {"name": "qan", "hidden": 8, "base": BASE}
 RANGE = {"name": "rangenet", "base_width": 4, "layers": [1, 1, 0, 1, 1], "input_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(got, want, tol=1e-6):

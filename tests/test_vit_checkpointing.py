@@ -14,13 +14,7 @@ from dpface.models import build_backbone
 from dpface.models.vit import SIZES, Block
 from dpface.registry import SpecError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy-sized ops: threads only add spinning (as in test_models.py)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model):

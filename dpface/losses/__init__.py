@@ -57,16 +57,10 @@ class LossRegistry(Registry):
             except SpecError as e:
                 raise SpecError(f"{self.kind} '{name}' -> {key}: {e}") from None
 
-    def build(self, spec, **provided):
-        spec = dict(spec)
-        if "name" not in spec:
-            raise SpecError(f"{self.kind} spec needs a 'name'; valid: {', '.join(self.names())}")
-        name = spec.pop("name")
-        self.check(name, spec, provided=tuple(provided))
+    def _build_nested(self, name, spec, provided):
         for key, sub in self._nested(name, spec):
             if not isinstance(sub, LogitTransform):
                 spec[key] = self.build(sub)
-        return self.get(name)(**spec, **provided)
 
 
 LOSSES = LossRegistry("loss")

@@ -60,16 +60,10 @@ class BackboneRegistry(Registry):
         except SpecError as e:
             raise SpecError(f"{self.kind} '{name}' -> {NESTED_SPEC_PARAM}: {e}") from None
 
-    def build(self, spec, **provided):
-        spec = dict(spec)
-        if "name" not in spec:
-            raise SpecError(f"{self.kind} spec needs a 'name'; valid: {', '.join(self.names())}")
-        name = spec.pop("name")
-        self.check(name, spec, provided=tuple(provided))
+    def _build_nested(self, name, spec, provided):
         sub = spec.get(NESTED_SPEC_PARAM)
         if self.is_wrapper(name) and isinstance(sub, Mapping):
             spec[NESTED_SPEC_PARAM] = self.build(sub, **provided)
-        return self.get(name)(**spec, **provided)
 
     def input_size(self, spec: Mapping) -> int | None:
         """The input side a spec's backbone takes (a wrapper's is its base's), or None
