@@ -2,14 +2,15 @@
 dpface/eval_commands.py, which runs them, so building the parser imports no torch)."""
 from __future__ import annotations
 
-PROTOCOLS = ("verification", "ijb", "identification")
+PROTOCOLS = ("verification", "ijb", "identification", "sets")
 
 
 def add_eval_arguments(e) -> None:
     """The protocol options of `dpface eval`."""
     e.add_argument("--protocol", choices=PROTOCOLS, default="verification",
                    help="verification: 10-fold pairs (default); ijb: 1:1 templates of an IJB-format "
-                        "set (--ijb-dir); identification: 1:N gallery/probe search")
+                        "set (--ijb-dir); identification: 1:N gallery/probe search; sets: "
+                        "mixed-quality synthetic templates pooled by mean, norm and quality")
     g = e.add_argument_group("ijb")
     g.add_argument("--ijb-dir", action="append", default=[],
                    help="IJB-format set: meta/*_face_tid_mid.txt, *_template_pair_label.txt, "
@@ -37,6 +38,13 @@ def add_eval_arguments(e) -> None:
     i.add_argument("--nonmated-fraction", type=float, default=0.25,
                    help="share of identities left out of the gallery: their probes are the "
                         "non-mated searches that set the open-set threshold")
+
+
+    t = e.add_argument_group("sets")
+    t.add_argument("--templates-per-identity", type=int, default=3,
+                   help="sets: synthetic templates per held-out identity (the first is the gallery)")
+    t.add_argument("--poor-fraction", type=float, default=0.5,
+                   help="sets: share of very poor images in the templates")
 
 
 def cmd_synthetic_ijb(args) -> int:

@@ -234,10 +234,37 @@ def run_identification(args, backbone, cfg, device, plots_dir: Path, step: int) 
     return metrics, plots
 
 
+def run_sets(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[dict, list]:
+    """Mixed-quality synthetic templates of held-out identities (data/templates.py), pooled
+    by mean, embedding norm and (a qan backbone's) quality: template TAR@FAR and rank-1."""
+    from dpface.data.templates import make_templates
+    from dpface.eval.sets import evaluate_set_poolings
+
+    s = cfg.data.synthetic
+    try:
+        templates = make_templates(args.identities or cfg.eval.num_identities, s.num_identities,
+                                   templates_per_identity=args.templates_per_identity,
+                                   poor_fraction=args.poor_fraction, seed=s.seed,
+                                   image_size=cfg.data.image_size, difficulty=s.difficulty)
+    except ValueError as e:
+        raise ProtocolError(f"--protocol sets: {e}") from None
+    r = evaluate_set_poolings(backbone, templates, fars=tuple(cfg.eval.fars), batch_size=cfg.eval.batch_size,
+                              device=device)
+    metrics = {}
+    for how, v in r.items():
+        if how == "quality":
+            metrics["sets/quality/spearman_vs_degradation"] = v["spearman_vs_degradation"]
+            continue
+        for far, tar in v["tar_at_far"].items():
+            metrics[f"sets/{how}/tar@far={far:g}"] = tar
+        metrics[f"sets/{how}/rank1"] = v["rank1"]
+    return metrics, []
+
+
 def run_protocol(args, backbone, cfg, device, ckpt: Path, step: int) -> dict:
-    """`dpface eval --protocol ijb|identification`: metrics (plots written, W&B when enabled)."""
+    """`dpface eval --protocol ijb|identification|sets`: metrics (plots written, W&B when enabled)."""
     plots_dir = RunDir.of_checkpoint(ckpt).plots
-    fn = run_ijb if args.protocol == "ijb" else run_identification
+    fn = {"ijb": run_ijb, "identification": run_identification, "sets": run_sets}[args.protocol]
     metrics, plots = fn(args, backbone, cfg, device, plots_dir, step)
     for p in plots:
         _err(f"dpface eval: wrote {p}")

@@ -422,3 +422,31 @@ def test_cli_ijb_errors(checkpoint, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(checkpoint), "--protocol", "identification",
                  "--distractors", "ten"]) == 2
     assert "--distractors" in capsys.readouterr().err
+
+
+def test_cli_sets_protocol_matches_the_library(checkpoint, capsys):
+    """`dpface eval --protocol sets` reports what eval.sets computes on the restored backbone."""
+    from dpface.data.templates import make_templates
+    from dpface.eval.sets import evaluate_set_poolings
+    from dpface.restore import load_backbone
+
+    assert main(["eval", "--checkpoint", str(checkpoint), "--protocol", "sets", "--identities", "6",
+                 "--templates-per-identity", "2"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    backbone, cfg = load_backbone(checkpoint)[:2]
+    s = cfg.data.synthetic
+    t = make_templates(6, s.num_identities, templates_per_identity=2, seed=s.seed,
+                       image_size=cfg.data.image_size, difficulty=s.difficulty)
+    want = evaluate_set_poolings(backbone, t, fars=tuple(cfg.eval.fars))
+    assert set(want) == {"mean", "norm"}  # not a qan backbone: no quality pooling
+    def same(got, want):  # the CLI's JSON writes an unresolved (NaN) TAR as null
+        return got is None if want != want else got == pytest.approx(want)
+
+    for how, v in want.items():
+        assert same(m[f"sets/{how}/rank1"], v["rank1"])
+        for far, tar in v["tar_at_far"].items():
+            assert same(m[f"sets/{how}/tar@far={far:g}"], tar)
+    assert any(v is not None for v in m.values())
+    assert main(["eval", "--checkpoint", str(checkpoint), "--protocol", "sets",
+                 "--templates-per-identity", "1"]) == 2
+    assert "dpface: error: --protocol sets: templates_per_identity" in capsys.readouterr().err
