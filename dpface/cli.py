@@ -135,7 +135,7 @@ def _cmd_plan(args) -> int:
     try:
         p = plan(classes=args.classes, dim=args.dim, world=args.world, batch=args.batch,
                  sample_rate=args.sample_rate, param_dtype=args.dtype, optimizer=args.optimizer,
-                 kernel=args.kernel, logits_budget_mb=args.logits_budget_mb)
+                 kernel=args.kernel, logits_budget_mb=args.logits_budget_mb, subcenters=args.subcenters)
     except ValueError as e:
         raise InputError(f"plan: {e}") from e
     print(format_plan(p))
@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--kernel", default="fused", choices=["fused", "reference"],
                     help="head implementation (head.kernel; auto is fused where built)")
     pl.add_argument("--logits-budget-mb", type=int, default=128, help="head.logits_budget_mb")
+    pl.add_argument("--subcenters", type=int, default=1, help="head.subcenters (needs --kernel reference)")
     pl.set_defaults(fn=_cmd_plan)
 
     k = sub.add_parser("kernels", help="what of the compiled kernels is built (CPU / CUDA / missing)")

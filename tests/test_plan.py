@@ -76,3 +76,20 @@ def test_errors(kwargs, match):
     args = {"classes": 10, "dim": 4, "world": 2, "batch": 2, "sample_rate": 0.5, **kwargs}
     with pytest.raises(ValueError, match=match):
         plan(**args)
+
+
+def test_subcenters_multiply_the_rows_by_hand():
+    # The small case with K = 3 sub-centres: 4 classes → 12 rows; 2 sampled classes → 6 rows.
+    d = plan(classes=10, dim=4, world=3, batch=2, sample_rate=0.5, kernel="reference", subcenters=3)
+    assert (d["classes_per_rank"], d["rows_per_rank"], d["sampled_per_rank"]) == (4, 12, 6)
+    assert d["memory"] == {
+        "weight_shard": 12 * 4 * 4, "optimizer_state": 192, "weight_grad": 192,
+        "scored_weight": 6 * 4 * 4, "logits": 6 * 6 * 4, "logit_workspace": 3 * 144,
+        "gathered_embeddings": 2 * 6 * 4 * 4,  # the batch side does not change
+    }
+    assert d["unsharded_head"] == 10 * 3 * 4 * 4 * 3
+    assert "12 rows: 3 sub-centres each" in format_plan(d)
+    with pytest.raises(ValueError, match="reference head"):
+        plan(classes=10, dim=4, world=3, batch=2, subcenters=3)  # the fused op has no sub-centres
+    with pytest.raises(ValueError, match="subcenters must be an integer >= 1"):
+        plan(classes=10, dim=4, world=3, batch=2, kernel="reference", subcenters=0)

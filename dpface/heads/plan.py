@@ -30,11 +30,12 @@ TILE_ELEMS, MIN_TILE, MAX_TILE = 1 << 18, 64, 4096
 
 def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.0,
          param_dtype: str = "fp32", optimizer: str = "sgd", kernel: str = "fused",
-         logits_budget_mb: int = 128) -> dict:
+         logits_budget_mb: int = 128, subcenters: int = 1) -> dict:
     """Per-rank bytes of the head on the busiest rank (the first, which holds
     ceil(C/W) classes). ``batch`` is the per-rank batch. ``kernel="fused"`` (the default
     head) keeps at most ``logits_budget_mb`` of logits and a column tile of workspace;
-    "reference" materialises the logits and their workspaces."""
+    "reference" materialises the logits and their workspaces. ``subcenters`` K: every
+    class has K rows (sub-centre ArcFace, reference head only)."""
     for name, v in (("classes", classes), ("dim", dim), ("world", world), ("batch", batch)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -45,9 +46,13 @@ def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.
         raise ValueError(f"optimizer {optimizer!r} unknown; valid: {', '.join(OPTIMIZER_STATE)}")
     if kernel not in ("fused", "reference"):
         raise ValueError(f"kernel {kernel!r} unknown; valid: fused, reference")
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
+        raise ValueError(f"subcenters must be an integer >= 1, got {subcenters!r}")
+    if subcenters > 1 and kernel == "fused":
+        raise ValueError("sub-centres run on the reference head: use kernel reference")
     lo, hi = class_range(classes, world, 0)
-    c_local = hi - lo
-    k = sample_count(c_local, sample_rate)  # before positives: at least this many
+    c_local = (hi - lo) * subcenters  # rows of the shard
+    k = sample_count(hi - lo, sample_rate) * subcenters  # sampled classes bring all their rows
     b_global = batch * world
     p = DTYPE_BYTES[param_dtype]
     shard = c_local * dim * p
@@ -79,8 +84,10 @@ def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.
     return {
         "inputs": {"classes": classes, "dim": dim, "world": world, "batch": batch,
                    "sample_rate": sample_rate, "param_dtype": param_dtype,
-                   "optimizer": optimizer, "kernel": kernel, "logits_budget_mb": logits_budget_mb},
-        "classes_per_rank": c_local,
+                   "optimizer": optimizer, "kernel": kernel, "logits_budget_mb": logits_budget_mb,
+                   "subcenters": subcenters},
+        "classes_per_rank": hi - lo,
+        "rows_per_rank": c_local,
         "sampled_per_rank": k,
         "global_batch": b_global,
         "memory": memory,
@@ -88,7 +95,7 @@ def plan(classes: int, dim: int, world: int, batch: int, sample_rate: float = 1.
         "communication": comm,
         "communication_total": sum(comm.values()),
         # what a single rank would hold without sharding: W + grad + optimizer state
-        "unsharded_head": classes * dim * p * (2 + OPTIMIZER_STATE[optimizer]),
+        "unsharded_head": classes * subcenters * dim * p * (2 + OPTIMIZER_STATE[optimizer]),
     }
 
 
@@ -122,8 +129,9 @@ def format_plan(d: dict) -> str:
         f"Partial-FC head: {i['classes']:,} classes x {i['dim']}, world {i['world']}, "
         f"batch {i['batch']}/rank ({d['global_batch']:,} global), sample rate "
         f"{i['sample_rate']}, {i['param_dtype']} params, {i['optimizer']}",
-        f"classes per rank {d['classes_per_rank']:,}; scored per step >= "
-        f"{d['sampled_per_rank']:,}",
+        f"classes per rank {d['classes_per_rank']:,}"
+        + (f" ({d['rows_per_rank']:,} rows: {i['subcenters']} sub-centres each)" if i["subcenters"] > 1 else "")
+        + f"; rows scored per step >= {d['sampled_per_rank']:,}",
         "",
         "memory per rank (busiest rank)",
     ]
