@@ -6,7 +6,7 @@ import numpy as np
 from dpface.seeding import Stream, rng, seed_int
 
 # The parts each consumer passes (data/loader, data/synthetic, data/pk_sampler,
-# data/webdataset_stream, heads/partial_fc), over small values.
+# data/webdataset_stream, heads/partial_fc, eval/ijb, data/templates, cluster/), over small values.
 SMALL = range(4)
 PARTS = {
     Stream.LOADER_ORDER: [(e,) for e in SMALL],
@@ -22,6 +22,12 @@ PARTS = {
     Stream.AUGMENT: list(itertools.product(SMALL, SMALL)),
     Stream.HEAD_INIT: [(b, d) for b in SMALL for d in (8, 512)],
     Stream.NEGATIVES: list(itertools.product(SMALL, SMALL)),
+    Stream.IJB_SET: [(o, n) for o in (0, 100_000) for n in (4, 30)],
+    Stream.TEMPLATE_LEVEL: list(itertools.product(SMALL, SMALL)),
+    Stream.TEMPLATE_DEGRADE: list(itertools.product(SMALL, SMALL)),
+    Stream.TEMPLATE_LAYOUT: [(o, n, 3, 2, 6) for o in SMALL for n in (2, 3)],
+    Stream.CLUSTER_POOL: [(w,) for w in (0, 1)],
+    Stream.CLUSTER_GCN: [(w,) for w in (0, 1, 2)],
 }
 
 
@@ -44,6 +50,14 @@ def test_loader_order_no_longer_equals_the_noise_bank():
     a = rng(0, Stream.LOADER_ORDER, 3).standard_normal(4)
     b = rng(0, Stream.SYNTH_NOISE).standard_normal(4)
     assert not np.array_equal(a, b)
+
+
+def test_ijb_set_no_longer_equals_the_webdataset_shuffle():
+    # eval/ijb.py drew from default_rng([seed, 12, offset, n]): the shuffle stream of slot
+    # ``offset``, round ``n``. Its own tag now.
+    old = np.random.default_rng([0, 12, 100_000, 30]).random(3)
+    assert np.array_equal(old, rng(0, Stream.SHUFFLE, 100_000, 30).random(3))
+    assert not np.array_equal(old, rng(0, Stream.IJB_SET, 100_000, 30).random(3))
 
 
 def test_existing_streams_keep_their_values():
