@@ -15,11 +15,7 @@ import torch
 from dpface.heads import PartialFC
 from dpface.heads.row_optim import SampledRowAdamW, SampledRowSGD, make_head_optimizer
 from dpface.losses import build_loss
-
-try:
-    from tests.mp_utils import run_distributed
-except ImportError:
-    from mp_utils import run_distributed
+from tests.mp_utils import run_distributed
 
 
 def _trainer_helpers():
@@ -27,10 +23,7 @@ def _trainer_helpers():
     this module, and pulling the Trainer stack into them made a rank abort at exit
     ("terminate called without an active exception") now and then."""
     from dpface.engine.trainer import Trainer
-    try:
-        from tests.test_trainer import losses, tiny_cfg
-    except ImportError:
-        from test_trainer import losses, tiny_cfg
+    from tests.test_trainer import losses, tiny_cfg
     return Trainer, losses, tiny_cfg
 
 D, C = 8, 40
@@ -245,7 +238,7 @@ def test_trainer_skips_non_finite_sampled_rows(tmp_path):
     w0 = t.head.weight.detach().clone()
     b0 = [p.detach().clone() for p in t.backbone.parameters()]
     images, labels = next(iter(t.stream))
-    m = t.train_step(images, labels)
+    m = t.train_step((images, labels))
     assert m["skipped"] == 1
     assert torch.equal(t.head.weight.isnan(), w0.isnan())
     assert torch.equal(t.head.weight.nan_to_num(), w0.nan_to_num())

@@ -24,7 +24,7 @@ def _skip_on_one_rank(rank, world, out):
         t.head.weight.register_hook(lambda g: g * float("nan"))
     before = ([p.detach().clone() for p in t.backbone.parameters()], t.head.weight.detach().clone())
     images, labels = next(iter(t.stream))
-    m = t.train_step(images, labels)
+    m = t.train_step((images, labels))
     unchanged = all(torch.equal(a, b) for a, b in zip(before[0], t.backbone.parameters()))
     return {"skipped": m["skipped"], "backbone_unchanged": unchanged,
             "head_unchanged": torch.equal(before[1], t.head.weight.detach())}

@@ -60,8 +60,12 @@ class TrainStep:
         self.aux, self.ctx = aux, ctx
         self.grad_clip, self.amp_dtype = grad_clip, amp_dtype
         self.accumulate, self.with_quality = accumulate, with_quality
+        if head.update == "sampled" and accumulate > 1:
+            raise ValueError("gradient accumulation needs head.update: dense (the sampled-row "
+                             "optimizer steps the rows of one micro-batch)")
 
     def _forward(self, images, labels, step: int):
+        """(loss with its graph, the micro-batch's metrics as detached 0-dim tensors)."""
         dev = self.ctx.device
         x = normalize(images.to(dev, non_blocking=True))
         labels = labels.to(dev, non_blocking=True)
@@ -73,14 +77,15 @@ class TrainStep:
                 emb = self.parallel(x)
         emb = emb.float()
         out = self.head(emb, labels, step)
-        loss, values = out.loss, {}
+        loss, values = out.loss, {"acc": torch.as_tensor(out.accuracy)}
         if getattr(out, "dropped", None) is not None:  # sub-centre drop: share of the global batch left out
-            values["head/dropped"] = float(out.dropped)
+            values["head/dropped"] = out.dropped
         for name, fn, w in self.aux:
             v = fn(emb, labels, step, quality.float()) if getattr(fn, "needs_quality", False) else fn(emb, labels, step)
-            values[f"aux/{name}"] = v.item()
+            values[f"aux/{name}"] = v.detach()
             loss = loss + w * v
-        return loss, float(out.accuracy), values
+        values["loss"] = loss.detach()
+        return loss, values
 
     def __call__(self, micro_batches, step: int) -> dict:
         """Train on ``micro_batches`` (``accumulate`` (images, labels) pairs); returns
@@ -89,17 +94,16 @@ class TrainStep:
         if n != self.accumulate:
             raise ValueError(f"expected {self.accumulate} micro-batches, got {n}")
         scale = bp.loss_scale  # this step's scale (the backbone's step may change it)
-        if self.head.update == "sampled" and n > 1:
-            raise ValueError("gradient accumulation needs head.update: dense (the sampled-row "
-                             "optimizer steps the rows of one micro-batch)")
-        loss_sum, acc_sum, aux_sum = 0.0, 0.0, {}
+        sums: dict = {}
         for i, (images, labels) in enumerate(micro_batches):
             with bp.accumulating(last=i == n - 1):
-                loss, acc, values = self._forward(images, labels, step)
+                loss, values = self._forward(images, labels, step)
                 bp.backward(loss / n if n > 1 else loss)
-            loss_sum, acc_sum = loss_sum + loss.item(), acc_sum + acc
             for k, v in values.items():
-                aux_sum[k] = aux_sum.get(k, 0.0) + v
+                sums[k] = sums[k] + v if k in sums else v
+        # one host copy of every metric, not one per value and micro-batch
+        keys = list(sums)
+        means = dict(zip(keys, (torch.stack([sums[k].float().to(self.ctx.device) for k in keys]) / n).tolist()))
 
         rows, replicated = head_grad_params(self.head)
         hparams = rows + replicated
@@ -125,5 +129,4 @@ class TrainStep:
         if not bp.norm_includes_backbone:  # ZeRO: the backbone's norm comes from its step
             other = bp.backbone_grad_norm() if stepped else None
             norm = math.sqrt(norm ** 2 + other ** 2) if other is not None else float("nan")
-        return {"loss": loss_sum / n, "acc": acc_sum / n, "grad_norm": norm if stepped else float("nan"),
-                "skipped": 0 if stepped else 1, **{k: v / n for k, v in aux_sum.items()}}
+        return {**means, "grad_norm": norm if stepped else float("nan"), "skipped": 0 if stepped else 1}

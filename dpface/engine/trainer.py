@@ -159,11 +159,8 @@ class Trainer:
         return lr
 
     def train_step(self, *micro_batches) -> dict:
-        """One update from ``train.accumulate`` (images, labels) micro-batches (as
-        positional pairs, or one batch as ``train_step(images, labels)``); returns
+        """One update from ``train.accumulate`` (images, labels) micro-batches; returns
         metrics (loss, acc, grad_norm, skipped)."""
-        if len(micro_batches) == 2 and torch.is_tensor(micro_batches[0]):
-            micro_batches = (tuple(micro_batches),)
         lr = self._set_lr(self.state.step)
         m = self.step_fn(list(micro_batches), self.state.step)
         self.state.step += 1
