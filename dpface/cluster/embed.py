@@ -3,8 +3,6 @@ it) run over the images of a converted shard set (``dpface convert``) with the e
 embedding helper (``dpface.eval.embeddings.extract_embeddings``: flip convention, L2 norm)."""
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -38,7 +36,8 @@ def load_backbone(path):
 
 def iter_samples(manifest) -> Iterator[tuple[str, str, bytes, int]]:
     """(shard name, sample key, JPEG bytes, label) of every sample of a converted set, in order."""
-    from dpface.data.shards import ShardError, resolve_shards
+    from dpface.data.decode import parse_label
+    from dpface.data.shards import ShardError, ShardRead, resolve_shards
 
     try:
         shards = resolve_shards(manifest)
@@ -46,47 +45,21 @@ def iter_samples(manifest) -> Iterator[tuple[str, str, bytes, int]]:
         raise ClusterError(f"{manifest}: {e} (empty pool)") from e
     for tar_path in shards.tars:
         name = Path(tar_path).name
-        try:
-            with tarfile.open(tar_path, mode="r:") as tar:
-                key, parts = None, {}
-                for member in tar:
-                    if not member.isreg():
-                        continue
-                    k, _, ext = member.name.partition(".")
-                    if k != key and key is not None:
-                        yield _sample(name, key, parts)
-                        parts = {}
-                    key = k
-                    if ext in ("jpg", "cls"):
-                        parts[ext] = tar.extractfile(member).read()
-                if key is not None:
-                    yield _sample(name, key, parts)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ShardError(f"{tar_path}: unreadable shard ({e})") from e
-
-
-def _sample(shard: str, key: str, parts: dict) -> tuple[str, str, bytes, int]:
-    from dpface.data.shards import ShardError
-
-    if "jpg" not in parts or "cls" not in parts:
-        raise ShardError(f"{shard}: sample {key} lacks its {'image' if 'jpg' not in parts else 'label'}")
-    return shard, key, parts["jpg"], int(parts["cls"].decode("ascii"))
-
-
-def decode(jpeg: bytes, size: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(jpeg)) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im)
+        read = ShardRead(tar_path)
+        for sample in read:  # the training stream's tar reader
+            key = sample["__key__"]
+            if "jpg" not in sample or "cls" not in sample:
+                raise ShardError(f"{name}: sample {key} lacks its {'image' if 'jpg' not in sample else 'label'}")
+            yield name, key, sample["jpg"], parse_label(sample["cls"])
+        if read.outcome in ("truncated", "unreadable"):
+            raise ShardError(f"{tar_path}: {read.outcome} shard")
 
 
 def embed_manifest(backbone, manifest, image_size: int, device="cpu", batch_size: int = 128,
                    flip: bool = True, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray, list]:
     """(L2-normalised float32 [N, D], labels int64 [N], [(shard, key)]) of a converted set,
     decoded and embedded ``chunk`` images at a time (memory stays bounded)."""
+    from dpface.data.decode import decode_image
     from dpface.eval.embeddings import extract_embeddings
 
     embs, labels, where, batch = [], [], [], []
@@ -98,7 +71,7 @@ def embed_manifest(backbone, manifest, image_size: int, device="cpu", batch_size
             batch.clear()
 
     for shard, key, jpeg, label in iter_samples(manifest):
-        batch.append(decode(jpeg, image_size))
+        batch.append(decode_image(jpeg, image_size))
         labels.append(label)
         where.append((shard, key))
         if len(batch) >= chunk:
