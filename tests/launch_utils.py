@@ -17,10 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from tests.conftest import tiny_overrides
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import tiny_overrides
+from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cpu_demo.yaml"

@@ -5,11 +5,7 @@ import pytest
 
 from dpface.data.convert import convert_synthetic
 from dpface.engine.trainer import Trainer
-
-try:
-    from tests.conftest import SYNTHETIC_SETS, load_tiny
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import SYNTHETIC_SETS, load_tiny
+from tests.conftest import SYNTHETIC_SETS, load_tiny
 
 
 @pytest.fixture(scope="module")

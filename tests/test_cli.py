@@ -8,11 +8,7 @@ import torch
 
 from dpface.cli import main
 from dpface.engine.checkpoint import complete_checkpoints
-
-try:
-    from tests.conftest import tiny_overrides
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import tiny_overrides
+from tests.conftest import tiny_overrides
 
 TINY = tiny_overrides("train.steps=4", "train.log_every=2")
 

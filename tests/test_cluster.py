@@ -10,11 +10,7 @@ import torch
 from dpface.cli import main
 from dpface.cluster import baselines, gcn, linkage, metrics, simulate
 from dpface.cluster.knn import ClusterError, check_embeddings, knn_graph
-
-try:
-    from tests.conftest import SYNTHETIC_SETS, tiny_overrides
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import SYNTHETIC_SETS, tiny_overrides
+from tests.conftest import SYNTHETIC_SETS, tiny_overrides
 
 
 @pytest.fixture(autouse=True, scope="module")

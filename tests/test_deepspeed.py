@@ -7,33 +7,18 @@ import torch
 
 from dpface.config import ConfigError, load_config
 from dpface.engine.checkpoint import CheckpointError
-
-try:
-    from tests.conftest import load_tiny
-    from tests.launch_utils import (
-        FAULT_STEP,
-        STEPS,
-        assert_same_loss_curve,
-        assert_same_weights,
-        base_env,
-        final_checkpoint,
-        reference_run,
-        torchrun_sh,
-        train_losses,
-    )
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import load_tiny
-    from launch_utils import (
-        FAULT_STEP,
-        STEPS,
-        assert_same_loss_curve,
-        assert_same_weights,
-        base_env,
-        final_checkpoint,
-        reference_run,
-        torchrun_sh,
-        train_losses,
-    )
+from tests.conftest import load_tiny
+from tests.launch_utils import (
+    FAULT_STEP,
+    STEPS,
+    assert_same_loss_curve,
+    assert_same_weights,
+    base_env,
+    final_checkpoint,
+    reference_run,
+    torchrun_sh,
+    train_losses,
+)
 
 
 def test_generated_config_follows_the_dpface_config():

@@ -25,11 +25,7 @@ ort = pytest.importorskip("onnxruntime")
 from dpface.data.transforms import normalize  # noqa: E402
 from dpface.eval import export_onnx as xo  # noqa: E402
 from dpface.eval import model_card as mc  # noqa: E402
-
-try:
-    from tests.conftest import tiny_overrides  # noqa: E402
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import tiny_overrides  # noqa: E402
+from tests.conftest import tiny_overrides  # noqa: E402
 
 TINY = tiny_overrides("train.steps=4", "train.log_every=2", "train.eval_every=2")
 

@@ -25,11 +25,7 @@ from dpface.eval.ijb import (
     template_pair_scores,
     template_points,
 )
-
-try:
-    from tests.conftest import tiny_overrides
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import tiny_overrides
+from tests.conftest import tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

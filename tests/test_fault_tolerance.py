@@ -6,25 +6,14 @@ complete checkpoint and ends with the weights of an uninterrupted run.
 import pytest
 
 from dpface.engine.faults import FaultInjection
-
-try:
-    from tests.launch_utils import (
-        FAULT_STEP,
-        assert_same_loss_curve,
-        assert_same_weights,
-        base_env,
-        reference_run,
-        torchrun_sh,
-    )
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from launch_utils import (
-        FAULT_STEP,
-        assert_same_loss_curve,
-        assert_same_weights,
-        base_env,
-        reference_run,
-        torchrun_sh,
-    )
+from tests.launch_utils import (
+    FAULT_STEP,
+    assert_same_loss_curve,
+    assert_same_weights,
+    base_env,
+    reference_run,
+    torchrun_sh,
+)
 
 
 def fault_env(tmp_path, **extra):

@@ -12,13 +12,8 @@ from dpface import ops
 from dpface.heads import FullFC, PartialFC
 from dpface.heads.row_optim import SampledRowSGD
 from dpface.losses import build_loss
-
-try:
-    from tests.mp_utils import run_distributed
-    from tests.test_trainer import tiny_cfg
-except ImportError:
-    from mp_utils import run_distributed
-    from test_trainer import tiny_cfg
+from tests.mp_utils import run_distributed
+from tests.test_trainer import tiny_cfg
 
 pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason="dpface._kernels not built")
 

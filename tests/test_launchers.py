@@ -9,10 +9,7 @@ import sys
 import pytest
 import yaml
 
-try:
-    from tests.launch_utils import REPO, STEPS, reference_run, train_losses
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from launch_utils import REPO, STEPS, reference_run, train_losses
+from tests.launch_utils import REPO, STEPS, reference_run, train_losses
 
 TORCHRUN_SH = REPO / "launchers" / "torchrun.sh"
 

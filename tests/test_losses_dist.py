@@ -12,11 +12,7 @@ import torch.nn.functional as F
 from dpface.heads import FullFC, PartialFC, class_range
 from dpface.heads.sharding import sample_count
 from dpface.losses import build_aux_loss, build_loss
-
-try:
-    from tests.mp_utils import run_distributed
-except ImportError:
-    from mp_utils import run_distributed
+from tests.mp_utils import run_distributed
 
 D, B_LOCAL, WORLD = 8, 4, 2
 C_EQ = 11  # uneven shards (6, 5)

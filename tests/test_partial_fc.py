@@ -15,11 +15,7 @@ from dpface.distributed.collectives import all_gather, all_gather_with_grad, all
 from dpface.heads import FullFC, PartialFC, class_range
 from dpface.heads.sharding import sample_count
 from dpface.losses import build_loss
-
-try:
-    from tests.mp_utils import run_distributed
-except ImportError:
-    from mp_utils import run_distributed
+from tests.mp_utils import run_distributed
 
 D = 8
 B_LOCAL = 4

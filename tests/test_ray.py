@@ -11,33 +11,18 @@ import pytest
 import torch.distributed as tdist
 
 from dpface import distributed as dist
-
-try:
-    from tests.launch_utils import (
-        CONFIG,
-        FAULT_STEP,
-        REPO,
-        STEPS,
-        assert_same_loss_curve,
-        assert_same_weights,
-        base_env,
-        launch,
-        overrides,
-        reference_run,
-    )
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from launch_utils import (
-        CONFIG,
-        FAULT_STEP,
-        REPO,
-        STEPS,
-        assert_same_loss_curve,
-        assert_same_weights,
-        base_env,
-        launch,
-        overrides,
-        reference_run,
-    )
+from tests.launch_utils import (
+    CONFIG,
+    FAULT_STEP,
+    REPO,
+    STEPS,
+    assert_same_loss_curve,
+    assert_same_weights,
+    base_env,
+    launch,
+    overrides,
+    reference_run,
+)
 
 
 def test_init_from_env_reads_an_existing_group(tmp_path, monkeypatch):

@@ -20,11 +20,7 @@ import torch
 
 from dpface.cli import main
 from dpface.engine.checkpoint import complete_checkpoints
-
-try:
-    from tests.conftest import tiny_overrides
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import tiny_overrides
+from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "cpu_demo.yaml")

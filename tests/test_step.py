@@ -17,11 +17,7 @@ from dpface.engine.parallel import DDPBackbone
 from dpface.engine.step import TrainStep
 from dpface.heads import PartialFC
 from dpface.losses import CenterLoss, build_loss
-
-try:
-    from tests.mp_utils import run_distributed
-except ImportError:  # run from tests/
-    from mp_utils import run_distributed
+from tests.mp_utils import run_distributed
 
 D, C, S = 8, 10, 8  # embedding size, classes, image side
 

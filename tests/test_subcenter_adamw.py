@@ -18,11 +18,7 @@ from dpface.heads.partial_fc import init_rows
 from dpface.heads.row_optim import OptimizerStateError, SampledRowAdamW, SampledRowSGD
 from dpface.heads.sharding import HeadShardError, class_range, head_shard_state
 from dpface.losses import build_loss
-
-try:
-    from tests.mp_utils import run_distributed
-except ImportError:
-    from mp_utils import run_distributed
+from tests.mp_utils import run_distributed
 
 D, C, K = 8, 11, 3  # C uneven over 2 (6, 5) and 3 (4, 4, 3) ranks
 B_LOCAL = 6

@@ -9,11 +9,7 @@ from dpface.engine.amp import LossScaler
 from dpface.engine.checkpoint import CheckpointError, complete_checkpoints
 from dpface.engine.schedule import lr_at
 from dpface.engine.trainer import Trainer
-
-try:
-    from tests.conftest import load_tiny
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import load_tiny
+from tests.conftest import load_tiny
 
 
 def tiny_cfg(tmp_path, name, *extra):

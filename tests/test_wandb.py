@@ -6,11 +6,7 @@ import pytest
 
 from dpface.config import WandbConfig
 from dpface.engine.logging import MetricsLogger
-
-try:
-    from tests.conftest import load_tiny
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from conftest import load_tiny
+from tests.conftest import load_tiny
 
 
 @pytest.fixture

@@ -68,7 +68,12 @@ def test_subcenter_head_from_the_config(tmp_path):
     assert t.head.weight.shape[0] == 3 * t.head.num_classes
     assert t.head_kernel.startswith("PyTorch reference (subcenters=3")  # the fused op cannot take the max
     t.fit()
-    assert all(v == v for v in _losses(tmp_path / "sub").values())
+    rows = [json.loads(line) for line in (tmp_path / "sub" / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in rows if r["kind"] == "train"}
+    assert "head/dropped" not in train[1]  # step 0 < drop_after: the drop is not active yet
+    assert 0.0 <= train[2]["head/dropped"] <= 1.0  # from step 1 on it is, and is logged
+    shard = torch.load(next((complete_checkpoints(t.ckpt_root)[-1]).glob("head-rank*.pt")), weights_only=True)
+    assert shard["rows"]["weight"].shape[0] == 3 * t.head.num_classes
 
 
 def test_lazy_adamw_for_sampled_rows_and_optimizer_change_on_resume(tmp_path):
