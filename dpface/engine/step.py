@@ -75,7 +75,8 @@ class TrainStep:
                 emb, quality = self.parallel(x, with_quality=True)
             else:
                 emb = self.parallel(x)
-        emb = emb.float()
+        if emb.dtype in (torch.float16, torch.bfloat16):  # AMP's output; a float64 model stays float64
+            emb = emb.float()
         out = self.head(emb, labels, step)
         loss, values = out.loss, {"acc": torch.as_tensor(out.accuracy)}
         if getattr(out, "dropped", None) is not None:  # sub-centre drop: share of the global batch left out

@@ -56,6 +56,11 @@ def check_image(x: torch.Tensor, input_size: int) -> None:
         )
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 (autocast) up to fp32 for the precision-critical tail; fp32/fp64 as is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def init_weights(model: nn.Module) -> None:
     """Kaiming-normal convs/linears (fan_in: correct for depthwise convs too, where
     torch's fan_out would count all output channels), BN to identity, PReLU to 0.25.
@@ -165,7 +170,7 @@ class IResNet(nn.Module):
         # The 25088-wide FC and the final BN run in fp32 even under autocast: in
         # fp16 the long reduction loses precision and the BN statistics can overflow.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.features(self.fc(x.float()))
+            return self.features(self.fc(at_least_fp32(x)))
 
 
 def check_layers(layers: Sequence[int]) -> list[int]:

@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from dpface.models.checkpointing import check_checkpoint, run_blocks
-from dpface.models.iresnet import STAGE_STRIDE, check_embedding_size, check_image, check_input_size, init_weights
+from dpface.models.iresnet import (
+    STAGE_STRIDE,
+    at_least_fp32,
+    check_embedding_size,
+    check_image,
+    check_input_size,
+    init_weights,
+)
 
 # (t, c, n, s) rows of Table 1's bottleneck stages.
 BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
@@ -113,7 +120,7 @@ class MobileFaceNet(nn.Module):
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.linear(self.gdconv(fmap)), 1)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.features(x.float())
+            return self.features(at_least_fp32(x))
 
 
 def mobilefacenet(embedding_size: int, width: float = 1.0, input_size: int = 112,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpface.models.iresnet import init_weights, positive_int
+from dpface.models.iresnet import at_least_fp32, init_weights, positive_int
 
 ACTIVATIONS = ("sigmoid", "softplus")
 # A floor on the score: weights are normalised within a set, so a score that underflows
@@ -72,7 +72,7 @@ class QualityAware(nn.Module):
         if self.detach_features:
             fmap = fmap.detach()
         with torch.autocast(device_type=fmap.device.type, enabled=False):
-            z = self.quality(fmap.float()).squeeze(1)
+            z = self.quality(at_least_fp32(fmap)).squeeze(1)
             if self.activation == "sigmoid":
                 return QUALITY_EPS + (1 - QUALITY_EPS) * torch.sigmoid(z)
             return QUALITY_EPS + F.softplus(z)

@@ -29,6 +29,7 @@ from torch import nn
 
 from dpface.models.iresnet import (
     STAGE_STRIDE,
+    at_least_fp32,
     check_embedding_size,
     check_image,
     check_input_size,
@@ -109,7 +110,7 @@ class RangeNet(nn.Module):
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.dropout(fmap), 1)
         with torch.autocast(device_type=x.device.type, enabled=False):  # fp32, as IResNet
-            return self.features(self.fc(x.float()))
+            return self.features(self.fc(at_least_fp32(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.feature_map(x))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpface.models.checkpointing import check_checkpoint, run_blocks
-from dpface.models.iresnet import check_embedding_size, check_image, positive_int
+from dpface.models.iresnet import at_least_fp32, check_embedding_size, check_image, positive_int
 
 PATCH_SIZE = 9
 BN_EPS = 2e-5  # the recipes' head BNs
@@ -177,7 +177,7 @@ class ViT(nn.Module):
             x = self.mask_token.to(x.dtype).expand(b, n, d).scatter(1, kept, x)
         # The 144·dim-wide projection and the BNs in fp32 even under autocast (as IResNet's FC).
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.feature(x.flatten(1).float())
+            return self.feature(at_least_fp32(x.flatten(1)))
 
 
 def _preset(name: str):
