@@ -49,6 +49,11 @@ def ext_modules():
         sources += [os.path.join(csrc, "cuda_ops.cpp")] + sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
         args["cxx"].append("-DDPFACE_WITH_CUDA")
         args["nvcc"] = ["-O3", "-std=c++17", "-DDPFACE_WITH_CUDA"]
+        # The archs torch's build will compile for (TORCH_CUDA_ARCH_LIST, else the visible
+        # GPUs), recorded so that `dpface kernels` can name them.
+        archs = sorted({f.split("code=")[-1].strip("[]'\"") for f in cpp_extension._get_cuda_arch_flags()
+                        if "code=" in f})
+        args["cxx"].append(f"-DDPFACE_CUDA_ARCHS={'+'.join(archs)}")  # tokens: no shell quoting
         return [cpp_extension.CUDAExtension("dpface._kernels", sources, extra_compile_args=args, **kw)]
     return [cpp_extension.CppExtension("dpface._kernels", sources, extra_compile_args=args, **kw)]
 

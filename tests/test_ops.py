@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,6 +37,19 @@ def test_extension_is_built():
         pytest.skip("DPFACE_ALLOW_NO_KERNELS=1")
     assert ops.available("cpu"), ops.report()
     assert "CPU" in ops.report()
+
+
+@pytest.mark.parametrize("cmd", [["-m", "dpface.ops"], ["-m", "dpface.cli", "kernels"]])
+def test_kernels_report_from_a_fresh_interpreter(cmd):
+    """`dpface kernels` and `python -m dpface.ops` import nothing before asking: the report
+    must load the extension itself (it once said "missing: libc10.so" while training used it)."""
+    if os.environ.get("DPFACE_ALLOW_NO_KERNELS") == "1":
+        pytest.skip("DPFACE_ALLOW_NO_KERNELS=1")
+    out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith("dpface kernels: CPU built (") and "ATen: " in line, line
+    assert "CUDA not built: " in line or "CUDA built for " in line, line
 
 
 def make_case(b, d, c, k, dtype, seed, bias=False, near=True):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch  # first: the extension links against libc10/libtorch, which torch loads
+
 # Imported once, when dpface.ops is first imported: (module or None, why it is missing).
 try:
     from dpface import _kernels as _EXT
@@ -24,17 +26,23 @@ def available(device_type: str = "cpu") -> bool:
 
 
 def report() -> str:
-    """One line: what is built (CPU / CUDA / missing)."""
+    """One line: what is built (CPU / CUDA / missing), for which ISA / archs, and the device."""
     if _EXT is None:
         return (f"dpface kernels: missing (dpface._kernels not importable: {_EXT_ERROR}); every op "
                 "uses the PyTorch reference. Rebuild: pip install --no-build-isolation -e .")
-    parts = ["CPU"] + (["CUDA"] if _EXT.WITH_CUDA else [])
-    import torch
-
-    cuda_note = "" if "CUDA" in parts else (
-        " (CUDA not built: torch has no CUDA)" if not torch.version.cuda
-        else " (CUDA not built: no nvcc at install time)")
-    return f"dpface kernels: {' + '.join(parts)} built{cuda_note}"
+    cpu = f"CPU built ({getattr(_EXT, 'CPU_ISA', '?')}; ATen: {torch.backends.cpu.get_cpu_capability()})"
+    if not _EXT.WITH_CUDA:
+        why = "torch has no CUDA" if not torch.version.cuda else "no nvcc at install time"
+        return f"dpface kernels: {cpu}; CUDA not built: {why}"
+    archs = getattr(_EXT, "CUDA_ARCHS", "?").replace("+", ", ")
+    if not torch.cuda.is_available():
+        return f"dpface kernels: {cpu}; CUDA built for {archs} (no CUDA device visible)"
+    major, minor = torch.cuda.get_device_capability()
+    device = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
+    sm = f"sm_{major}{minor}"
+    runs = any(a.startswith(sm) or a.startswith(f"compute_{major}") for a in archs.split(", "))
+    note = "" if runs else f"; NOT built for {sm}: the kernels cannot run here"
+    return f"dpface kernels: {cpu}; CUDA built for {archs} (device: {device}){note}"
 
 
 def warn_missing(what: str) -> None:

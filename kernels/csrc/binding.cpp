@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "ops.h"
+#include "cpu/simd.h"
 
 namespace dpface {
 namespace {
@@ -226,8 +227,16 @@ PyMODINIT_FUNC PyInit__kernels(void) {
   if (m == nullptr) return nullptr;
 #ifdef DPFACE_WITH_CUDA
   PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#ifndef DPFACE_CUDA_ARCHS
+#define DPFACE_CUDA_ARCHS unknown
+#endif
+#define DPFACE_STR_(x) #x
+#define DPFACE_STR(x) DPFACE_STR_(x)
+  PyModule_AddStringConstant(m, "CUDA_ARCHS", DPFACE_STR(DPFACE_CUDA_ARCHS));  // "sm_80+sm_90"
 #else
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+  PyModule_AddStringConstant(m, "CUDA_ARCHS", "");
 #endif
+  PyModule_AddStringConstant(m, "CPU_ISA", DPFACE_CPU_ISA);
   return m;
 }

@@ -5,6 +5,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DPFACE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#define DPFACE_CPU_ISA "x86-64, row loops also for AVX2"
 #else
 #define DPFACE_SIMD_CLONES
+#define DPFACE_CPU_ISA "portable C++"
 #endif
