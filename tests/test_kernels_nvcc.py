@@ -1,12 +1,14 @@
 """The CUDA kernels compile with nvcc (no GPU and no CUDA torch needed).
 
-Every ``kernels/csrc/cuda/*.cu`` builds for sm_90 without errors or warnings in our own
-sources, and a host program that includes the C interface links against the objects,
-which proves every declared entry point is defined with C linkage. The program is not
-run (there may be no GPU).
+Every ``kernels/csrc/cuda/*.cu`` builds for sm_80 and sm_90 without errors or warnings in
+our own sources, with no register spills and static shared memory within the limit; a
+host program that includes the C interface links against the objects, which proves every
+declared entry point is defined with C linkage. Here nothing runs: tests/test_kernels_emu.py
+executes the same sources on the CPU.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,6 +41,12 @@ C_FUNCTIONS = [
 ]
 
 
+# The architectures the resource check covers: A100 and H100/H200.
+ARCHS = ("sm_80", "sm_90")
+GENCODE = [f for a in ARCHS for f in ("-gencode", f"arch=compute_{a[3:]},code={a}")]
+STATIC_SMEM_LIMIT = 48 * 1024  # bytes of static __shared__ per block without an opt-in
+
+
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -55,7 +63,8 @@ def objects(tmp_path_factory):
     def compile_one(cu: Path):
         if cu not in cache:
             obj = out_dir / (cu.stem + ".o")
-            cmd = [NVCC, "-std=c++17", "-arch=sm_90", "-O2", "-c", "-o", str(obj), str(cu), "-I", str(CSRC)]
+            cmd = [NVCC, "-std=c++17", "-O3", "--resource-usage", *GENCODE, "-c", "-o", str(obj), str(cu),
+                   "-I", str(CSRC)]
             cache[cu] = (_run(cmd, ROOT), obj)
         return cache[cu]
 
@@ -75,6 +84,42 @@ def test_cu_compiles(cu, objects):
     ours = [line for line in proc.stderr.splitlines()
             if "warning" in line.lower() and (str(CSRC) in line or cu.name in line)]
     assert not ours, f"nvcc warnings in {cu.name}:\n{proc.stderr}"
+
+
+def resource_usage(stderr: str) -> list[dict]:
+    """ptxas' --resource-usage report: one dict per (kernel, arch)."""
+    out, cur = [], None
+    for line in stderr.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
+        if m:
+            cur = {"kernel": m.group(1), "arch": m.group(2)}
+            out.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur["spill"] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+            m = re.search(r"(\d+) bytes smem", line)
+            cur["smem"] = int(m.group(1)) if m else 0
+    return out
+
+
+@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
+def test_no_spills_and_shared_memory_within_the_limit(cu, objects):
+    """Every kernel, for sm_80 and sm_90: no register spills, static shared memory within
+    48 KiB, and at most 255 registers (blocks are <= 256 threads: 64 Ki registers/SM)."""
+    proc, _ = objects(cu)
+    assert proc.returncode == 0, proc.stderr
+    usage = resource_usage(proc.stderr)
+    assert {u["arch"] for u in usage} == set(ARCHS), proc.stderr[-2000:]
+    for u in usage:
+        assert u.get("spill") == 0, f"{u['kernel']} ({u['arch']}) spills: {u}"
+        assert u.get("smem", 0) <= STATIC_SMEM_LIMIT, f"{u['kernel']} ({u['arch']}): {u}"
+        assert 0 < u.get("registers", 0) <= 255, u
 
 
 HOST_MAIN = r"""

@@ -15,6 +15,7 @@
 // inside one block over the reduction dimension, and grad_x accumulates column chunks
 // in sequence.
 #include "dpface_cuda.h"
+#include "launch.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -42,9 +43,23 @@ constexpr int LDC = BN + PAD_C;
 
 // Forward: target number of (row block, column block) pairs. A function of the shapes
 // only, so the combine order (and hence the bits) is the same on every device.
-constexpr int kFwdTargetBlocks = 1024;
+// The tests' CPU emulation builds this file with smaller values (tests/cuda_emu.py) so that
+// tiny problems take the paths of large ones; the defaults are the production values.
+#ifndef DPFACE_FWD_TARGET_BLOCKS
+#define DPFACE_FWD_TARGET_BLOCKS 1024
+#endif
+#ifndef DPFACE_BWD_CHUNK_ELEMS
+#define DPFACE_BWD_CHUNK_ELEMS (int64_t(1) << 24)
+#endif
+#ifndef DPFACE_X_TARGET_BLOCKS
+#define DPFACE_X_TARGET_BLOCKS 512
+#endif
+#ifndef DPFACE_X_MIN_SPAN
+#define DPFACE_X_MIN_SPAN 256
+#endif
+constexpr int kFwdTargetBlocks = DPFACE_FWD_TARGET_BLOCKS;
 // Backward: column chunk size bound, in elements of the [B, chunk] / [chunk, D] scratch.
-constexpr int64_t kBwdChunkElems = int64_t(1) << 24;
+constexpr int64_t kBwdChunkElems = DPFACE_BWD_CHUNK_ELEMS;
 constexpr int64_t kBwdMaxChunk = int64_t(1) << 20;
 
 template <bool kWmma> struct Smem;
@@ -485,7 +500,7 @@ int64_t bwd_chunk(int64_t B, int64_t K, int64_t D) {
 
 // Split count of the grad_x GEMM: enough (B tile, D tile, split) blocks to fill a large
 // GPU, each split at least 256 columns deep, and the partials within the chunk budget.
-constexpr int kXTargetBlocks = 512, kXMaxSplits = 16, kXMinSpan = 256;
+constexpr int kXTargetBlocks = DPFACE_X_TARGET_BLOCKS, kXMaxSplits = 16, kXMinSpan = DPFACE_X_MIN_SPAN;
 int x_splits(int64_t B, int64_t D, int64_t kc) {
   const int64_t tiles = ceil_div(B, BM) * ceil_div(D, BN);
   if (tiles <= 0) return 1;
@@ -540,7 +555,8 @@ int fwd_impl(const T* x, const T* w, const int64_t* idx, const int64_t* target, 
   const int normalize = p->normalize != 0;
 
   if (K > 0) {
-    inv_norm_kernel<T><<<unsigned(ceil_div(K, 8)), 256, 0, stream>>>(w, idx, int(K), int(D), normalize, inv_norm);
+    DPFACE_LAUNCH(unsigned(ceil_div(K, 8)), 256, 0, stream, inv_norm_kernel<T>)(w, idx, int(K), int(D), normalize,
+                                                                             inv_norm);
     if (int rc = last_launch()) return rc;
   }
   if (B == 0) return DPFACE_CUDA_OK;
@@ -555,11 +571,11 @@ int fwd_impl(const T* x, const T* w, const int64_t* idx, const int64_t* target, 
     FwdArgs<T> a{x, w, idx, target, bias, inv_norm, int(B), int(K), int(D), int(n_keep), normalize,
                  target_logit, target_score, saved, part, part + stride, part + 2 * stride};
     const dim3 grid(unsigned(ceil_div(B, BM)), unsigned(nb));
-    fwd_tiles_kernel<kWmma, T><<<grid, NT, 0, stream>>>(a, g);
+    DPFACE_LAUNCH(grid, NT, 0, stream, fwd_tiles_kernel<kWmma, T>)(a, g);
     if (int rc = last_launch()) return rc;
   }
-  fwd_combine_kernel<<<unsigned(ceil_div(B, 256)), 256, 0, stream>>>(part, part + stride, part + 2 * stride,
-                                                                     int(B), nb, lse, max_score);
+  DPFACE_LAUNCH(unsigned(ceil_div(B, 256)), 256, 0, stream, fwd_combine_kernel)(
+      part, part + stride, part + 2 * stride, int(B), nb, lse, max_score);
   return last_launch();
 }
 
@@ -597,49 +613,52 @@ int bwd_impl(const float* grad_lse, const float* grad_target, const float* lse, 
     const BwdArgs<T> a{grad_lse, grad_target, lse, x, w, idx, target, bias, inv_norm, saved,
                        int(B), int(K), int(D), int(n_keep), normalize};
     if (n_keep > 0) {
-      target_score_kernel<kWmma, T><<<unsigned(ceil_div(B, 8)), 256, 0, stream>>>(a, tscore);
+      DPFACE_LAUNCH(unsigned(ceil_div(B, 8)), 256, 0, stream, target_score_kernel<kWmma, T>)(a, tscore);
       if (int rc = last_launch()) return rc;
     }
     const int ld_da = int(kc_max);
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int kc = int(K - k0 < kc_max ? K - k0 : kc_max);
-      bwd_da_kernel<kWmma, T><<<dim3(unsigned(ceil_div(kc, BN)), unsigned(ceil_div(B, BM))), NT, 0, stream>>>(
-          a, g, int(k0), tscore, da, ld_da);
+      const dim3 da_grid(unsigned(ceil_div(kc, BN)), unsigned(ceil_div(B, BM)));
+      DPFACE_LAUNCH(da_grid, NT, 0, stream, bwd_da_kernel<kWmma, T>)(a, g, int(k0), tscore, da, ld_da);
       if (int rc = last_launch()) return rc;
       if (D == 0) {  // only the bias gradient is non-empty
         if (grad_bias) {
-          bwd_bias_kernel<<<unsigned(ceil_div(kc, 256)), 256, 0, stream>>>(da, ld_da, kc, int(k0), int(B), grad_bias);
+          DPFACE_LAUNCH(unsigned(ceil_div(kc, 256)), 256, 0, stream, bwd_bias_kernel)(da, ld_da, kc, int(k0), int(B),
+                                                                                      grad_bias);
           if (int rc = last_launch()) return rc;
         }
         continue;
       }
       float* M = io_bf16 ? reinterpret_cast<float*>(ws + L.mbuf) : reinterpret_cast<float*>(grad_rows) + k0 * D;
-      bwd_rows_gemm_kernel<kWmma, T><<<dim3(unsigned(ceil_div(kc, BM)), unsigned(ceil_div(D, BN))), NT, 0, stream>>>(
-          da, ld_da, kc, x, int(B), int(D), M);
+      const dim3 rows_grid(unsigned(ceil_div(kc, BM)), unsigned(ceil_div(D, BN)));
+      DPFACE_LAUNCH(rows_grid, NT, 0, stream, bwd_rows_gemm_kernel<kWmma, T>)(da, ld_da, kc, x, int(B), int(D), M);
       if (int rc = last_launch()) return rc;
-      bwd_project_kernel<T><<<unsigned(ceil_div(kc, 8)), 256, 0, stream>>>(M, w, idx, inv_norm, int(k0), kc, int(D),
-                                                                          normalize, grad_rows);
+      DPFACE_LAUNCH(unsigned(ceil_div(kc, 8)), 256, 0, stream, bwd_project_kernel<T>)(
+          M, w, idx, inv_norm, int(k0), kc, int(D), normalize, grad_rows);
       if (int rc = last_launch()) return rc;
       if (grad_bias) {
-        bwd_bias_kernel<<<unsigned(ceil_div(kc, 256)), 256, 0, stream>>>(da, ld_da, kc, int(k0), int(B), grad_bias);
+        DPFACE_LAUNCH(unsigned(ceil_div(kc, 256)), 256, 0, stream, bwd_bias_kernel)(da, ld_da, kc, int(k0), int(B),
+                                                                                    grad_bias);
         if (int rc = last_launch()) return rc;
       }
       // Splits past the chunk's end (a short last chunk) would be empty: drop them.
       const int span = x_span(kc_max, L.splits);
       const int splits = int(ceil_div(kc, span));
       float* xpart = reinterpret_cast<float*>(ws + L.xpart);
-      bwd_x_gemm_kernel<kWmma, T>
-          <<<dim3(unsigned(ceil_div(B, BM)), unsigned(ceil_div(D, BN)), unsigned(splits)), NT, 0, stream>>>(
-              da, ld_da, kc, int(k0), w, idx, int(B), int(D), span, gx, xpart);
+      const dim3 x_grid(unsigned(ceil_div(B, BM)), unsigned(ceil_div(D, BN)), unsigned(splits));
+      DPFACE_LAUNCH(x_grid, NT, 0, stream, bwd_x_gemm_kernel<kWmma, T>)(da, ld_da, kc, int(k0), w, idx, int(B), int(D),
+                                                                        span, gx, xpart);
       if (int rc = last_launch()) return rc;
       if (splits > 1) {
-        bwd_x_reduce_kernel<<<unsigned(ceil_div(B * D, 256)), 256, 0, stream>>>(xpart, splits, B * D, gx);
+        DPFACE_LAUNCH(unsigned(ceil_div(B * D, 256)), 256, 0, stream, bwd_x_reduce_kernel)(xpart, splits, B * D, gx);
         if (int rc = last_launch()) return rc;
       }
     }
   }
   if (io_bf16 && B * D > 0) {
-    to_bf16_kernel<<<unsigned(ceil_div(B * D, 256)), 256, 0, stream>>>(gx, reinterpret_cast<bf16_t*>(grad_x), B * D);
+    DPFACE_LAUNCH(unsigned(ceil_div(B * D, 256)), 256, 0, stream, to_bf16_kernel)(
+        gx, reinterpret_cast<bf16_t*>(grad_x), B * D);
     if (int rc = last_launch()) return rc;
   }
   return DPFACE_CUDA_OK;

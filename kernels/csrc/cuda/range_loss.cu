@@ -15,10 +15,12 @@
 //      applies each selected pair's gradient in sequence (each thread owns columns d).
 // No atomics anywhere, so results are bitwise reproducible.
 #include "dpface_cuda.h"
+#include "launch.h"
 
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cmath>
 #include <cstdint>
 
 namespace {
@@ -318,15 +320,15 @@ int common(const T* x, const int64_t* labels, int64_t N, int64_t D, const Layout
   // id_count (zeros past num_ids) and num_ids start at 0.
   if (int rc = cuda_code(cudaMemsetAsync(G.id_count, 0, sizeof(int) * (size_t(N) + 1), stream))) return rc;
   const unsigned nb = unsigned((N + kThreads - 1) / kThreads);
-  group_pos_kernel<<<nb, kThreads, 0, stream>>>(labels, int(N), G);
+  DPFACE_LAUNCH(nb, kThreads, 0, stream, group_pos_kernel)(labels, int(N), G);
   if (int rc = last_launch()) return rc;
-  group_rank_kernel<<<nb, kThreads, 0, stream>>>(labels, int(N), G);
+  DPFACE_LAUNCH(nb, kThreads, 0, stream, group_rank_kernel)(labels, int(N), G);
   if (int rc = last_launch()) return rc;
   T* centres = reinterpret_cast<T*>(ws + l.centres);
-  centres_kernel<T><<<unsigned(N), 128, 0, stream>>>(x, int(D), G, centres);
+  DPFACE_LAUNCH(unsigned(N), 128, 0, stream, centres_kernel<T>)(x, int(D), G, centres);
   if (int rc = last_launch()) return rc;
-  min_pair_kernel<T><<<kMinBlocks, kThreads, 0, stream>>>(centres, int(D), G, reinterpret_cast<T*>(ws + l.part_v),
-                                                           reinterpret_cast<int64_t*>(ws + l.part_key));
+  DPFACE_LAUNCH(kMinBlocks, kThreads, 0, stream, min_pair_kernel<T>)(
+      centres, int(D), G, reinterpret_cast<T*>(ws + l.part_v), reinterpret_cast<int64_t*>(ws + l.part_key));
   return last_launch();
 }
 
@@ -344,12 +346,13 @@ int fwd_impl(const T* x, const int64_t* labels, int64_t N, int64_t D, int64_t k,
   if (int rc = common(x, labels, N, D, l, ws, stream)) return rc;
   const Groups G = groups_at(ws, l, N);
   T* intra_part = reinterpret_cast<T*>(ws + l.intra_part);
-  intra_fwd_kernel<T><<<unsigned(N), kThreads, 0, stream>>>(x, int(D), k, l.kcap, G,
-                                                            reinterpret_cast<int64_t*>(ws + l.sel_key),
-                                                            reinterpret_cast<T*>(ws + l.sel_v), intra_part);
+  DPFACE_LAUNCH(unsigned(N), kThreads, 0, stream, intra_fwd_kernel<T>)(
+      x, int(D), k, l.kcap, G, reinterpret_cast<int64_t*>(ws + l.sel_key), reinterpret_cast<T*>(ws + l.sel_v),
+      intra_part);
   if (int rc = last_launch()) return rc;
-  finish_kernel<T><<<1, 1, 0, stream>>>(reinterpret_cast<T*>(ws + l.part_v), reinterpret_cast<int64_t*>(ws + l.part_key),
-                                        kMinBlocks, G, T(margin), intra_part, intra, inter, nullptr);
+  DPFACE_LAUNCH(1, 1, 0, stream, finish_kernel<T>)(reinterpret_cast<T*>(ws + l.part_v),
+                                                   reinterpret_cast<int64_t*>(ws + l.part_key), kMinBlocks, G,
+                                                   T(margin), intra_part, intra, inter, nullptr);
   return last_launch();
 }
 
@@ -365,10 +368,11 @@ int bwd_impl(const T* grad_intra, const T* grad_inter, const T* x, const int64_t
   if (int rc = common(x, labels, N, D, l, ws, stream)) return rc;
   const Groups G = groups_at(ws, l, N);
   InterInfo<T>* info = reinterpret_cast<InterInfo<T>*>(ws + l.info);
-  finish_kernel<T><<<1, 1, 0, stream>>>(reinterpret_cast<T*>(ws + l.part_v), reinterpret_cast<int64_t*>(ws + l.part_key),
-                                        kMinBlocks, G, T(margin), nullptr, nullptr, nullptr, info);
+  DPFACE_LAUNCH(1, 1, 0, stream, finish_kernel<T>)(reinterpret_cast<T*>(ws + l.part_v),
+                                                   reinterpret_cast<int64_t*>(ws + l.part_key), kMinBlocks, G,
+                                                   T(margin), nullptr, nullptr, nullptr, info);
   if (int rc = last_launch()) return rc;
-  range_bwd_kernel<T><<<unsigned(N), kThreads, 0, stream>>>(
+  DPFACE_LAUNCH(unsigned(N), kThreads, 0, stream, range_bwd_kernel<T>)(
       grad_intra, x, reinterpret_cast<T*>(ws + l.centres), int(D), k, l.kcap, G, info, grad_inter,
       reinterpret_cast<int64_t*>(ws + l.sel_key), reinterpret_cast<T*>(ws + l.sel_v), grad_x);
   return last_launch();
