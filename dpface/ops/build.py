@@ -30,7 +30,8 @@ def report() -> str:
     if _EXT is None:
         return (f"dpface kernels: missing (dpface._kernels not importable: {_EXT_ERROR}); every op "
                 "uses the PyTorch reference. Rebuild: pip install --no-build-isolation -e .")
-    cpu = f"CPU built ({getattr(_EXT, 'CPU_ISA', '?')}; ATen: {torch.backends.cpu.get_cpu_capability()})"
+    bf16 = "bf16 GEMMs" if getattr(_EXT, "CPU_BF16", 0) else "bf16 rounding on fp32 GEMMs"
+    cpu = f"CPU built ({getattr(_EXT, 'CPU_ISA', '?')}; ATen: {torch.backends.cpu.get_cpu_capability()}; {bf16})"
     if not _EXT.WITH_CUDA:
         why = "torch has no CUDA" if not torch.version.cuda else "no nvcc at install time"
         return f"dpface kernels: {cpu}; CUDA not built: {why}"

@@ -238,5 +238,6 @@ PyMODINIT_FUNC PyInit__kernels(void) {
   PyModule_AddStringConstant(m, "CUDA_ARCHS", "");
 #endif
   PyModule_AddStringConstant(m, "CPU_ISA", DPFACE_CPU_ISA);
+  PyModule_AddIntConstant(m, "CPU_BF16", dpface::cpu_has_bf16() ? 1 : 0);
   return m;
 }

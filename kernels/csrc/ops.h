@@ -37,6 +37,10 @@ DPFACE_DECLARE_OPS(cuda)
 void sgd_rows_cpu(at::Tensor& param, at::Tensor& buf, const at::Tensor& idx,
                   const at::Tensor& grad, double lr, double momentum, double weight_decay);
 
+// Whether the CPU multiplies bf16 natively (AVX512-BF16 / AMX-BF16): the CPU op's bf16
+// path then runs bf16 GEMMs (cpu/margin_softmax.cpp).
+bool cpu_has_bf16();
+
 // Argument checks shared by every backend (binding.cpp): each names the argument.
 void check_margin_inputs(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& idx,
                          const at::Tensor& target, const std::optional<at::Tensor>& bias, double s,

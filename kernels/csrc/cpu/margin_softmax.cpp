@@ -1,5 +1,7 @@
 // Fused margin softmax on the CPU: ATen GEMMs on column tiles of the shard, fused
-// element-wise loops over rows, never the [B, K] logits (contract: kernels/OPS.md).
+// element-wise loops over rows, never the [B, K] logits (contract: kernels/OPS.md). With
+// bf16, where the CPU multiplies bf16 natively, the GEMMs run in bf16 (oneDNN; outputs
+// rounded to bf16) and the target's score is recomputed exactly from the same operands.
 //
 // A tile is TILE_ELEMS / B columns wide, so its [B, n] scores stay in the L2/L3 cache
 // between the GEMM that writes them and the loops that read them; ATen's exp (vectorised,
@@ -9,13 +11,34 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
 
 #include "../margin_math.h"
 #include "../ops.h"
 #include "simd.h"
 
 namespace dpface {
+
+// Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16). There the bf16
+// path runs oneDNN's bf16 GEMMs (2.7x the fp32 rate on AMD Zen 5); elsewhere a bf16 GEMM is no
+// faster than the fp32 one on operands rounded to bf16. DPFACE_CPU_BF16_GEMM=1 / 0 forces
+// either (tests run both paths on any CPU).
+bool cpu_has_bf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const bool avx512_bf16 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
+  const bool amx_bf16 = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1u);
+  return avx512_bf16 || amx_bf16;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 constexpr int64_t TILE_ELEMS = 1 << 18;  // 1 MiB of fp32 scores per tile
@@ -25,10 +48,17 @@ int64_t tile_width(int64_t B) {
   return std::clamp<int64_t>(TILE_ELEMS / std::max<int64_t>(B, 1), MIN_TILE, MAX_TILE);
 }
 
+bool use_bf16_gemm() {
+  static const bool native = cpu_has_bf16();
+  const char* force = std::getenv("DPFACE_CPU_BF16_GEMM");
+  if (force != nullptr && (force[0] == '0' || force[0] == '1') && force[1] == '\0') return force[0] == '1';
+  return native;
+}
+
 // What every tile needs: the gathered rows (accumulation dtype), their inverse norms and
-// the GEMM operand (the rows rounded to bf16 when asked).
+// the GEMM operand (the rows rounded to bf16 when asked; with bf16 GEMMs also as bf16).
 struct Tile {
-  at::Tensor rows, gemm_rows, inv;
+  at::Tensor rows, gemm_rows, inv, gemm_rows_b;
 };
 
 struct Ctx {
@@ -37,6 +67,7 @@ struct Ctx {
   at::ScalarType acc;
   bool bf16, normalize;
   at::Tensor gather_buf;
+  bool native = false;  // bf16 GEMMs (bf16 products, fp32 sums, outputs rounded to bf16)
 
   at::Tensor round(const at::Tensor& t) const {
     return bf16 ? t.to(at::kBFloat16).to(acc) : t;
@@ -55,8 +86,21 @@ struct Ctx {
     t.rows = raw.scalar_type() == acc ? raw : raw.to(acc);
     if (normalize && with_norms)
       t.inv = at::linalg_vector_norm(t.rows, 2, {1}).clamp_min_(1e-12).reciprocal_();
-    t.gemm_rows = round(t.rows);
+    if (native) t.gemm_rows_b = t.rows.to(at::kBFloat16);  // (gemm_rows not needed)
+    else t.gemm_rows = round(t.rows);
     return t;
+  }
+
+  // a = x . rows^T for the tile: fp32 (or f64) GEMM, or bf16 GEMM through a bf16 buffer.
+  void scores(at::Tensor& a, const at::Tensor& xg, const at::Tensor& xb, const Tile& t,
+              at::Tensor& bbuf) const {
+    if (!native) {
+      at::mm_out(a, xg, t.gemm_rows.t());
+      return;
+    }
+    at::Tensor ab = bbuf.narrow(0, 0, a.numel()).view(a.sizes());
+    at::mm_out(ab, xb, t.gemm_rows_b.t());
+    a.copy_(ab);
   }
 };
 
@@ -165,19 +209,31 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// x . row of the GEMM's bf16 operands: products exact in fp32, fp32 sums.
+template <typename T>
+DPFACE_SIMD_CLONES T dot_bf16(const T* x, const at::BFloat16* r, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += x[k] * static_cast<T>(static_cast<float>(r[k]));
+  return s;
+}
+
+// exact_x / exact_rows (bf16 GEMMs, whose outputs are rounded to bf16): the target's
+// dot product is recomputed from the same bf16 operands with fp32 sums, as the GPU does.
 template <typename T>
 void forward_tile(const Margin<T>& g, bool normalize, int64_t B, int64_t n, int64_t t0,
                   T* a, const T* inv, const T* bias, const int64_t* target, T* run_max,
                   T* run_sum, T* tlogit, T* tscore, T* mscore, T* saved, int64_t n_keep,
-                  at::Tensor& tile_buf) {
+                  at::Tensor& tile_buf, const T* exact_x, const at::BFloat16* exact_rows, int64_t D) {
   const int64_t keep = std::clamp<int64_t>(n_keep - t0, 0, n);
   // Pass 1: scores -> logits in place, per-row statistics, margin on the target.
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       T* row = a + i * n;
-      mscore[i] = std::max(mscore[i], fold_cols_max(row, normalize ? inv : nullptr, bias, n));
       const int64_t tj = target[i] - t0;
       const bool has = tj >= 0 && tj < n;
+      if (has && exact_rows != nullptr) row[tj] = dot_bf16(exact_x + i * D, exact_rows + tj * D, D);
+      mscore[i] = std::max(mscore[i], fold_cols_max(row, normalize ? inv : nullptr, bias, n));
       const T ts = has ? row[tj] : T(0);
       T zmax = scale_max(row, g.s, n);
       if (has) {
@@ -228,9 +284,13 @@ Tensors6 margin_softmax_fwd_cpu(const at::Tensor& x, const at::Tensor& w,
   const int64_t T = tile_width(B);
   at::Tensor xg = x.to(acc);
   if (round_bf16) xg = xg.to(at::kBFloat16).to(acc);
-  at::Tensor buf = at::empty({B * std::min(T, std::max<int64_t>(K, 1))}, opts);
+  const int64_t buf_elems = B * std::min(T, std::max<int64_t>(K, 1));
+  at::Tensor buf = at::empty({buf_elems}, opts);
   Ctx ctx{w, idx, acc, round_bf16, normalize,
           idx.has_value() ? at::empty({std::min(T, K), D}, w.options()) : at::Tensor()};
+  ctx.native = round_bf16 && acc == at::kFloat && use_bf16_gemm();
+  at::Tensor xb = ctx.native ? x.to(at::kBFloat16) : at::Tensor();
+  at::Tensor bbuf = ctx.native ? at::empty({buf_elems}, x.options().dtype(at::kBFloat16)) : at::Tensor();
   at::Tensor bias_acc;
   if (bias.has_value()) {
     bias_acc = idx.has_value() ? bias->index_select(0, *idx).to(acc) : bias->to(acc);
@@ -244,7 +304,7 @@ Tensors6 margin_softmax_fwd_cpu(const at::Tensor& x, const at::Tensor& w,
       const int64_t n = std::min(T, K - t0);
       Tile tile = ctx.load(t0, n);
       at::Tensor a = buf.narrow(0, 0, B * n).view({B, n});
-      at::mm_out(a, xg, tile.gemm_rows.t());
+      ctx.scores(a, xg, xb, tile, bbuf);
       if (normalize) inv_norm.narrow(0, t0, n).copy_(tile.inv);
       forward_tile<scalar_t>(
           g, normalize, B, n, t0, a.data_ptr<scalar_t>(),
@@ -252,7 +312,9 @@ Tensors6 margin_softmax_fwd_cpu(const at::Tensor& x, const at::Tensor& w,
           bias_acc.defined() ? bias_acc.data_ptr<scalar_t>() + t0 : nullptr, tgt,
           run_max.data_ptr<scalar_t>(), run_sum.data_ptr<scalar_t>(),
           tlogit.data_ptr<scalar_t>(), tscore.data_ptr<scalar_t>(),
-          mscore.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(), n_keep, a);
+          mscore.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(), n_keep, a,
+          ctx.native ? xg.data_ptr<scalar_t>() : nullptr,
+          ctx.native ? tile.gemm_rows_b.data_ptr<at::BFloat16>() : nullptr, D);
     }
   });
   at::Tensor lse = run_max + run_sum.log();
@@ -280,9 +342,13 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
   if (bias.has_value())
     bias_acc = idx.has_value() ? bias->index_select(0, *idx).to(acc) : bias->to(acc);
   const int64_t T = tile_width(B);
-  at::Tensor buf = at::empty({B * std::min(T, std::max<int64_t>(K, 1))}, opts);
+  const int64_t buf_elems = B * std::min(T, std::max<int64_t>(K, 1));
+  at::Tensor buf = at::empty({buf_elems}, opts);
   Ctx ctx{w, idx, acc, round_bf16, normalize,
           idx.has_value() ? at::empty({std::min(T, K), D}, w.options()) : at::Tensor()};
+  ctx.native = round_bf16 && acc == at::kFloat && use_bf16_gemm();
+  at::Tensor xb = ctx.native ? x.to(at::kBFloat16) : at::Tensor();
+  at::Tensor bbuf = ctx.native ? at::empty({buf_elems}, x.options().dtype(at::kBFloat16)) : at::Tensor();
   at::Tensor g_lse = grad_lse.to(acc).contiguous(), g_t = grad_target.to(acc).contiguous();
   at::Tensor lse_c = lse.to(acc).contiguous();
   const int64_t* tgt = target.data_ptr<int64_t>();
@@ -305,10 +371,11 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
       const scalar_t* bp = bias_acc.defined() ? bias_acc.data_ptr<scalar_t>() + t0 : nullptr;
       at::Tensor e = buf.narrow(0, 0, B * n).view({B, n});
       const bool from_saved = t0 < n_keep;
-      if (!from_saved) at::mm_out(e, xg, tile.gemm_rows.t());
+      if (!from_saved) ctx.scores(e, xg, xb, tile, bbuf);
       scalar_t* ep = e.data_ptr<scalar_t>();
       const scalar_t* sv = saved.data_ptr<scalar_t>();
-      const scalar_t* rp = tile.gemm_rows.data_ptr<scalar_t>();
+      const scalar_t* rp = ctx.native ? nullptr : tile.gemm_rows.data_ptr<scalar_t>();
+      const at::BFloat16* rb = ctx.native ? tile.gemm_rows_b.data_ptr<at::BFloat16>() : nullptr;
       // z - lse, with the target's score kept aside in tsp for dpsi (recomputed as one
       // dot product from the same operands as the GEMM; read only where written).
       at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
@@ -316,7 +383,7 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
           scalar_t* row = ep + i * n;
           const int64_t tj = tgt[i] - t0;
           if (tj >= 0 && tj < n) {
-            const scalar_t d = dot(xp + i * D, rp + tj * D, D);
+            const scalar_t d = rb ? dot_bf16(xp + i * D, rb + tj * D, D) : dot(xp + i * D, rp + tj * D, D);
             tsp[i] = normalize ? d * inv[tj] : d + (bp ? bp[tj] : scalar_t(0));
           }
           if (from_saved) {
@@ -344,10 +411,17 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
         }
       });
       if (bias.has_value()) grad_bias.narrow(0, t0, n).copy_(e.sum(0));
-      at::Tensor eg = ctx.round(e);
-      grad_x.addmm_(eg, tile.gemm_rows);
       at::Tensor gr = grad_rows.narrow(0, t0, n);
-      at::mm_out(gr, eg.t(), xg);
+      if (ctx.native) {  // bf16 GEMMs: each tile's products rounded to bf16, summed in fp32
+        at::Tensor eb = bbuf.narrow(0, 0, B * n).view({B, n});
+        eb.copy_(e);
+        grad_x.add_(at::mm(eb, tile.gemm_rows_b));
+        gr.copy_(at::mm(eb.t(), xb));
+      } else {
+        at::Tensor eg = ctx.round(e);
+        grad_x.addmm_(eg, tile.gemm_rows);
+        at::mm_out(gr, eg.t(), xg);
+      }
       if (normalize) {
         // Tangential part: grad_j = M_j - (w_j . M_j) inv_j^2 w_j.
         const scalar_t* wr = tile.rows.data_ptr<scalar_t>();
