@@ -380,6 +380,75 @@ def margin_call(dev: Device, x, w, idx, target, bias, p, keep, mode, g_lse, g_t)
     return res
 
 
+def chunked_call(dev: Device, x, w, idx, target, bias, p, keep, mode, g_lse, g_t, width):
+    """head.kernel=chunked as dpface/ops/chunked.py runs it on a GPU: the GEMMs in float32
+    (numpy standing in for cuBLAS; bf16: on bf16-rounded operands, fp32 accumulation), the
+    epilogues in the emulated kernels of chunk_epilogue.cu."""
+    L = dev.lib
+    B = x.shape[0]
+    rows_all = (w if idx is None else w[idx]).astype(np.float32)
+    K = rows_all.shape[0]
+    n_keep = min(K, keep)
+    rnd = mode != "f32"
+    prm = Params(p["s"], p["m1"], p["m2"], p["m3"], int(p["easy_margin"]), int(p["normalize"]), 0)
+
+    def op(a):
+        return round_bf16(a).astype(np.float32) if rnd else a.astype(np.float32)
+
+    xg = op(x)
+    inv = (1.0 / np.maximum(np.linalg.norm(rows_all.astype(np.float64), axis=1), 1e-12)).astype(np.float32)
+    b_all = None if bias is None else (bias if idx is None else bias[idx]).astype(np.float32)
+    dt = dev.put(target.astype(np.int64))
+    stats = {k: dev.put(np.full(B, v, np.float32)) for k, v in
+             dict(run_max=-np.inf, run_sum=0.0, max_score=-np.inf, target_logit=0.0, target_score=0.0).items()}
+    saved = dev.empty((B, n_keep), np.float32)
+    for c0 in range(0, K, width):
+        c1 = min(c0 + width, K)
+        scores = (xg @ op(rows_all[c0:c1]).T).astype(np.float32)
+        dev.check(L.dpface_chunk_fwd_epilogue(
+            ptr(dev.put(scores)), i64(B), i64(c1 - c0), i64(c0), ptr(dev.put(inv[c0:c1]) if p["normalize"] else 0),
+            ptr(dev.put(None if b_all is None else b_all[c0:c1])), ptr(dt), ctypes.byref(prm), ptr(saved),
+            i64(n_keep), *(ptr(stats[k]) for k in ("run_max", "run_sum", "max_score", "target_logit",
+                                                   "target_score")), None), "chunk forward epilogue")
+    got = {k: Device.get((v, (B,), np.dtype(np.float32))) for k, v in stats.items()}
+    got["lse"] = (got["run_max"] + np.log(got["run_sum"])) if K else got["run_max"]
+    got["saved"] = Device.get(saved)
+    got["inv_norm"] = inv if p["normalize"] else np.ones(K, np.float32)
+    d_lse, d_ts = dev.put(got["lse"].astype(np.float32)), dev.put(got["target_score"])
+    d_gl, d_gt = dev.put(g_lse.astype(np.float32)), dev.put(g_t.astype(np.float32))
+    gx = np.zeros(x.shape, np.float32)
+    grows = np.zeros(rows_all.shape, np.float32)
+    gb = np.zeros(K, np.float32)
+    saved_host = got["saved"]
+    for lo, hi in ((0, n_keep), (n_keep, K)):
+        for c0 in range(lo, hi, width):
+            c1 = min(c0 + width, hi)
+            n = c1 - c0
+            from_saved = c0 < n_keep
+            src = np.ascontiguousarray(saved_host[:, c0:c1]) if from_saved else \
+                (xg @ op(rows_all[c0:c1]).T).astype(np.float32)
+            da = dev.empty((B, n), np.float32)
+            dev.check(L.dpface_chunk_bwd_epilogue(
+                ptr(dev.put(src)), i64(n), ctypes.c_int(int(from_saved)), i64(B), i64(n), i64(c0),
+                ptr(dev.put(inv[c0:c1]) if p["normalize"] else 0),
+                ptr(dev.put(None if b_all is None else b_all[c0:c1])), ptr(dt), ptr(d_ts), ptr(d_lse),
+                ptr(d_gl), ptr(d_gt), ctypes.byref(prm), ptr(da), None), "chunk backward epilogue")
+            da = Device.get(da)
+            gb[c0:c1] = da.sum(0)
+            dag = op(da)
+            gx += dag @ op(rows_all[c0:c1])
+            M = (dag.T @ xg).astype(np.float32)
+            if p["normalize"]:
+                r = rows_all[c0:c1]
+                M -= ((r * M).sum(1) * inv[c0:c1] ** 2)[:, None] * r
+            grows[c0:c1] = M
+    got.update(grad_x=gx, grad_rows=grows)
+    if bias is not None:
+        got["grad_bias"] = gb
+    dev.free()
+    return {k: v for k, v in got.items() if k not in ("run_max", "run_sum")}
+
+
 def range_call(dev: Device, x, labels, k, margin, g_intra, g_inter, f64: bool):
     L = dev.lib
     N, D = x.shape
@@ -483,6 +552,15 @@ CASES = {
     "k_zero_f32": margin_case(10, 0, 16),
     "all_targets_elsewhere_f32": margin_case(12, 30, 16, minus_one=1.0),
     "d_tiny_f32": margin_case(9, 11, 3),
+    # the chunked path's epilogues (library GEMMs emulated by numpy), chunks of 64 columns
+    "chunked_arcface": margin_case(70, 150, 40, chunked=64, keep=100),
+    "chunked_arcface_obtuse_bf16": margin_case(40, 90, 20, obtuse=True, mode="f32_bf16", chunked=32),
+    "chunked_softmax_bias": margin_case(33, 97, 24, margin="softmax", bias=True, chunked=40, keep=20),
+    "chunked_combined_sampled": margin_case(48, 120, 40, margin="combined", sampled=True, C=300, chunked=50),
+    "chunked_multiplicative_easy": margin_case(30, 70, 20, margin="multiplicative", obtuse=True, chunked=16,
+                                               keep=70),
+    "chunked_arcface_easy": margin_case(40, 90, 20, margin="arcface_easy", obtuse=True, chunked=64),
+    "chunked_k_zero": margin_case(10, 0, 16, chunked=64),
     # range loss
     "range_f32": ("range", dict(N=24, D=6, ids=5, k=2, margin=2.0, f64=False)),
     "range_f64": ("range", dict(N=24, D=6, ids=5, k=2, margin=2.0, f64=True)),
@@ -520,7 +598,10 @@ def run_margin(dev, spec, *, seed=0):
     mode = spec["mode"]
     if mode == "bf16":  # bf16 inputs: the reference sees the rounded tensors
         x, w = round_bf16(x), round_bf16(w)
-    got = margin_call(dev, x, w, idx, target, bias, p, spec["keep"], mode, g_lse, g_t)
+    if spec.get("chunked"):
+        got = chunked_call(dev, x, w, idx, target, bias, p, spec["keep"], mode, g_lse, g_t, spec["chunked"])
+    else:
+        got = margin_call(dev, x, w, idx, target, bias, p, spec["keep"], mode, g_lse, g_t)
     ref = margin_ref(x, w, idx, target, bias, p, min(spec["keep"], spec["K"]), mode != "f32")
     grads = margin_grad_ref(ref, g_lse, g_t, p, mode != "f32")
     errs: list[str] = []

@@ -1,6 +1,6 @@
-"""The heads through the fused op against the PyTorch reference path: 2 gloo ranks (dense and
-sampled updates, every loss the op expresses, Knot-Magnify's weight), FullFC, the kernel
-choice, and the Trainer's loss curve."""
+"""The heads through the fused op and the chunked path against the PyTorch reference: 2 gloo
+ranks (dense and sampled updates, every loss the op expresses, Knot-Magnify's weight), FullFC,
+the kernel choice, and the Trainer's loss curve."""
 from __future__ import annotations
 
 import json
@@ -62,7 +62,7 @@ def both_kernels(rank, world):
     res = {}
     for i, (name, spec) in enumerate(LOSSES.items()):
         for rate, update in RUNS:
-            for kernel in ("fused", "reference"):
+            for kernel in ("fused", "chunked", "reference"):
                 res[(name, rate, update, kernel)] = head_step(rank, world, spec, kernel, rate,
                                                               update, seed=10 * i)
     return res
@@ -74,11 +74,12 @@ def world2(tmp_path_factory):
 
 
 @pytest.mark.multiproc
+@pytest.mark.parametrize("kernel", ["fused", "chunked"])
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_two_rank_fused_equals_reference(world2, name):
+def test_two_rank_fused_equals_reference(world2, name, kernel):
     for rank_res in world2:
         for rate, update in RUNS:
-            (steps_f, state_f) = rank_res[(name, rate, update, "fused")]
+            (steps_f, state_f) = rank_res[(name, rate, update, kernel)]
             (steps_r, state_r) = rank_res[(name, rate, update, "reference")]
             for a, b in zip(steps_f, steps_r):
                 assert a["n"] == b["n"]
@@ -88,8 +89,8 @@ def test_two_rank_fused_equals_reference(world2, name):
             for key in state_r:  # rows after two optimizer steps: the gradients agreed
                 torch.testing.assert_close(state_f[key], state_r[key], rtol=1e-9, atol=1e-10,
                                            msg=f"{name} r={rate} {update}: {key}")
-    assert world2[0][(name, 1.0, "dense", "fused")][0][0]["loss"] == \
-        world2[1][(name, 1.0, "dense", "fused")][0][0]["loss"]
+    assert world2[0][(name, 1.0, "dense", kernel)][0][0]["loss"] == \
+        world2[1][(name, 1.0, "dense", kernel)][0][0]["loss"]
 
 
 @pytest.mark.parametrize("spec", [LOSSES["arcface"], LOSSES["softmax_bias"], LOSSES["km_arcface"]])
@@ -110,13 +111,16 @@ def test_kernel_choice_and_its_errors():
     head = PartialFC(D, C, build_loss({"name": "sphereface", "m": 4}), world_size=1, rank=0)
     fused, why = head.kernel_choice("cpu")
     assert not fused and "SphereFace is not expressible by the fused op" in why
-    for kw, key in (({"kernel": "fused"}, "head.kernel=fused"),
-                    ({"precision": "bf16"}, "head.precision=bf16")):
+    for kw, key, op in (({"kernel": "fused"}, "head.kernel=fused", "fused"),
+                        ({"kernel": "chunked"}, "head.kernel=chunked", "chunked"),
+                        ({"precision": "bf16"}, "head.precision=bf16", "fused")):
         head = PartialFC(D, C, build_loss({"name": "sphereface", "m": 4}), world_size=1, rank=0, **kw)
-        with pytest.raises(ValueError, match=f"{key} needs the fused op, but SphereFace"):
+        with pytest.raises(ValueError, match=f"{key} needs the {op} op, but SphereFace"):
             head.kernel_choice("cpu")
     head = PartialFC(D, C, build_loss(LOSSES["arcface"]), world_size=1, rank=0)
-    assert head.kernel_choice("cpu") == (True, "fused margin-softmax op (cpu, fp32)")
+    assert head.kernel_choice("cpu") == ("fused", "fused margin-softmax op (cpu, fp32)")
+    head = PartialFC(D, C, build_loss(LOSSES["arcface"]), world_size=1, rank=0, kernel="chunked")
+    assert head.kernel_choice("cpu") == ("chunked", "chunked margin softmax (library GEMMs) (cpu, fp32)")
     head = PartialFC(D, C, build_loss({"name": "adacos", "dynamic": True}), world_size=1, rank=0)
     assert not head.kernel_choice("cpu")[0]
 

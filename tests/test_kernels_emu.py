@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None or not cuda_emu.cuda
                                 reason="needs g++ and the CUDA toolkit's headers (cuda_runtime.h, cuda_bf16.h)")
 
 MARGIN_CU = cuda_emu.CSRC / "cuda" / "margin_softmax.cu"
+CHUNK_CU = cuda_emu.CSRC / "cuda" / "chunk_epilogue.cu"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_no_sanitizer_report(results):
 
 
 DETERMINISM_CASES = ["many_tiles_wmma", "many_tiles_f32", "split_x_f32", "sampled_keep_part_f32",
-                     "cosface_bf16io", "range_f32", "range_f64"]
+                     "cosface_bf16io", "chunked_arcface", "range_f32", "range_f64"]
 
 
 def test_bit_identical_whatever_the_schedule(libs, tmp_path):
@@ -76,8 +77,13 @@ def test_bit_identical_whatever_the_schedule(libs, tmp_path):
         assert a[k].tobytes() == b[k].tobytes(), f"{k} differs between schedules"
 
 
-# Planted bugs: each mutation of margin_softmax.cu must be caught, and how.
+# Planted bugs: each mutation of a .cu file (margin_softmax.cu unless named) must be
+# caught, and how.
 PLANTED = {
+    "dropped barrier in the chunked forward's row reduction (chunk_epilogue.cu)": (
+        "      sx[threadIdx.x] = nanmax(sx[threadIdx.x], sx[threadIdx.x + o]);\n    }\n    __syncthreads();\n",
+        "      sx[threadIdx.x] = nanmax(sx[threadIdx.x], sx[threadIdx.x + o]);\n    }\n",
+        "chunked_arcface", "wrong"),
     "dropped barrier after the k-slice loads (SIMT GEMM)": (
         "      load_slice<false>(sm.ab.b, sb, n0, k0);\n      __syncthreads();\n",
         "      load_slice<false>(sm.ab.b, sb, n0, k0);\n",
@@ -101,14 +107,14 @@ PLANTED = {
 
 @pytest.fixture(scope="module")
 def planted_runs(build_dir):
-    src = MARGIN_CU.read_text()
-
     def one(item):
         name, (old, new, case, _) = item
+        cu = CHUNK_CU if "chunk_epilogue.cu" in name else MARGIN_CU
+        src = cu.read_text()
         assert src.count(old) == 1, f"planted bug '{name}': the source changed, update the mutation"
         small = cuda_emu.CASES[case][1].get("small", False)
         defines = tuple(cuda_emu.SMALL_TILES) if small else ()
-        lib = cuda_emu.build(build_dir, defines=defines, sources={MARGIN_CU.name: src.replace(old, new)})
+        lib = cuda_emu.build(build_dir, defines=defines, sources={cu.name: src.replace(old, new)})
         return name, cuda_emu.run_cases(lib, [case], small_lib=lib if small else None)
 
     with concurrent.futures.ThreadPoolExecutor(2) as ex:

@@ -38,6 +38,8 @@ C_FUNCTIONS = [
     "dpface_range_loss_fwd_f64",
     "dpface_range_loss_bwd_f32",
     "dpface_range_loss_bwd_f64",
+    "dpface_chunk_fwd_epilogue",
+    "dpface_chunk_bwd_epilogue",
 ]
 
 
@@ -155,3 +157,28 @@ def test_c_interface_links(objects, tmp_path):
     proc = _run(cmd, tmp_path)
     assert proc.returncode == 0, f"linking the C interface failed:\n{proc.stderr}"
     assert prog.is_file()
+
+
+# ---- the torch glue: cuda_ops.cpp and binding.cpp as a CUDA build compiles them ----------
+
+def test_cuda_glue_compiles_against_torch_headers(tmp_path):
+    """cuda_ops.cpp (allocation, checks, streams) is built only where torch has CUDA, so
+    nothing here links it; it must at least compile, with binding.cpp's CUDA registrations,
+    against torch's headers (the CPU wheel ships c10/cuda/ but not the one CMake-generated
+    header, stubbed here) and the toolkit's."""
+    import sysconfig
+
+    torch_ext = pytest.importorskip("torch.utils.cpp_extension")
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    from tests.cuda_emu import CUDA_INCLUDE as cuda_include  # CUDA_HOME's, else /usr/local/cuda's
+
+    flags = ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wno-unknown-pragmas", "-DDPFACE_WITH_CUDA",
+             "-DDPFACE_CUDA_ARCHS=sm_80+sm_90", *(f"-I{p}" for p in torch_ext.include_paths()),
+             f"-I{tmp_path}", f"-I{cuda_include}", f"-I{CSRC}", f"-I{sysconfig.get_paths()['include']}"]
+    for src in ("cuda_ops.cpp", "binding.cpp"):
+        proc = _run([*flags, str(CSRC / src)], ROOT)
+        assert proc.returncode == 0, f"{src} does not compile for a CUDA build:\n{proc.stderr[-4000:]}"
+        ours = [line for line in proc.stderr.splitlines() if "warning" in line and str(CSRC) in line]
+        assert not ours, "\n".join(ours)

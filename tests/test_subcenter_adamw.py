@@ -225,7 +225,7 @@ def test_subcenter_kernel_choice_and_bad_options(recwarn):
     assert "drop_after=5" in PartialFC(D, C, build_loss(ARC), drop_after=5).kernel_choice("cpu")[1]
     with pytest.raises(ValueError, match="kernel='fused' cannot run subcenters=3"):
         PartialFC(D, C, build_loss(ARC), subcenters=K, kernel="fused")
-    with pytest.raises(ValueError, match=r"precision='bf16' \(fused op only\) cannot run subcenters=3"):
+    with pytest.raises(ValueError, match=r"precision='bf16' \(compiled ops only\) cannot run subcenters=3"):
         PartialFC(D, C, build_loss(ARC), subcenters=K, precision="bf16")
     with pytest.raises(ValueError, match="kernel='fused' cannot run subcenters=3"):
         FullFC(D, C, build_loss(ARC), kernel="fused", subcenters=K)

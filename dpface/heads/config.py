@@ -23,10 +23,12 @@ class HeadConfig:
     # lazy update, much cheaper at small sample_rate).
     update: Literal[UPDATES] = "dense"
     # Margin-softmax implementation: the compiled fused op (kernels/, never materialises
-    # the [B, K] logits), the PyTorch reference, or auto (fused where built and the loss
-    # is one the op expresses; the trainer's start-up line says which).
+    # the [B, K] logits), chunked (the same with the GEMMs on cuBLAS/ATen and our own
+    # epilogues), the PyTorch reference, or auto (fused where built and the loss is one the
+    # op expresses; on CUDA the faster of fused and chunked, timed at start; the trainer's
+    # start-up line says which).
     kernel: Literal[KERNELS] = "auto"
-    # Head GEMM operands: fp32, or bf16 with fp32 accumulation (fused op only; softmax,
+    # Head GEMM operands: fp32, or bf16 with fp32 accumulation (compiled ops only; softmax,
     # margin, parameters and optimizer state stay fp32).
     precision: Literal[PRECISIONS] = "fp32"
     # MiB of the step's logits the fused op may keep for backward; columns beyond it are

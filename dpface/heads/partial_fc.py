@@ -50,7 +50,8 @@ def init_rows(lo: int, hi: int, dim: int, seed: int = 0, std: float = INIT_STD,
 HARD_BLOCK_ELEMENTS = 1 << 24
 NEGATIVES = ("uniform", "hard")
 UPDATES = ("dense", "sampled")
-KERNELS = ("auto", "fused", "reference")
+KERNELS = ("auto", "fused", "chunked", "reference")
+COMPILED = ("fused", "chunked")  # the kernels that need dpface._kernels
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -301,9 +302,12 @@ class PartialFC(nn.Module):
     Kernel (``kernel``): "fused" runs the compiled margin-softmax op (``dpface.ops``), which
     tiles the columns, gathers the sampled rows itself and never materialises the [B, K]
     logits (it keeps up to ``logits_budget_mb`` of them for backward and recomputes the
-    rest); "reference" the PyTorch code below; "auto" the fused op where it is built and
-    expresses the transform (:meth:`kernel_choice` says which, and why). ``precision="bf16"``
-    (fused only) rounds the GEMM operands to bf16, accumulating in fp32.
+    rest); "chunked" the same contract with the GEMMs on the vendor's library (cuBLAS /
+    ATen) and only the epilogues compiled (``dpface.ops.chunked``); "reference" the PyTorch
+    code below; "auto" the fused op where it is built and expresses the transform, or on
+    CUDA whichever of fused / chunked :meth:`autotune` timed faster (:meth:`kernel_choice`
+    says which, and why). ``precision="bf16"`` (compiled ops only) rounds the GEMM operands
+    to bf16, accumulating in fp32.
 
     Sub-centre ArcFace (``subcenters`` K > 1, after Deng et al., "Sub-center ArcFace",
     ECCV 2020, for noisy labels): each class has K rows (sub-centres), all on the class's
@@ -351,10 +355,11 @@ class PartialFC(nn.Module):
             raise ValueError(f"logits_budget_mb must be >= 0, got {logits_budget_mb}")
         self.subcenters, self.drop_after, self.drop_angle = check_subcenter_args(
             transform, subcenters, drop_after, drop_angle)
-        if self._reference_only() and (kernel == "fused" or precision == "bf16"):
-            key = "kernel='fused'" if kernel == "fused" else "precision='bf16' (fused op only)"
+        if self._reference_only() and (kernel in COMPILED or precision == "bf16"):
+            key = f"kernel='{kernel}'" if kernel in COMPILED else "precision='bf16' (compiled ops only)"
             raise ValueError(f"{key} cannot run {self._reference_only()}; use kernel='auto' or 'reference'")
         self.kernel, self.precision = kernel, precision
+        self._auto_impl, self._auto_note = "fused", ""  # kernel=auto: autotune() may pick chunked
         self.logits_budget_mb = int(logits_budget_mb)
         self._sampled: SampledRows | None = None
         self.embedding_size = int(embedding_size)
@@ -401,9 +406,11 @@ class PartialFC(nn.Module):
         return (idx[:, None] * k + torch.arange(k, device=idx.device)).reshape(-1)
 
     # -- kernel choice --------------------------------------------------------------
-    def kernel_choice(self, device_type: str) -> tuple[bool, str]:
-        """(fused?, why) for tensors on ``device_type``; raises where the config asks for
-        something that cannot run (kernel=fused or precision=bf16 without the fused op)."""
+    def kernel_choice(self, device_type: str) -> tuple[str | None, str]:
+        """(the compiled implementation to run — "fused" or "chunked" — or None for the
+        PyTorch reference, why) for tensors on ``device_type``; raises where the config asks
+        for something that cannot run (kernel=fused/chunked or precision=bf16 without the
+        compiled ops). ``auto`` runs the fused op, or what :meth:`autotune` measured faster."""
         why = None
         if self.kernel == "reference":
             why = "head.kernel=reference"
@@ -414,14 +421,17 @@ class PartialFC(nn.Module):
         elif not ops.available(device_type):
             why = f"the compiled kernels are not built for {device_type}"
         if why is None:
-            return True, f"fused margin-softmax op ({device_type}, {self.precision})"
-        if self.kernel == "fused" or self.precision == "bf16":
-            key = "head.kernel=fused" if self.kernel == "fused" else "head.precision=bf16"
-            raise ValueError(f"{key} needs the fused op, but {why}")
+            impl = self.kernel if self.kernel in COMPILED else self._auto_impl
+            name = "fused margin-softmax op" if impl == "fused" else "chunked margin softmax (library GEMMs)"
+            return impl, f"{name} ({device_type}, {self.precision}{self._auto_note})"
+        if self.kernel in COMPILED or self.precision == "bf16":
+            key = f"head.kernel={self.kernel}" if self.kernel in COMPILED else "head.precision=bf16"
+            op = "chunked" if self.kernel == "chunked" else "fused"
+            raise ValueError(f"{key} needs the {op} op, but {why}")
         if self.kernel == "auto" and self.transform.fused_margin() is not None \
                 and not self._reference_only():
             ops.warn_missing("PartialFC")
-        return False, f"PyTorch reference ({why})"
+        return None, f"PyTorch reference ({why})"
 
     # -- input checks -------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -587,8 +597,9 @@ class PartialFC(nn.Module):
             # Positives are in idx (sorted), so searchsorted finds their exact column.
             col = torch.searchsorted(idx, local.clamp(0, self.num_local - 1))
             target = torch.where(mine, col, -1)
-        if self.kernel_choice(x.device.type)[0]:
-            return self._forward_fused(x, idx, target)
+        impl = self.kernel_choice(x.device.type)[0]
+        if impl:
+            return self._forward_fused(x, idx, target, impl)
 
         rows = self._rows_of(idx)
         if self.update == "sampled":
@@ -633,7 +644,7 @@ class PartialFC(nn.Module):
         n = self.num_local * self.subcenters if rows is None else rows.numel()
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=n, dropped=dropped)
 
-    def _forward_fused(self, x: torch.Tensor, idx, target: torch.Tensor) -> HeadOutput:
+    def _forward_fused(self, x: torch.Tensor, idx, target: torch.Tensor, impl: str = "fused") -> HeadOutput:
         margin = self.transform.fused_margin()
         w, b = self.weight, self.bias
         k = self.num_local if idx is None else idx.numel()
@@ -658,7 +669,7 @@ class PartialFC(nn.Module):
             keep = (self.logits_budget_mb << 20) // (elem * max(1, xf.shape[0]))
             out = ops.margin_softmax(xf.contiguous(), w, idx, target, margin, bias=b,
                                      w_rows_sink=w_sink, bias_rows_sink=b_sink,
-                                     bf16=self.precision == "bf16", keep_cols=keep)
+                                     bf16=self.precision == "bf16", keep_cols=keep, impl=impl)
             weight_fn = self.transform.loss_weight if self.transform.weighted else None
             loss, accuracy = fused_softmax_ce(out, self.group, weight_fn)
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=k)

@@ -93,16 +93,27 @@ def _register() -> None:
                                     setup_context=setup_context)
 
 
+IMPLS = ("fused", "chunked")
+
+
 def margin_softmax(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None,
                    target: torch.Tensor, margin: FusedMargin, *, bias: torch.Tensor | None = None,
                    w_rows_sink: torch.Tensor | None = None,
                    bias_rows_sink: torch.Tensor | None = None, bf16: bool = False,
-                   keep_cols: int = 0) -> MarginSoftmaxOut:
-    """The fused op where built for x's device, else the PyTorch reference (one warning)."""
+                   keep_cols: int = 0, impl: str = "fused") -> MarginSoftmaxOut:
+    """The compiled op where built for x's device — ``impl`` "fused" (our GEMMs and
+    epilogues in one op) or "chunked" (library GEMMs, our epilogues: dpface.ops.chunked) —
+    else the PyTorch reference (one warning). All three keep the same contract."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     args = (x, w, idx, target, bias, w_rows_sink, bias_rows_sink, float(margin.s),
             float(margin.m1), float(margin.m2), float(margin.m3), bool(margin.easy_margin),
             bool(margin.normalize), bool(bf16), int(keep_cols))
     if available(x.device.type):
+        if impl == "chunked":
+            from dpface.ops.chunked import chunked_margin_softmax
+
+            return chunked_margin_softmax(*args)
         return MarginSoftmaxOut(*torch.ops.dpface.margin_softmax_fwd(*args))
     warn_missing("margin_softmax")
     from dpface.ops.reference import margin_softmax_reference
@@ -120,4 +131,4 @@ def rows_sink(k: int, d: int | None = None, dtype=torch.float32, device=None) ->
 if available("cpu"):
     _register()
 
-__all__ = ["FusedMargin", "MarginSoftmaxOut", "margin_softmax", "rows_sink"]
+__all__ = ["FusedMargin", "MarginSoftmaxOut", "margin_softmax", "rows_sink", "IMPLS"]

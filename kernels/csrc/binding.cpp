@@ -176,6 +176,14 @@ void sgd_rows_checked(at::Tensor& param, at::Tensor& buf, const at::Tensor& idx,
   sgd_rows_cpu(param, buf, idx, grad, lr, momentum, weight_decay);
 }
 
+// The fused op's argument checks alone, for the chunked path (dpface/ops/chunked.py): the
+// same inputs are refused with the same messages.
+void margin_check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& idx,
+                  const at::Tensor& target, const std::optional<at::Tensor>& bias, double s, double m1, double m2,
+                  double m3, bool normalize, int64_t keep_cols) {
+  check_margin_inputs(x, w, idx, target, bias, s, m1, m2, m3, normalize, keep_cols);
+}
+
 DPFACE_CHECKED_OPS(cpu)
 #ifdef DPFACE_WITH_CUDA
 DPFACE_CHECKED_OPS(cuda)
@@ -197,6 +205,19 @@ TORCH_LIBRARY(dpface, m) {
         "float momentum, float weight_decay) -> ()");
   m.def("range_loss_bwd(Tensor grad_intra, Tensor grad_inter, Tensor x, Tensor labels, int k, "
         "float margin) -> Tensor");
+  m.def("margin_softmax_check(Tensor x, Tensor w, Tensor? idx, Tensor target, Tensor? bias, float s, float m1, "
+        "float m2, float m3, bool normalize, int keep_cols) -> ()");
+  // The chunked path's CUDA epilogues (registered only where the CUDA kernels are built).
+  m.def("chunk_fwd_epilogue_(Tensor scores, Tensor? inv, Tensor? bias, Tensor target, int c0, float s, float m1, "
+        "float m2, float m3, bool easy_margin, bool normalize, Tensor(a!) saved, Tensor(b!) run_max, "
+        "Tensor(c!) run_sum, Tensor(d!) max_score, Tensor(e!) target_logit, Tensor(f!) target_score) -> ()");
+  m.def("chunk_bwd_epilogue_(Tensor src, bool from_saved, Tensor? inv, Tensor? bias, Tensor target, "
+        "Tensor target_score, Tensor lse, Tensor grad_lse, Tensor grad_target, int c0, float s, float m1, "
+        "float m2, float m3, bool easy_margin, bool normalize, Tensor(a!) da) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(dpface, CompositeExplicitAutograd, m) {
+  m.impl("margin_softmax_check", &dpface::margin_check);
 }
 
 TORCH_LIBRARY_IMPL(dpface, CPU, m) {
@@ -213,6 +234,8 @@ TORCH_LIBRARY_IMPL(dpface, CUDA, m) {
   m.impl("margin_softmax_bwd", &dpface::margin_bwd_cuda);
   m.impl("range_loss_fwd", &dpface::range_fwd_cuda);
   m.impl("range_loss_bwd", &dpface::range_bwd_cuda);
+  m.impl("chunk_fwd_epilogue_", &dpface::chunk_fwd_epilogue_cuda);
+  m.impl("chunk_bwd_epilogue_", &dpface::chunk_bwd_epilogue_cuda);
 }
 #endif
 

@@ -233,4 +233,80 @@ at::Tensor range_loss_bwd_cuda(const at::Tensor& grad_intra, const at::Tensor& g
   return grad_x;
 }
 
+// ---- chunked path: the epilogues (the GEMMs are torch's) ----------------------------------
+
+namespace {
+at::Tensor f32_vec(const char* op, const char* name, const at::Tensor& t, const at::Device& dev, int64_t n) {
+  check_cuda(op, name, t, dev);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "dpface::", op, ": argument '", name, "' must be [", n, "], got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "dpface::", op, ": argument '", name,
+              "' must be a contiguous float32 tensor");
+  return t;
+}
+
+void check_rows(const char* op, const char* name, const at::Tensor& t, const at::Device& dev, int64_t B) {
+  check_cuda(op, name, t, dev);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.scalar_type() == at::kFloat && t.stride(1) == 1 &&
+                  t.stride(0) >= t.size(1),
+              "dpface::", op, ": argument '", name, "' must be a float32 [", B, ", n] tensor with unit column stride");
+}
+}  // namespace
+
+void chunk_fwd_epilogue_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& inv,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& target, int64_t c0, double s,
+                             double m1, double m2, double m3, bool easy_margin, bool normalize, at::Tensor& saved,
+                             at::Tensor& run_max, at::Tensor& run_sum, at::Tensor& max_score,
+                             at::Tensor& target_logit, at::Tensor& target_score) {
+  const char* op = "chunk_fwd_epilogue_";
+  const at::Device dev = scores.device();
+  const int64_t B = scores.size(0), n = scores.dim() == 2 ? scores.size(1) : 0;
+  check_rows(op, "scores", scores, dev, B);
+  TORCH_CHECK(scores.is_contiguous(), "dpface::", op, ": argument 'scores' must be contiguous");
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == B, "dpface::", op,
+              ": argument 'target' must be a contiguous int64 [", B, "] tensor");
+  check_cuda(op, "target", target, dev);
+  if (inv.has_value()) f32_vec(op, "inv", *inv, dev, n);
+  if (bias.has_value()) f32_vec(op, "bias", *bias, dev, n);
+  for (auto* t : {&run_max, &run_sum, &max_score, &target_logit, &target_score}) f32_vec(op, "row statistics", *t, dev, B);
+  check_cuda(op, "saved", saved, dev);
+  TORCH_CHECK(saved.scalar_type() == at::kFloat && saved.is_contiguous() && saved.dim() == 2 && saved.size(0) == B,
+              "dpface::", op, ": argument 'saved' must be a contiguous float32 [", B, ", n_keep] tensor");
+  const c10::cuda::CUDAGuard guard(dev);
+  const dpface_margin_params p = params(s, m1, m2, m3, easy_margin, normalize, false);
+  check_rc(op, dpface_chunk_fwd_epilogue(ptr<const float>(scores), B, n, c0, inv ? ptr<const float>(*inv) : nullptr,
+                                         bias ? ptr<const float>(*bias) : nullptr, ptr<const int64_t>(target), &p,
+                                         ptr<float>(saved), saved.size(1), ptr<float>(run_max), ptr<float>(run_sum),
+                                         ptr<float>(max_score), ptr<float>(target_logit), ptr<float>(target_score),
+                                         current_stream()));
+}
+
+void chunk_bwd_epilogue_cuda(const at::Tensor& src, bool from_saved, const std::optional<at::Tensor>& inv,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                             const at::Tensor& target_score, const at::Tensor& lse, const at::Tensor& grad_lse,
+                             const at::Tensor& grad_target, int64_t c0, double s, double m1, double m2, double m3,
+                             bool easy_margin, bool normalize, at::Tensor& da) {
+  const char* op = "chunk_bwd_epilogue_";
+  const at::Device dev = src.device();
+  const int64_t B = src.size(0), n = src.dim() == 2 ? src.size(1) : 0;
+  check_rows(op, "src", src, dev, B);
+  check_rows(op, "da", da, dev, B);
+  TORCH_CHECK(da.is_contiguous() && da.size(1) == n, "dpface::", op, ": argument 'da' must be contiguous [", B, ", ",
+              n, "]");
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == B, "dpface::", op,
+              ": argument 'target' must be a contiguous int64 [", B, "] tensor");
+  check_cuda(op, "target", target, dev);
+  if (inv.has_value()) f32_vec(op, "inv", *inv, dev, n);
+  if (bias.has_value()) f32_vec(op, "bias", *bias, dev, n);
+  for (auto* t : {&target_score, &lse, &grad_lse, &grad_target}) f32_vec(op, "row vectors", *t, dev, B);
+  const c10::cuda::CUDAGuard guard(dev);
+  const dpface_margin_params p = params(s, m1, m2, m3, easy_margin, normalize, false);
+  check_rc(op, dpface_chunk_bwd_epilogue(ptr<const float>(src), src.stride(0), from_saved ? 1 : 0, B, n, c0,
+                                         inv ? ptr<const float>(*inv) : nullptr,
+                                         bias ? ptr<const float>(*bias) : nullptr, ptr<const int64_t>(target),
+                                         ptr<const float>(target_score), ptr<const float>(lse),
+                                         ptr<const float>(grad_lse), ptr<const float>(grad_target), &p,
+                                         ptr<float>(da), current_stream()));
+}
+
 }  // namespace dpface

@@ -33,6 +33,20 @@ DPFACE_DECLARE_OPS(cpu)
 DPFACE_DECLARE_OPS(cuda)
 #endif
 
+#ifdef DPFACE_WITH_CUDA
+// The chunked path's epilogues (cuda/chunk_epilogue.cu); the GEMMs around them are torch's.
+void chunk_fwd_epilogue_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& inv,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& target, int64_t c0,
+                             double s, double m1, double m2, double m3, bool easy_margin, bool normalize,
+                             at::Tensor& saved, at::Tensor& run_max, at::Tensor& run_sum,
+                             at::Tensor& max_score, at::Tensor& target_logit, at::Tensor& target_score);
+void chunk_bwd_epilogue_cuda(const at::Tensor& src, bool from_saved, const std::optional<at::Tensor>& inv,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                             const at::Tensor& target_score, const at::Tensor& lse, const at::Tensor& grad_lse,
+                             const at::Tensor& grad_target, int64_t c0, double s, double m1, double m2,
+                             double m3, bool easy_margin, bool normalize, at::Tensor& da);
+#endif
+
 // Lazy SGD on sampled rows (CPU only; on GPUs torch's own ops are bandwidth-bound anyway).
 void sgd_rows_cpu(at::Tensor& param, at::Tensor& buf, const at::Tensor& idx,
                   const at::Tensor& grad, double lr, double momentum, double weight_decay);

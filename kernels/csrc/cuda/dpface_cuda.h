@@ -1,4 +1,4 @@
-// C interface of the dpface CUDA kernels (margin_softmax.cu, range_loss.cu).
+// C interface of the dpface CUDA kernels (margin_softmax.cu, range_loss.cu, chunk_epilogue.cu).
 //
 // No torch headers: nvcc builds the kernels on machines without a CUDA torch, and the
 // torch glue (cuda_ops.cpp) is the only caller that knows about tensors. Every pointer
@@ -109,6 +109,29 @@ int dpface_range_loss_bwd_f64(const double* grad_intra, const double* grad_inter
                               const double* x, const int64_t* labels, int64_t N, int64_t D,
                               int64_t k, double margin, double* grad_x, void* workspace,
                               size_t workspace_bytes, cudaStream_t stream);
+
+// ---- chunked margin softmax: the epilogues around library GEMMs (chunk_epilogue.cu) -----
+// One column chunk [c0, c0 + n) of the K columns. Forward: scores [B, n] fp32 are the raw
+// dot products x . row (read only); inv [n] (normalize) or bias [n] (optional) of the
+// chunk; target [B] in [-1, K). Updates, per row, run_max / run_sum (the online
+// log-sum-exp of the logits: start at -inf / 0), max_score (start at -inf), and where the
+// target is in the chunk target_logit / target_score; writes the chunk's logits of
+// columns < n_keep into saved [B, n_keep].
+int dpface_chunk_fwd_epilogue(const float* scores, int64_t B, int64_t n, int64_t c0, const float* inv,
+                              const float* bias, const int64_t* target, const dpface_margin_params* p,
+                              float* saved, int64_t n_keep, float* run_max, float* run_sum,
+                              float* max_score, float* target_logit, float* target_score,
+                              cudaStream_t stream);
+
+// Backward: src [B, ld_src] holds the chunk's raw dot products (from_saved = 0) or its kept
+// logits (from_saved = 1: saved + c0, ld_src = n_keep); writes da [B, n] = d loss /
+// d (x . row) (may alias src when ld_src == n). target_score [B] is the forward's (dpsi),
+// lse, grad_lse, grad_target [B].
+int dpface_chunk_bwd_epilogue(const float* src, int64_t ld_src, int from_saved, int64_t B, int64_t n,
+                              int64_t c0, const float* inv, const float* bias, const int64_t* target,
+                              const float* target_score, const float* lse, const float* grad_lse,
+                              const float* grad_target, const dpface_margin_params* p, float* da,
+                              cudaStream_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"
