@@ -203,7 +203,19 @@ def _cmd_kernels(args) -> int:
     from dpface import ops
 
     print(ops.report())
-    return 0
+    if not args.check:
+        return 0
+    import torch
+
+    from dpface.ops.selfcheck import check_all
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    checks = check_all(devices)
+    for c in checks:
+        print(f"  {c.line()}")
+    if not checks:
+        print("  nothing to check: the compiled ops are not built")
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=_cmd_plan)
 
     k = sub.add_parser("kernels", help="what of the compiled kernels is built (CPU / CUDA / missing)")
+    k.add_argument("--check", action="store_true",
+                   help="run every compiled op on each device against the PyTorch reference (exit 1 on a mismatch)")
     k.set_defaults(fn=_cmd_kernels)
 
     x = sub.add_parser("export-head", help="merge a checkpoint's head shards into one matrix")

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +31,10 @@ from dpface.engine.schedule import lr_at
 from dpface.engine.step import TrainStep
 from dpface.io import atomic_write_text
 from dpface.losses import build_aux_loss
+from dpface.losses.range_loss import RangeLoss
 from dpface.models import build_backbone
 from dpface.rundir import CheckpointError, RunDir
+from dpface.schema import ConfigError
 
 if TYPE_CHECKING:
     from dpface.config import Config
@@ -75,16 +78,21 @@ class Trainer:
         self.head = cfg.head.build(self.stream.num_classes, group=ctx.head_group,
                                    seed=cfg.experiment.seed).to(dev)
         # Resolved now, so kernel=fused / precision=bf16 that cannot run fail before training.
-        self.head_kernel = self.head.kernel_choice(dev.type)[1]
+        try:
+            self.head.kernel_choice(dev.type)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if dev.type == "cuda":  # kernel=auto: our GEMMs or cuBLAS, timed on this run's shapes
+            self.head.autotune(batch * ctx.world_size, dev)
         built = [build_aux_loss(spec, self.stream.num_classes, cfg.head.embedding_size, group=ctx.head_group)
                  for spec in cfg.aux_losses]
+        self._self_check(dev, [m for m, _ in built])
+        self.head_kernel = self.head.kernel_choice(dev.type)[1]
         self.aux_losses = torch.nn.ModuleList([m for m, _ in built]).to(dev)
         aux = [(spec["name"], m, w) for spec, (m, w) in zip(cfg.aux_losses, built)]
         self.amp_dtype = resolve_amp(cfg.train.amp, dev)
         with_quality = any(getattr(m, "needs_quality", False) for m, _ in built)
         if with_quality and not hasattr(self.backbone, "quality"):
-            from dpface.schema import ConfigError
-
             raise ConfigError(f"an aux loss needs image quality scores (qan_set) but model '{cfg.model['name']}' "
                               "has no quality branch: use model={name: qan, base: {...}}")
         unused = hasattr(self.backbone, "quality") and not with_quality  # no loss trains the branch
@@ -167,6 +175,35 @@ class Trainer:
         return {**m, "lr": lr}
 
     # -- loop ---------------------------------------------------------------------
+    def _self_check(self, dev: torch.device, aux_modules) -> None:
+        """Each compiled op this run will use, on a small random problem on ``dev``, against
+        the PyTorch reference (dpface.ops.selfcheck). A mismatch: with kernel=auto one loud
+        warning and the reference from here on; with the kernel named explicitly an error."""
+        from dpface.ops import selfcheck
+
+        impl = self.head.kernel_choice(dev.type)[0]
+        if impl:
+            c = selfcheck.check_margin_softmax(impl, dev, self.cfg.head.precision)
+            if not c.ok:
+                if self.head.kernel != "auto":
+                    raise ConfigError(f"head.kernel={self.head.kernel}: the compiled op failed its self-check on "
+                                      f"this device: {c.line()}; use head.kernel=reference")
+                warnings.warn(f"dpface: the compiled head op failed its self-check on this device ({c.line()}): "
+                              "training with the PyTorch reference instead. Please report this.",
+                              RuntimeWarning, stacklevel=2)
+                self.head.use_reference(f"the compiled op failed its self-check: {c.error:.1e} > {c.tol:.0e}")
+        for m in aux_modules:
+            if isinstance(m, RangeLoss) and m.kernel in ("auto", "fused") and ops.available(dev.type):
+                c = selfcheck.check_range_loss(dev)
+                if c.ok:
+                    continue
+                if m.kernel == "fused":
+                    raise ConfigError(f"range loss kernel=fused: the compiled op failed its self-check on this "
+                                      f"device: {c.line()}; use kernel: reference")
+                warnings.warn(f"dpface: the compiled range loss failed its self-check ({c.line()}): using the "
+                              "PyTorch reference instead.", RuntimeWarning, stacklevel=2)
+                m.kernel = "reference"
+
     def fit(self, until: int | None = None) -> dict:
         """Train to ``train.steps`` (or stop early at step ``until``, checkpointed, as an
         interrupted run would), then evaluate. On SIGTERM/SIGINT: checkpoint at the next

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import time
 from dataclasses import dataclass
 
 import torch
@@ -360,6 +361,7 @@ class PartialFC(nn.Module):
             raise ValueError(f"{key} cannot run {self._reference_only()}; use kernel='auto' or 'reference'")
         self.kernel, self.precision = kernel, precision
         self._auto_impl, self._auto_note = "fused", ""  # kernel=auto: autotune() may pick chunked
+        self._forced_reference: str | None = None  # use_reference()
         self.logits_budget_mb = int(logits_budget_mb)
         self._sampled: SampledRows | None = None
         self.embedding_size = int(embedding_size)
@@ -412,7 +414,9 @@ class PartialFC(nn.Module):
         for something that cannot run (kernel=fused/chunked or precision=bf16 without the
         compiled ops). ``auto`` runs the fused op, or what :meth:`autotune` measured faster."""
         why = None
-        if self.kernel == "reference":
+        if self._forced_reference:
+            why = self._forced_reference
+        elif self.kernel == "reference":
             why = "head.kernel=reference"
         elif self._reference_only():
             why = self._reference_only()
@@ -429,9 +433,57 @@ class PartialFC(nn.Module):
             op = "chunked" if self.kernel == "chunked" else "fused"
             raise ValueError(f"{key} needs the {op} op, but {why}")
         if self.kernel == "auto" and self.transform.fused_margin() is not None \
-                and not self._reference_only():
+                and not self._reference_only() and not self._forced_reference:
             ops.warn_missing("PartialFC")
         return None, f"PyTorch reference ({why})"
+
+    def autotune(self, batch: int, device: torch.device, iters: int = 3) -> dict[str, float] | None:
+        """kernel=auto where both compiled implementations run: time forward + backward of
+        each on this run's shapes (``batch`` = the global batch the head sees, the sampled
+        row count, D) for ``iters`` steps after a warm-up — nobody can say in advance
+        whether our WMMA GEMMs or cuBLAS win on a given GPU — and keep the faster. The
+        times are summed over the head group, so every rank picks the same. Returns
+        {impl: ms per step}, or None where there is no choice to make."""
+        if self.kernel != "auto" or self.kernel_choice(device.type)[0] is None:
+            return None
+        k = self.num_local if self.sample_rate >= 1.0 else \
+            min(self.num_local, sample_count(self.num_local, self.sample_rate, 0))
+        g = torch.Generator().manual_seed(0)
+        x = F.normalize(torch.randn(batch, self.embedding_size, generator=g), dim=1).to(device)
+        idx = None if k == self.num_local else torch.randperm(self.num_local, generator=g)[:k].sort().values.to(device)
+        target = torch.randint(-1, k, (batch,), generator=g).to(device)
+        w = self.weight.detach()
+        b = None if self.bias is None else self.bias.detach()
+        margin = self.transform.fused_margin()
+        sink = rows_sink(k, self.embedding_size, w.dtype, device)
+        times = torch.zeros(2, dtype=torch.float64)
+
+        def step(impl):
+            xx = x.clone().requires_grad_(True)
+            out = ops.margin_softmax(xx, w, idx, target, margin, bias=b, w_rows_sink=sink, impl=impl,
+                                     bf16=self.precision == "bf16")
+            (out.lse.sum() - out.target_logit.sum()).backward()
+
+        for i, impl in enumerate(("fused", "chunked")):
+            step(impl)  # warm-up: workspaces, cuBLAS handles, caching allocator
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                step(impl)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[i] = (time.perf_counter() - t0) * 1e3 / iters
+        times = all_reduce_sum(times.to(device), self.group).cpu() / max(1, self.world_size)
+        ms = {"fused": times[0].item(), "chunked": times[1].item()}
+        self._auto_impl = min(ms, key=ms.get)
+        self._auto_note = f"; auto: fused {ms['fused']:.1f} ms vs chunked {ms['chunked']:.1f} ms per step"
+        return ms
+
+    def use_reference(self, why: str) -> None:
+        """From now on the PyTorch reference (the trainer's self-check found a compiled op
+        wrong on this device, with kernel=auto)."""
+        self._forced_reference = why
 
     # -- input checks -------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
