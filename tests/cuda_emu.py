@@ -49,12 +49,39 @@ def build(out_dir: Path, *, sanitize: bool = True, defines: tuple[str, ...] = ()
     """The emulated kernels as one shared library. ``sources`` replaces the text of .cu
     files by name (the planted-bug tests); ``defines`` adds -D flags. Objects and the
     library are cached in ``out_dir`` by content, so a variant recompiles only what differs."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     flags = [*(SANITIZE if sanitize else []), *defines]
+    objs = _objects(out_dir, flags, sources)
+    return _link(out_dir, flags, objs, "libdpface_cuda_emu", ["-shared"], ".so")
+
+
+def build_program(out_dir: Path, main: Path, *, sanitize: bool = True) -> Path:
+    """An executable of ``main`` (host code calling dpface_cuda.h) linked with the emulated
+    kernels: the device script's memcheck driver, run here under ASan."""
+    flags = list(SANITIZE if sanitize else [])
+    objs = _objects(out_dir, flags, None, extra={main.name: main.read_text()})
+    return _link(out_dir, flags, objs, main.stem, [], "")
+
+
+def _link(out_dir: Path, flags: list[str], objs: list[Path], stem: str, kind: list[str], suffix: str) -> Path:
+    out = out_dir / f"{stem}-{hashlib.sha256(''.join(map(str, objs)).encode()).hexdigest()[:16]}{suffix}"
+    if not out.is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        link = subprocess.run(["g++", *kind, *flags[:1], "-o", str(tmp), *map(str, objs), "-lpthread"],
+                              capture_output=True, text=True)
+        if link.returncode != 0:
+            raise RuntimeError(f"linking the emulated kernels failed:\n{link.stderr}")
+        tmp.rename(out)
+    return out
+
+
+def _objects(out_dir: Path, flags: list[str], sources: dict[str, str] | None,
+             extra: dict[str, str] | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
     emu_h = (EMU / "cuda_emu.h").read_text()
     texts = {p.name: p.read_text() for p in sorted((CSRC / "cuda").glob("*.cu"))}
     texts.update(sources or {})
     texts["cuda_emu.cpp"] = (EMU / "cuda_emu.cpp").read_text()
+    texts.update(extra or {})
     headers = {p.name: p.read_text() for p in sorted([*(CSRC / "cuda").glob("*.h"), CSRC / "margin_math.h"])}
     jobs, objs = [], []
     for name, text in texts.items():
@@ -72,15 +99,7 @@ def build(out_dir: Path, *, sanitize: bool = True, defines: tuple[str, ...] = ()
         if p.returncode != 0:
             raise RuntimeError(f"g++ failed on {name}:\n{log}")
         tmp.rename(obj)
-    lib = out_dir / f"libdpface_cuda_emu-{hashlib.sha256(''.join(map(str, objs)).encode()).hexdigest()[:16]}.so"
-    if not lib.is_file():
-        tmp = lib.with_suffix(".so.tmp")
-        link = subprocess.run(["g++", "-shared", *flags[:1], "-o", str(tmp), *map(str, objs), "-lpthread"],
-                              capture_output=True, text=True)
-        if link.returncode != 0:
-            raise RuntimeError(f"linking the emulated kernels failed:\n{link.stderr}")
-        tmp.rename(lib)
-    return lib
+    return objs
 
 
 def run_cases(lib: Path, cases: list[str], *, small_lib: Path | None = None, sanitize: bool = True,

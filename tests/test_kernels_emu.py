@@ -131,3 +131,16 @@ def test_planted_bug_is_caught(planted_runs, name):
     else:
         assert case not in res and proc.returncode != 0, f"'{name}' went unnoticed: {res}"
         assert expect in proc.stderr, proc.stderr[-3000:]
+
+
+def test_memcheck_driver_runs_clean_under_asan(build_dir):
+    """The device script runs tests/cuda_memcheck.cu under compute-sanitizer; here the same
+    program runs on the emulated kernels under AddressSanitizer and UBSan."""
+    import os
+    import subprocess
+
+    prog = cuda_emu.build_program(build_dir, cuda_emu.ROOT / "tests" / "cuda_memcheck.cu")
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1"}
+    proc = subprocess.run([str(prog)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "every entry point ran" in proc.stdout and "Sanitizer" not in proc.stderr

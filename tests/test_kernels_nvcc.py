@@ -182,3 +182,14 @@ def test_cuda_glue_compiles_against_torch_headers(tmp_path):
         assert proc.returncode == 0, f"{src} does not compile for a CUDA build:\n{proc.stderr[-4000:]}"
         ours = [line for line in proc.stderr.splitlines() if "warning" in line and str(CSRC) in line]
         assert not ours, "\n".join(ours)
+
+
+def test_memcheck_driver_links_with_nvcc(objects, tmp_path):
+    """benchmarks/device_check.sh runs tests/cuda_memcheck.cu under compute-sanitizer: it
+    must build with nvcc against the kernels' objects (it runs on the emulator in CI)."""
+    objs = [str(objects(cu)[1]) for cu in CU_FILES]
+    prog = tmp_path / "cuda_memcheck"
+    cmd = [NVCC, "-std=c++17", "-arch=sm_90", "-I", str(CUDA_DIR), "-I", str(CSRC),
+           str(ROOT / "tests" / "cuda_memcheck.cu"), *objs, "-o", str(prog)]
+    proc = _run(cmd, tmp_path)
+    assert proc.returncode == 0 and prog.is_file(), proc.stderr

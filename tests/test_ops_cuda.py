@@ -346,3 +346,49 @@ def test_range_loss_deterministic():
     ga = call("range_loss_bwd", grad_intra=one, grad_inter=one, x=x, labels=lab, k=2, margin=20.0)
     gb = call("range_loss_bwd", grad_intra=one, grad_inter=one, x=x, labels=lab, k=2, margin=20.0)
     assert torch.equal(ga, gb)
+
+
+# ---- the chunked path, the self-check and kernel=auto's timing, on the GPU ----------------
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_self_check_passes_on_this_gpu(impl, precision):
+    from dpface.ops.selfcheck import check_margin_softmax
+
+    c = check_margin_softmax(impl, "cuda", precision)
+    assert c.ok, c.line()
+
+
+@pytest.mark.parametrize("name", ["arcface", "softmax_bias", "combined_m1_2"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_equals_fused_on_a_large_shard(name, bf16):
+    """chunked (cuBLAS + our epilogues, chunks of 1000 columns) vs the fused op on 20k
+    sampled columns: the same contract, so the same values up to summation order."""
+    from dpface.ops import FusedMargin, margin_softmax
+
+    cfg = CONFIGS[name]
+    case = make_case(300, 40_000, 128, K=20_000, seed=5)
+    m = FusedMargin(s=cfg["s"], m1=cfg["m"][0], m2=cfg["m"][1], m3=cfg["m"][2], easy_margin=cfg["easy"],
+                    normalize=cfg["normalize"])
+    outs = []
+    for impl in ("fused", "chunked"):
+        x = case["x"].clone().requires_grad_(True)
+        w = case["w"].clone().requires_grad_(True)
+        out = margin_softmax(x, w, case["idx"], case["target"], m, bias=case["bias"] if cfg["bias"] else None,
+                             bf16=bf16, keep_cols=5000, impl=impl)
+        ((out.lse * case["grad_lse"]).sum() + (out.target_logit * case["grad_t"]).sum()).backward()
+        outs.append((out.lse, out.target_logit, out.max_score, x.grad, w.grad))
+    tol = BF16_TOL if bf16 else F32_TOL
+    for a, b, what in zip(*outs, ("lse", "target_logit", "max_score", "grad_x", "grad_w")):
+        close(a, b, tol, what)
+
+
+def test_autotune_times_both_on_the_gpu():
+    from dpface.heads import PartialFC
+    from dpface.losses import build_loss
+
+    head = PartialFC(512, 200_000, build_loss({"name": "arcface", "s": 64, "m": 0.5}), sample_rate=0.1).to(DEV)
+    ms = head.autotune(512, DEV)
+    assert set(ms) == {"fused", "chunked"} and all(v > 0 for v in ms.values())
+    impl, why = head.kernel_choice("cuda")
+    assert impl == min(ms, key=ms.get) and "auto: fused" in why
