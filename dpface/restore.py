@@ -2,6 +2,7 @@
 under: what `dpface eval`, `dpface export-onnx` and `dpface cluster` start from."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,8 +25,16 @@ def load_file(path: Path, weights_only: bool = True, mmap: bool = False):
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except pickle.UnpicklingError as e:  # weights_only met a global it does not allow: never run it
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain "
+                              f"containers ({_last_line(e)})") from None
     except Exception as e:  # torch raises several types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint file unreadable (corrupt or truncated?): {path}: {e}") from None
+        raise CheckpointError(f"checkpoint file unreadable (corrupt or truncated?): {path}: {_last_line(e)}") from None
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
 
 
 def check_backbone_fits(path: Path, meta: dict, saved: dict, backbone: torch.nn.Module,

@@ -37,6 +37,38 @@ TAG = "zero"
 OPT_MARKER = {"deepspeed": SUBDIR}
 
 
+def _safe_types() -> list:
+    """The non-tensor types DeepSpeed's ZeRO-1/2 state files hold (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint): plain data, no code on load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def _safe_checkpoint_engine(config):
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``: its own
+    engine calls ``torch.load(weights_only=False)``, so a crafted ``*_states.pt`` in a
+    checkpoint directory would run code on resume. Tensors, containers and the few
+    DeepSpeed types above load; anything else is refused with a CheckpointError."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(_safe_types()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                first = str(e).strip().splitlines()[-1][:200]
+                raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and "
+                                      f"DeepSpeed's optimizer state ({first})") from None
+
+    return SafeTorchCheckpointEngine(config)
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -105,6 +137,7 @@ class ZeroBackbone:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=backbone, optimizer=optimizer, config=self.config,
             dist_init_required=False)
+        self.engine.checkpoint_engine = _safe_checkpoint_engine(self.engine._config)
         self.module = self.engine.module
         if self.amp_dtype == torch.float16:
             self.module.register_forward_pre_hook(_cast_inputs_hook(self.amp_dtype))

@@ -26,6 +26,7 @@ state; anything else (a dense optimizer's scalar step) is non-row state.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -136,6 +137,9 @@ def _open_shards(shard_files: Iterable[str | os.PathLike]) -> tuple[int, list[tu
             raise FileNotFoundError(f"head shard file {f} does not exist")
         try:
             st = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError as e:  # a global weights_only does not allow: never run it
+            raise HeadShardError(f"{f}: refused to load: it holds objects other than tensors and plain "
+                                 "containers (a crafted or foreign file?)") from e
         except Exception as e:  # truncated, not a zip, unpicklable
             first = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch appends a paragraph of advice
             raise HeadShardError(f"cannot read head shard file {f} (truncated or corrupt?): {first}") from e
