@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def _error_message(e: BaseException) -> tuple[str, int] | None:
     text = str(e)
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep its last line
         last = [l for l in text.splitlines() if l.strip()][-1]
-        text = last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ":") else last
+        # "module.LabelError: sample …" → "sample …"
+        text = re.sub(r"^[A-Za-z_][\w.]*(Error|Exception): ", "", last)
     if isinstance(e, ShardError):
         return text, EXIT_DATA
     if isinstance(e, FloatingPointError):

@@ -9,6 +9,7 @@ The incomplete tail of each epoch is dropped: every rank always gets a full batc
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Iterator
 
@@ -27,6 +28,21 @@ def ignore_stop_signals(worker_id: int) -> None:
     main process's handler (engine/preempt.py) decides; it shuts the workers down."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def loader_iter(loader: DataLoader):
+    """``iter(loader)`` whose worker processes are shut down however the caller leaves —
+    the end, close(), or an error. An error's traceback keeps the iterator (and so the
+    workers) alive, the workers ignore SIGTERM (above), and the process then hung at exit
+    joining them, after printing its error line."""
+    it = iter(loader)
+    try:
+        yield it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # DataLoader's multi-process iterator
+        if shutdown is not None:
+            shutdown()
 
 
 class _BatchIndices:
@@ -91,6 +107,7 @@ class MapStream:
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             worker_init_fn=ignore_stop_signals, persistent_workers=False,
                             prefetch_factor=4 if self.num_workers else None)
-        for images, labels in loader:
-            self._consumed += 1
-            yield images, labels.long()
+        with loader_iter(loader) as it:
+            for images, labels in it:
+                self._consumed += 1
+                yield images, labels.long()

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dpface.data.loader import MapStream, ignore_stop_signals
+from dpface.data.loader import MapStream, ignore_stop_signals, loader_iter
 from dpface.seeding import Stream
 from dpface.seeding import rng as stream_rng
 
@@ -109,9 +109,10 @@ class PKMapStream(MapStream):
             self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
             worker_init_fn=ignore_stop_signals, persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None)
-        for images, labels in loader:
-            self._consumed += 1
-            yield images, labels.long()
+        with loader_iter(loader) as it:
+            for images, labels in it:
+                self._consumed += 1
+                yield images, labels.long()
 
 
 __all__ = ["PKBatchSampler", "PKMapStream"]

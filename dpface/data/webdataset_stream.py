@@ -51,7 +51,7 @@ from dpface.seeding import Stream, rng, seed_int
 from . import slots
 from .augment import N_DRAWS, apply_numpy, check_augment
 from .decode import BadSample, LabelError, decode_sample
-from .loader import ignore_stop_signals
+from .loader import ignore_stop_signals, loader_iter
 from .position import WDS_FORMAT as STATE_FORMAT
 from .position import PositionError, merge_states, wds_resume, wds_state
 from .quality import SAMPLE_KINDS, SHARD_KINDS, BadDataLimit, with_totals
@@ -175,8 +175,10 @@ class _WorkerStream(IterableDataset):
             skip = 0
             barren = 0 if got_any else barren + max(1, len(shards_for(cfg, slot, round_)))
             if barren > 2 * len(cfg.tars) + cfg.slots:
+                last = ", ".join(str(cfg.tars[i]) for i in shards_for(cfg, slot, round_))
                 raise ShardError(f"slot {slot} read {barren} shards in a row without one usable "
-                                 f"sample (stats: {pos['stats']}); are the shards empty or corrupt?")
+                                 f"sample, the last {last} (stats: {pos['stats']}); are the shards "
+                                 "empty or corrupt?")
             pos.update(round=round_ + 1, raw=0, done=0)
 
     def __iter__(self):
@@ -301,29 +303,29 @@ class WebDatasetStream:
         loader = DataLoader(dataset, batch_size=None, num_workers=nw,
                             prefetch_factor=self.prefetch_factor if nw else None,
                             worker_init_fn=ignore_stop_signals, persistent_workers=False)
-        it = iter(loader)
-        live = [w for w, g in enumerate(groups)
-                if not all(self._positions[v]["ended"] for v in g)]
-        pending: dict[int, list] = {w: [] for w in range(len(groups))}
-        while live:
-            # One item per live worker per step, whatever order the loader delivers them in.
-            for w in live:
-                while not pending[w]:
-                    try:
-                        item = next(it)
-                    except StopIteration:
-                        raise RuntimeError(f"data worker {w} stopped without finishing its "
-                                           "stream") from None
-                    pending[item["worker"]].append(item)
-            items = [pending[w].pop(0) for w in live]
-            chunks = sorted((v, c) for item in items for v, c in item["chunks"].items())
-            for v, (_, pos) in chunks:
-                self._positions[v] = pos
-            live = [w for w, item in zip(live, items) if not item["end"]]
-            parts = [c[0] for _, c in chunks if c[0] is not None]
-            if parts:
-                self._batches += 1
-                yield (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        with loader_iter(loader) as it:
+            live = [w for w, g in enumerate(groups)
+                    if not all(self._positions[v]["ended"] for v in g)]
+            pending: dict[int, list] = {w: [] for w in range(len(groups))}
+            while live:
+                # One item per live worker per step, whatever order the loader delivers them in.
+                for w in live:
+                    while not pending[w]:
+                        try:
+                            item = next(it)
+                        except StopIteration:
+                            raise RuntimeError(f"data worker {w} stopped without finishing its "
+                                               "stream") from None
+                        pending[item["worker"]].append(item)
+                items = [pending[w].pop(0) for w in live]
+                chunks = sorted((v, c) for item in items for v, c in item["chunks"].items())
+                for v, (_, pos) in chunks:
+                    self._positions[v] = pos
+                live = [w for w, item in zip(live, items) if not item["end"]]
+                parts = [c[0] for _, c in chunks if c[0] is not None]
+                if parts:
+                    self._batches += 1
+                    yield (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
         self._reset_epoch(self._epoch + 1)  # only reached without resampling
 
     def state_dict(self) -> dict:
