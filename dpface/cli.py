@@ -144,15 +144,32 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _output_file(out: str, force: bool) -> Path:
+    """An --out file the command may write: not a directory, not inside a checkpoint or a
+    run's checkpoints/ (an export once overwrote trainer.pt), not an existing file
+    unless --force."""
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"--out {out} is a directory: name the file to write")
+    for parent in path.resolve().parents:
+        if (parent / "meta.json").is_file() or parent.name == "checkpoints":
+            raise InputError(f"--out {out} is inside the checkpoint directory {parent}: dpface never writes "
+                             "into checkpoints; write the file elsewhere")
+    if path.exists() and not force:
+        raise InputError(f"--out {out} exists; pass --force to replace it")
+    return path
+
+
 def _cmd_export_head(args) -> int:
     from dpface.heads.sharding import merge_shards
     from dpface.rundir import checkpoint_dir
 
     ckpt = checkpoint_dir(args.checkpoint, "--checkpoint")
+    out = _output_file(args.out, args.force)
     shards = sorted(ckpt.glob("head-rank*.pt"))
     if not shards:
         raise InputError(f"--checkpoint: no head shards (head-rank*.pt) in {ckpt}")
-    merge_shards(shards, Path(args.out))
+    merge_shards(shards, out)
     print(f"wrote {args.out} from {len(shards)} shard(s)")
     return 0
 
@@ -163,8 +180,9 @@ def _cmd_export_onnx(args) -> int:
 
     if args.check_images < 1:
         raise InputError(f"--check-images must be at least 1, got {args.check_images}")
+    out = _output_file(args.out, args.force)
     try:
-        r = export_checkpoint(load_backbone(args.checkpoint, args.overrides), args.out, tol=args.tol,
+        r = export_checkpoint(load_backbone(args.checkpoint, args.overrides), out, tol=args.tol,
                               num_images=args.check_images)
     except ExportError as e:  # the export or its onnxruntime check failed: not bad input
         print(f"dpface: error: {e}", file=sys.stderr)
@@ -274,12 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-head", help="merge a checkpoint's head shards into one matrix")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
     x.set_defaults(fn=_cmd_export_head)
 
     xo = sub.add_parser("export-onnx", help="a checkpoint's backbone as ONNX (insightface input convention), "
                                             "checked with onnxruntime")
     xo.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step-N)")
     xo.add_argument("--out", required=True, help="the .onnx file to write")
+    xo.add_argument("--force", action="store_true", help="replace --out if it exists")
     xo.add_argument("--tol", type=float, default=1e-4,
                     help="largest |Δ| of L2-normalised embeddings, onnxruntime vs PyTorch (fp32)")
     xo.add_argument("--check-images", type=int, default=64,

@@ -11,10 +11,13 @@ The trainer, the CLI (eval, export, cluster) and the Ray entry all go through
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,55 @@ def checkpoint_dir(path, option: str) -> Path:
             if LEFTOVER.match(path.name) else
             f"{option}: {path} is not a checkpoint (no meta.json; expected …/checkpoints/step-N)")
     return path
+
+
+def _remove_tree(path: Path, why: str) -> None:
+    """Delete a directory of ours, never through a symbolic link, never silently failing."""
+    if path.is_symlink():
+        raise CheckpointError(f"refusing to {why}: {path} is a symbolic link (to {os.readlink(path)}); "
+                              "remove the link yourself or choose another experiment.name")
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise CheckpointError(f"could not {why}: {e}") from None
+
+
+class RunLock:
+    """An exclusive lock on one run directory, held by one process of a run (rank 0) for
+    its life: flock on ``<run>/.lock``, which the kernel drops when that process dies. The
+    file names its holder, so a second run is told who has it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # a clean exit leaves no holder behind
+        finally:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def _holder_alive(text: str) -> bool | None:
+    """Whether the process a lock file names still runs (None: another host, or unknown)."""
+    m = re.match(r"pid (\d+) on (\S+)", text)
+    if not m or m.group(2) != socket.gethostname():
+        return None
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -111,6 +163,47 @@ class RunDir:
             return done[-1] if done else None
         return checkpoint_dir(resume, "--resume")
 
+    def lock(self) -> RunLock:
+        """The run directory for this process alone (a second ``dpface train`` on the same
+        experiment.name would interleave checkpoints, metrics and model cards)."""
+        for part in (self.root, self.checkpoints):
+            if part.is_symlink():
+                raise CheckpointError(f"{part} is a symbolic link (to {os.readlink(part)}): dpface writes and "
+                                      "deletes checkpoints there; use a real directory (experiment.output_dir "
+                                      "may point anywhere)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CheckpointError(f"{self.root} is in use by another dpface run ({holder}); wait for it to "
+                                  "finish, or choose another experiment.name") from None
+        previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if previous and _holder_alive(previous) is False:
+            print(f"dpface: {path}: the run that held it ({previous}) ended without releasing it; taken over",
+                  flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        return RunLock(path, fd)
+
+    def set_aside_newer(self, step: int) -> Path | None:
+        """Resuming from ``step`` while later complete checkpoints exist: they move, intact,
+        to ``checkpoints/abandoned-after-step-N-<time>/`` (rotation would otherwise delete
+        the new branch's checkpoints as they are written, and --resume auto would return
+        to the old branch). Returns where they went."""
+        newer = [p for p in self.complete() if int(STEP_DIR.match(p.name).group(1)) > step]
+        if not newer:
+            return None
+        dest = self.checkpoints / f"abandoned-after-step-{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.mkdir()
+        for p in newer:
+            os.replace(p, dest / p.name)
+        return dest
+
     def recover_interrupted(self) -> None:
         """Rank 0 at start-up, while no rank saves: remove the ``.partial`` directories of
         interrupted saves, and finish a re-save killed between its two renames (its old
@@ -125,11 +218,15 @@ class RunDir:
             if m.group(2) == "replaced" and not final.exists() and (p / "meta.json").is_file():
                 os.replace(p, final)
             else:
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_tree(p, "remove an interrupted save")
 
     def clear(self) -> None:
-        """Delete a previous run's checkpoints, plots and logs (``--overwrite``)."""
+        """Delete a previous run's checkpoints, plots and logs (``--overwrite``); refuses
+        symbolic links rather than deleting through them, and any failure is an error."""
         for d in (self.checkpoints, self.plots):
-            shutil.rmtree(d, ignore_errors=True)
+            _remove_tree(d, "delete the previous run's files (--overwrite)")
         for f in self.RUN_FILES:
-            (self.root / f).unlink(missing_ok=True)
+            path = self.root / f
+            if path.is_symlink():
+                raise CheckpointError(f"refusing to delete {path}: a symbolic link")
+            path.unlink(missing_ok=True)

@@ -53,7 +53,7 @@ def test_truncated_head_shard_on_resume_and_export_head(run2, tmp_path, capsys):
     assert str(shard) in error_line(capsys.readouterr().err)
     out = tmp_path / "head.pt"
     out.write_bytes(b"old")
-    assert main(["export-head", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    assert main(["export-head", "--checkpoint", str(ckpt), "--out", str(out), "--force"]) == 2
     assert str(shard) in error_line(capsys.readouterr().err)
     assert out.read_bytes() == b"old"
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before

@@ -33,7 +33,7 @@ from dpface.io import atomic_write_text
 from dpface.losses import build_aux_loss
 from dpface.losses.range_loss import RangeLoss
 from dpface.models import build_backbone
-from dpface.rundir import CheckpointError, RunDir
+from dpface.rundir import CheckpointError, RunDir, read_meta
 from dpface.schema import ConfigError
 
 if TYPE_CHECKING:
@@ -62,6 +62,22 @@ class Trainer:
         self.cfg = cfg
         self.dirs = RunDir.of(cfg.experiment.output_dir, cfg.experiment.name)
         self.run_dir, self.ckpt_root = self.dirs.root, self.dirs.checkpoints
+        self._lock = None  # rank 0's exclusive lock on the run directory (RunDir.lock)
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the run directory (the end of fit(), or a failed start)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _setup(self, resume: str | None, overwrite: bool) -> None:
+        ctx, cfg = self.info, self.cfg
+        batch = cfg.data.batch_size
         # Resolve (and so validate) the checkpoint before anything is written.
         self.resume_from = self._prepare_run_dir(resume, overwrite)
         self._saved: tuple[int, Path] | None = None  # (step, path) of this process's last save
@@ -121,6 +137,8 @@ class Trainer:
         checkpoints are is refused (its saves would mix with them, and --resume auto would
         continue the old run) unless ``overwrite``, which deletes that run's files first.
         Returns the checkpoint to resume from."""
+        if self.info.is_main:
+            self._lock = self.dirs.lock()
         dist.barrier()  # every rank of this group is here: none is saving
         if self.info.is_main:
             self.dirs.recover_interrupted()
@@ -136,6 +154,12 @@ class Trainer:
         found = self.dirs.resolve_resume(resume)
         if resume == "auto" and found is None and self.info.is_main:
             print(f"dpface: --resume auto: no checkpoint found, starting fresh (in {self.ckpt_root})", flush=True)
+        if found is not None and self.info.is_main:
+            aside = self.dirs.set_aside_newer(read_meta(found)["step"])
+            if aside is not None:
+                print(f"dpface: resuming from {found.name}: the later checkpoints of this run were moved, "
+                      f"intact, to {aside} (this run continues from step {read_meta(found)['step']})", flush=True)
+        dist.barrier()
         return found
 
     # -- pieces -----------------------------------------------------------------
@@ -208,6 +232,8 @@ class Trainer:
         """Train to ``train.steps`` (or stop early at step ``until``, checkpointed, as an
         interrupted run would), then evaluate. On SIGTERM/SIGINT: checkpoint at the next
         step boundary, then raise StopRequested (preempt.py)."""
+        if self.info.is_main and self._lock is None:  # a second fit() on the same trainer
+            self._lock = self.dirs.lock()
         self._fit_started = time.perf_counter()  # wall time of this session, for the model card
         self._batches = None  # the data stream's iterator, once _fit has one
         with SignalStop() as self._signals:
@@ -220,6 +246,7 @@ class Trainer:
                 # shuts its DataLoader down now.
                 if hasattr(self._batches, "close"):
                     self._batches.close()
+                self.release()
 
     def _fit(self, until: int | None) -> dict:
         cfg, info, t = self.cfg, self.info, self.cfg.train
