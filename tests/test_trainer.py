@@ -51,6 +51,9 @@ def test_loss_scaler_halves_on_overflow_and_never_reaches_zero():
 @pytest.mark.parametrize("opt", [
     ["train.optimizer=sgd", "train.schedule=poly"],
     ["train.optimizer=adamw", "train.schedule=cosine", "train.lr=0.002"],
+    # random layers: the resumed run must draw the same dropout masks as the uninterrupted one
+    ["model={name: iresnet_tiny, base_width: 8, dropout: 0.3}"],
+    ["model={name: mobilefacenet, width: 0.25}", "data.num_workers=1"],
 ])
 def test_resume_continues_the_same_run(tmp_path, opt):
     """N steps, stop, resume, N steps == 2N uninterrupted steps: same losses, same weights."""

@@ -30,6 +30,13 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def loader_generator(seed: int) -> torch.Generator:
+    """Every DataLoader gets its own generator: without one, each new iterator (a resume,
+    a new epoch) draws its workers' base seed from the global RNG, which shifts every later
+    random draw of the model (dropout masks) away from the uninterrupted run's."""
+    return torch.Generator().manual_seed(int(seed))
+
+
 @contextlib.contextmanager
 def loader_iter(loader: DataLoader):
     """``iter(loader)`` whose worker processes are shut down however the caller leaves —
@@ -106,7 +113,7 @@ class MapStream:
                                 self.seed, self._consumed)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             worker_init_fn=ignore_stop_signals, persistent_workers=False,
-                            prefetch_factor=4 if self.num_workers else None)
+                            prefetch_factor=4 if self.num_workers else None, generator=loader_generator(self.seed))
         with loader_iter(loader) as it:
             for images, labels in it:
                 self._consumed += 1

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dpface.data.loader import MapStream, ignore_stop_signals, loader_iter
+from dpface.data.loader import MapStream, ignore_stop_signals, loader_generator, loader_iter
 from dpface.seeding import Stream
 from dpface.seeding import rng as stream_rng
 
@@ -108,7 +108,7 @@ class PKMapStream(MapStream):
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
             worker_init_fn=ignore_stop_signals, persistent_workers=False,
-            prefetch_factor=4 if self.num_workers else None)
+            prefetch_factor=4 if self.num_workers else None, generator=loader_generator(self.seed))
         with loader_iter(loader) as it:
             for images, labels in it:
                 self._consumed += 1

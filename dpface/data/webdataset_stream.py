@@ -51,7 +51,7 @@ from dpface.seeding import Stream, rng, seed_int
 from . import slots
 from .augment import N_DRAWS, apply_numpy, check_augment
 from .decode import BadSample, LabelError, decode_sample
-from .loader import ignore_stop_signals, loader_iter
+from .loader import ignore_stop_signals, loader_generator, loader_iter
 from .position import WDS_FORMAT as STATE_FORMAT
 from .position import PositionError, merge_states, wds_resume, wds_state
 from .quality import SAMPLE_KINDS, SHARD_KINDS, BadDataLimit, with_totals
@@ -302,7 +302,8 @@ class WebDatasetStream:
         dataset = _WorkerStream(self.cfg, groups, {v: copy.deepcopy(self._positions[v]) for v in own})
         loader = DataLoader(dataset, batch_size=None, num_workers=nw,
                             prefetch_factor=self.prefetch_factor if nw else None,
-                            worker_init_fn=ignore_stop_signals, persistent_workers=False)
+                            worker_init_fn=ignore_stop_signals, persistent_workers=False,
+                            generator=loader_generator(self.cfg.seed))
         with loader_iter(loader) as it:
             live = [w for w, g in enumerate(groups)
                     if not all(self._positions[v]["ended"] for v in g)]
