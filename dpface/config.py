@@ -38,9 +38,16 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _run_name_ok(name: str) -> bool:
+    """One directory name inside output_dir: not empty, no separator, not '.' or '..'."""
+    return bool(name.strip()) and "/" not in name and "\\" not in name and name not in (".", "..") \
+        and not name.startswith("~") and "\0" not in name
+
+
 @dataclass
 class ExperimentConfig:
-    name: str = "dpface"
+    # runs/<name>/ holds the run: one directory name, never a path out of output_dir
+    name: str = rule("dpface", _run_name_ok, "a single directory name (no '/', not empty, '.' or '..')")
     output_dir: str = "runs"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -191,9 +198,19 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (UTF-8) file: byte {e.start} is 0x{e.object[e.start]:02x}; "
+                          "is this the config file?") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if data is None:  # an empty file would silently train the defaults (iresnet50 into runs/dpface)
+        raise ConfigError(f"{path}: the config file is empty; a recipe names at least its base, model or "
+                          "data (see configs/)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("base", None)

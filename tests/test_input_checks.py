@@ -100,7 +100,7 @@ def test_overrides_on_both_sides_of_resume(monkeypatch):
     from dpface import cli
     seen = {}
     monkeypatch.setattr(cli, "_cmd_train", lambda a: seen.update(vars(a)) or 0)
-    assert cli.main(["train", "--config", DEMO, "train.lr=0.05", "--resume", "auto",
+    assert main(["train", "--config", DEMO, "train.lr=0.05", "--resume", "auto",
                      "train.steps=3"]) == 0
     assert seen["overrides"] == ["train.lr=0.05", "train.steps=3"] and seen["resume"] == "auto"
 
@@ -176,3 +176,24 @@ def test_eval_json_has_no_bare_nan():
     from dpface.cli import _json_metrics
     text = _json_metrics({"a/acc": 0.5, "a/tar@far=0.001": float("nan")})
     assert "NaN" not in text and json.loads(text)["a/tar@far=0.001"] is None
+
+
+@pytest.mark.parametrize("name", ["..", "/tmp/elsewhere", "", "a/b", "~x"])
+def test_experiment_name_stays_inside_output_dir(tmp_path, capsys, name):
+    """A name with '..', an absolute path or nothing would write outside experiment.output_dir
+    or into its root: refused before anything is written (exit 2)."""
+    assert main(["train", "--config", DEMO, f"experiment.output_dir={tmp_path}", f"experiment.name={name}",
+                     "--print-config"]) == 2
+    assert "'experiment.name' must be a single directory name" in one_error_line(capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_and_binary_config_files_are_refused(tmp_path, capsys):
+    empty, binary = tmp_path / "empty.yaml", tmp_path / "model.pt"
+    empty.write_text("# nothing here\n")
+    binary.write_bytes(bytes(range(128, 256)))
+    assert main(["train", "--config", str(empty), f"experiment.output_dir={tmp_path}"]) == 2
+    assert "the config file is empty" in one_error_line(capsys.readouterr().err)
+    assert main(["train", "--config", str(binary), f"experiment.output_dir={tmp_path}"]) == 2
+    assert "not a text (UTF-8) file" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "dpface").exists()
