@@ -113,4 +113,17 @@ if [[ $dry_run == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi
-exec "${cmd[@]}"
+# Not exec: on SIGTERM/SIGINT (SLURM, Ctrl-C) forward it, let every rank write its checkpoint,
+# and exit 143/130 like the ranks do (torchrun itself exits 1 with a traceback).
+got=""
+trap 'got=143; kill -TERM "$child" 2>/dev/null || true' TERM
+trap 'got=130; kill -INT "$child" 2>/dev/null || true' INT
+"${cmd[@]}" &
+child=$!
+rc=0
+while :; do
+  wait "$child" && rc=0 || rc=$?
+  kill -0 "$child" 2>/dev/null || break  # wait returned for a trapped signal: keep waiting
+done
+[[ -n "$got" ]] && exit "$got"
+exit "$rc"

@@ -38,6 +38,9 @@ class SignalStop:
 
     def __init__(self):
         self.signum, self._first, self._old = 0, 0.0, {}
+        # While set (the final evaluation, after the last checkpoint): a signal raises this
+        # at once instead of waiting for a step boundary that will not come.
+        self.interrupt = None
 
     def __enter__(self) -> "SignalStop":
         # Only the main thread may set handlers; Ray Train runs the loop in a worker thread
@@ -54,6 +57,11 @@ class SignalStop:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if not self.signum and self.interrupt is not None:
+            self.signum, self._first = signum, time.monotonic()
+            os.write(2, f"dpface: {name} received during the final evaluation: the final checkpoint is "
+                        "written; stopping now\n".encode())
+            raise self.interrupt(signum)
         if not self.signum:
             self.signum, self._first = signum, time.monotonic()
             os.write(2, f"dpface: {name} received: stopping after this step to write a checkpoint "

@@ -315,7 +315,14 @@ class Trainer:
             raise StopRequested(stop_signal, self.state.step, path)
         if self.state.step < t.steps:  # stopped early on purpose: leave evaluation to the end
             return {}
-        final = self.evaluate() if self.do_eval else {}
+        if self._signals.signum:  # a signal during the final save: no evaluation to wait for
+            self.logger.close()
+            raise StopRequested(self._signals.signum, self.state.step, path)
+        self._signals.interrupt = lambda signum: StopRequested(signum, self.state.step, path)
+        try:
+            final = self.evaluate() if self.do_eval else {}
+        finally:
+            self._signals.interrupt = None
         if info.is_main:
             if final:
                 self.logger.log(self.state.step, final, prefix="eval")
