@@ -197,3 +197,32 @@ def test_empty_and_binary_config_files_are_refused(tmp_path, capsys):
     assert main(["train", "--config", str(binary), f"experiment.output_dir={tmp_path}"]) == 2
     assert "not a text (UTF-8) file" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "dpface").exists()
+
+
+def test_manifest_without_shards_or_with_lying_counts_is_refused_at_start(tmp_path):
+    """Counts drive epochs, progress and resume positions: checked against each shard's
+    index header before any reading (a lying manifest showed epoch 0.0016 and trained on)."""
+    from dpface.data.convert import convert_synthetic
+    from dpface.data.shards import ShardError, resolve_shards
+
+    out = tmp_path / "s"
+    convert_synthetic(str(out), num_identities=6, max_images=4, min_images=2, seed=0, max_shard_samples=8)
+    good = json.loads((out / "manifest.json").read_text())
+    assert resolve_shards(str(out / "manifest.json")).tars
+    cases = {"empty": (dict(good, shards=[]), "lists no shards"),
+             "shard": (dict(good, shards=[dict(good["shards"][0], samples=800), *good["shards"][1:]]),
+                       "holds 800 samples, its index lists 8"),
+             "total": (dict(good, num_images=good["num_images"] * 100), "num_images is")}
+    for name, (manifest, message) in cases.items():
+        path = out / f"{name}.json"
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(ShardError, match=message):
+            resolve_shards(str(path))
+
+
+def test_deepspeed_without_a_launcher_is_one_error_line(tmp_path, capsys):
+    pytest.importorskip("deepspeed")
+    from tests.conftest import tiny_overrides
+
+    assert main(["train", "--config", DEMO, *tiny_overrides("deepspeed.enabled=true", out=tmp_path, name="d")]) == 2
+    assert "needs a distributed launch" in one_error_line(capsys.readouterr().err)

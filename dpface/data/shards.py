@@ -331,6 +331,18 @@ class ShardRead:
 
 
 # -- index files ---------------------------------------------------------------------
+def _index_count(idx_path: str) -> int:
+    """The sample count of an index file's header ("v1.2 <num_samples>")."""
+    try:
+        with open(idx_path, encoding="utf-8") as f:
+            header = f.readline().split()
+        if len(header) != 2 or header[0] != INDEX_VERSION:
+            raise ValueError(f"header {' '.join(header)!r}")
+        return int(header[1])
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ShardError(f"{idx_path}: not a readable webdataset index ({e})") from None
+
+
 def read_index(idx_path: str) -> list[dict[str, tuple[int, int]]]:
     """Parse a DALI webdataset index: per sample, {ext: (data offset, size)}."""
     try:
@@ -530,13 +542,23 @@ def _from_manifest(path: str, num_classes: int | None) -> ShardSet:
     m = load_manifest(path)
     root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if not m["shards"]:
-        raise ValueError(f"manifest {path} lists no shards: nothing to read")
+        raise ShardError(f"manifest {path} lists no shards: nothing to read")
     tars = [os.path.join(root, s["name"]) for s in m["shards"]]
     idx = [os.path.join(root, s["index"]) for s in m["shards"]]
     missing = [p for p in tars + idx if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"manifest {path} lists {len(missing)} missing file(s), "
                                 f"e.g. {missing[0]}")
+    # The counts drive epochs, progress and the resume position: check them against each
+    # shard's index header (one line per shard) rather than trust them.
+    for shard, idx_path in zip(m["shards"], idx):
+        listed = _index_count(idx_path)
+        if listed != shard["samples"]:
+            raise ShardError(f"manifest {path} says {shard['name']} holds {shard['samples']} samples, its index "
+                             f"lists {listed}: the manifest does not describe these shards (re-convert them)")
+    if sum(s["samples"] for s in m["shards"]) != int(m["num_images"]):
+        raise ShardError(f"manifest {path}: num_images is {m['num_images']} but its shards hold "
+                         f"{sum(s['samples'] for s in m['shards'])} samples")
     n = int(m["num_classes"])
     if num_classes is not None:
         if int(num_classes) < n:

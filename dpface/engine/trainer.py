@@ -46,6 +46,10 @@ def build_parallel(cfg: Config, backbone: torch.nn.Module, ctx: dist.ParallelCon
     ``find_unused``: some parameters get no gradient (a quality branch no loss uses)."""
     opt = cfg.train.optimizer_for(backbone.parameters())
     if cfg.deepspeed.enabled:
+        if not dist.is_initialized():
+            raise ConfigError("deepspeed.enabled=true needs a distributed launch (DeepSpeed shards the "
+                              "optimizer over a process group): launchers/torchrun.sh --nproc-per-node N -- "
+                              "--config …, also for one process")
         from dpface.engine.deepspeed_backbone import ZeroBackbone
 
         return ZeroBackbone(backbone, opt, cfg, ctx, amp_dtype)
