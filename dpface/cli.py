@@ -112,6 +112,9 @@ def _cmd_eval(args) -> int:
         raise InputError(str(e)) from e
     if not sets:
         raise InputError("nothing to evaluate: synthetic data or --bin sets are needed")
+    for name, v in sets.items():  # (images a, images b, issame, …)
+        if len(v[2]) < cfg.eval.folds:
+            raise InputError(f"{name}: {len(v[2])} pairs cannot be split into eval.folds={cfg.eval.folds} folds")
     # Progress on stderr (stdout is the JSON): one line per set, cheap.
     print("dpface eval: " + ", ".join(f"{k} ({len(v[2])} pairs)" for k, v in sets.items()),
           file=sys.stderr, flush=True)

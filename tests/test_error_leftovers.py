@@ -130,3 +130,23 @@ def test_resume_with_another_backbone_names_what_differs(run2, tmp_path, capsys)
     line = error_line(capsys.readouterr().err)
     assert "base_width" in line and "8" in line and "16" in line
     assert len(line) < 600  # what differs, not torch's list of every tensor
+
+
+def test_bin_sets_without_pairs_of_both_kinds_or_too_few_for_the_folds(run2, tmp_path, capsys):
+    """An empty .bin, one whose pairs are all matches, and one with fewer pairs than folds:
+    one line each, exit 2 (they were tracebacks)."""
+    import numpy as np
+
+    from dpface.eval.bin_sets import write_bin
+
+    imgs = np.random.default_rng(0).integers(0, 255, (8, 112, 112, 3), dtype=np.uint8)
+    cases = {"empty": (imgs[:0], imgs[:0], []), "one_class": (imgs[:4], imgs[4:], [True] * 4),
+             "few": (imgs[:4], imgs[4:], [True, False, True, False])}
+    ckpt = complete_checkpoints(run2 / "checkpoints")[-1]
+    for name, (a, b, same) in cases.items():
+        path = tmp_path / f"{name}.bin"
+        write_bin(path, a, b, np.asarray(same, dtype=bool))
+        assert main(["eval", "--checkpoint", str(ckpt), "--bin", str(path), "eval.folds=10"]) == 2, name
+        line = error_line(capsys.readouterr().err)
+        assert {"empty": "holds no pairs", "one_class": "all 4 pairs are matches",
+                "few": "4 pairs cannot be split into eval.folds=10 folds"}[name] in line, line

@@ -101,6 +101,11 @@ def load_bin(path, image_size=112) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if issame.size and not np.isin(issame, (0, 1)).all():
             raise ValueError(f"{path}: issame_list must hold booleans")
         issame = issame.astype(bool)
+    if n_pairs == 0:
+        raise ValueError(f"{path}: holds no pairs: nothing to verify")
+    if issame.all() or not issame.any():
+        raise ValueError(f"{path}: all {n_pairs} pairs are {'matches' if issame.all() else 'mismatches'}; "
+                         "verification needs both (a threshold separates them)")
 
     images = np.empty((n_img, h, w, 3), dtype=np.uint8)
     for i, item in enumerate(bins):
