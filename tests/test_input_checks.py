@@ -226,3 +226,10 @@ def test_deepspeed_without_a_launcher_is_one_error_line(tmp_path, capsys):
 
     assert main(["train", "--config", DEMO, *tiny_overrides("deepspeed.enabled=true", out=tmp_path, name="d")]) == 2
     assert "needs a distributed launch" in one_error_line(capsys.readouterr().err)
+
+
+def test_synthetic_ijb_without_scikit_image_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)  # import skimage → ImportError
+    assert main(["convert", "synthetic-ijb", str(tmp_path / "ijb")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "need scikit-image" in line and "dpface[eval]" in line

@@ -48,6 +48,16 @@ class ProtocolError(ValueError):
     """An evaluation set is malformed; the message names the file (and line)."""
 
 
+def _skimage_transform():
+    """scikit-image's transform module (the five-point alignment), or one clear error."""
+    try:
+        from skimage import transform
+    except ImportError:
+        raise ProtocolError("IJB alignment and `dpface convert synthetic-ijb` need scikit-image: "
+                            "pip install 'dpface[eval]'") from None
+    return transform
+
+
 def template_points(size: int = 112) -> np.ndarray:
     """The five ArcFace template points for a ``size``×``size`` crop (scaled from 112)."""
     return ARCFACE_TEMPLATE * (size / 112.0)
@@ -56,7 +66,7 @@ def template_points(size: int = 112) -> np.ndarray:
 def similarity_to_template(landmarks, size: int = 112):
     """The least-squares similarity transform (scikit-image) taking the five ``landmarks``
     [5, 2] (x, y image pixels) onto the template of a ``size`` crop."""
-    from skimage.transform import SimilarityTransform
+    SimilarityTransform = _skimage_transform().SimilarityTransform
 
     src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
     dst = template_points(size)
@@ -74,7 +84,7 @@ def similarity_to_template(landmarks, size: int = 112):
 def align_face(image: np.ndarray, landmarks, size: int = 112) -> np.ndarray:
     """uint8 [H, W, 3] image + five landmarks → the aligned uint8 [size, size, 3] crop
     (bilinear; outside the image is black, as cv2.warpAffine's default border)."""
-    from skimage.transform import warp
+    warp = _skimage_transform().warp
 
     t = similarity_to_template(landmarks, size)
     out = warp(image, t.inverse, output_shape=(size, size), order=1, mode="constant", cval=0.0,
@@ -333,7 +343,8 @@ def make_synthetic_ijb(out, num_identities: int = 30, templates_per_identity: in
     every impostor pair. Returns a summary dict.
     """
     from PIL import Image
-    from skimage.transform import SimilarityTransform, warp
+
+    SimilarityTransform, warp = _skimage_transform().SimilarityTransform, _skimage_transform().warp
 
     from dpface.data.synthetic import EVAL_SAMPLE_BASE, SyntheticFaces
 
