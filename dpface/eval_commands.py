@@ -41,11 +41,10 @@ def _counts(text: str) -> list[int]:
 
 
 def verification_plots(rocs: dict, plots_dir: Path, step: int) -> list[Path]:
-    """ROC (log FAR) and DET of every verification set; [] without matplotlib."""
-    try:
-        from dpface.eval.plots import det_plots, roc_plots
-    except ImportError:
-        return []
+    """ROC (log FAR) and DET of every verification set; [] without matplotlib (said once,
+    as the IJB and 1:N paths say it)."""
+    from dpface.eval.plots import det_plots, roc_plots
+
     out = []
     for name, (fpr, tpr) in rocs.items():
         try:
@@ -54,6 +53,7 @@ def verification_plots(rocs: dict, plots_dir: Path, step: int) -> list[Path]:
             out.append(det_plots({name: (fpr, tpr)}, plots_dir / f"det-{name}-step{step:08d}.png",
                                  title=f"{name}, step {step}"))
         except ImportError:
+            _err("dpface eval: matplotlib not installed, no plots (pip install matplotlib, or dpface[eval])")
             return out
     return out
 

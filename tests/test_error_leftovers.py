@@ -150,3 +150,10 @@ def test_bin_sets_without_pairs_of_both_kinds_or_too_few_for_the_folds(run2, tmp
         line = error_line(capsys.readouterr().err)
         assert {"empty": "holds no pairs", "one_class": "all 4 pairs are matches",
                 "few": "4 pairs cannot be split into eval.folds=10 folds"}[name] in line, line
+
+
+def test_eval_without_matplotlib_says_it_skips_the_plots(run2, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    ckpt = complete_checkpoints(run2 / "checkpoints")[-1]
+    assert main(["eval", "--checkpoint", str(ckpt)]) == 0
+    assert "matplotlib not installed, no plots" in capsys.readouterr().err

@@ -115,3 +115,16 @@ def test_export_never_writes_into_a_checkpoint_or_over_a_file(tmp_path, capsys):
     time.sleep(0.01)
     assert main(["export-head", "--checkpoint", str(ckpt), "--out", str(head), "--force"]) == 0
     assert head.stat().st_mtime_ns != first
+
+
+def test_resume_auto_on_a_finished_run_does_nothing_and_training_ends_with_a_summary(tmp_path, capsys):
+    assert train(tmp_path, "r", "train.steps=2") == 0
+    out = capsys.readouterr().out
+    assert "dpface: done: step 2 in 00:00:" in out and f"run {tmp_path / 'r'}" in out and "MODEL_CARD.md" in out
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    card = (tmp_path / "r" / "MODEL_CARD.md").read_text()
+    assert "kernel fused margin-softmax op (cpu, fp32)" in card and "amp fp32" in card  # what ran, not "auto"
+    assert train(tmp_path, "r", "train.steps=2", resume="auto") == 0
+    assert "the run already finished at step 2" in capsys.readouterr().out
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics  # no duplicate rows
+    assert (tmp_path / "r" / "MODEL_CARD.md").read_text() == card

@@ -252,8 +252,26 @@ class Trainer:
                     self._batches.close()
                 self.release()
 
+    def _finished(self) -> dict | None:
+        """A resumed run that already ended at train.steps: its final metrics (evaluating
+        again would append duplicate rows to metrics.jsonl and the model card)."""
+        if self.resume_from is None or self.state.step < self.cfg.train.steps:
+            return None
+        try:
+            final = json.loads(self.dirs.final_metrics_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return final if final.get("step") == self.state.step else None
+
     def _fit(self, until: int | None) -> dict:
         cfg, info, t = self.cfg, self.info, self.cfg.train
+        done = self._finished()
+        if done is not None:
+            if info.is_main:
+                print(f"dpface: the run already finished at step {self.state.step} (final metrics in "
+                      f"{self.dirs.final_metrics_file}); nothing to do. Raise train.steps to train on.", flush=True)
+            self.logger.close()
+            return {k: v for k, v in done.items() if k not in ("step", "checkpoint") and not k.startswith("untrained/")}
         stop = min(until, t.steps) if until is not None else t.steps
         global_batch = cfg.data.batch_size * info.world_size * t.accumulate
         if info.is_main:
@@ -337,7 +355,9 @@ class Trainer:
             from dpface.eval.model_card import write_training_card
 
             wall = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
-            write_training_card(self, path, wall)
+            card = write_training_card(self, path, wall)
+            print(f"dpface: done: step {self.state.step} in {time.strftime('%H:%M:%S', time.gmtime(wall))}; "
+                  f"run {self.run_dir}, checkpoint {path}" + (f", model card {card}" if card else ""), flush=True)
         self.logger.close()
         return final
 

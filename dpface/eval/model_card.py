@@ -93,10 +93,13 @@ def eval_tables_from_metrics(metrics_jsonl: Path) -> list[dict]:
 
 def build_card(cfg, *, num_classes: int, num_params: int, step: int, world_size: int,
                wall_time_s: float, checkpoint: str | None, evaluations: list[dict],
-               previous: dict | None = None) -> dict:
+               previous: dict | None = None, ran: dict | None = None) -> dict:
     """The card of a finished training run. ``previous`` (the card of the run this one
     resumed, if any) contributes its wall time and the evaluations of `dpface eval`."""
     global_batch = cfg.data.batch_size * world_size
+    ran = ran or {}  # what the run resolved "auto" to (the head's kernel, the AMP dtype)
+    kernel = ran.get("kernel") or cfg.head.kernel
+    amp = ran.get("amp") or cfg.train.amp
     prev_wall = float((previous or {}).get("training", {}).get("wall_time_s_total", 0.0) or 0.0)
     appended = [e for e in (previous or {}).get("evaluations", []) if e.get("source") != "dpface train"]
     from dpface import __version__
@@ -111,12 +114,12 @@ def build_card(cfg, *, num_classes: int, num_params: int, step: int, world_size:
                   "input": "RGB, (pixel - 127.5) / 127.5, aligned face crops"},
         "head": {"num_classes": num_classes, "loss": cfg.head.loss,
                  "sample_rate": cfg.head.sample_rate, "negatives": cfg.head.negatives,
-                 "update": cfg.head.update, "kernel": cfg.head.kernel, "precision": cfg.head.precision,
+                 "update": cfg.head.update, "kernel": kernel, "precision": cfg.head.precision,
                  "aux_losses": list(cfg.aux_losses)},
         "data": data_identity(cfg),
         "training": {"steps": step, "images_seen": step * global_batch, "global_batch": global_batch,
                      "world_size": world_size, "optimizer": cfg.train.optimizer, "lr": cfg.train.lr,
-                     "schedule": cfg.train.schedule, "amp": cfg.train.amp,
+                     "schedule": cfg.train.schedule, "amp": amp,
                      "deepspeed": bool(cfg.deepspeed.enabled),
                      "wall_time_s": round(wall_time_s, 3),
                      "wall_time_s_total": round(prev_wall + wall_time_s, 3),
@@ -263,7 +266,9 @@ def write_training_card(trainer, checkpoint, wall_time_s: float) -> Path | None:
                           wall_time_s=float(wall_time_s),
                           checkpoint=str(checkpoint) if checkpoint else None,
                           evaluations=eval_tables_from_metrics(run_dir / "metrics.jsonl"),
-                          previous=previous)
+                          previous=previous,
+                          ran={"kernel": getattr(trainer, "head_kernel", None),
+                               "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"})
         write_card(run_dir, card)
         return run_dir / CARD_MD
     except Exception as e:  # noqa: BLE001 — the card must never fail a finished run
