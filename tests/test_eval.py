@@ -397,3 +397,17 @@ def test_roc_plot(tmp_path):
     fpr, tpr, _ = roc_curve(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True]))
     roc_plot(fpr, tpr, tmp_path / "roc.png", label="toy")
     assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_card_table_has_a_row_per_set_and_mode():
+    """IJB --all-modes gave one row of 57 columns: rows are now everything before the last '/'."""
+    from dpface.eval.model_card import metrics_table
+
+    modes = [f"{'flip' if f else 'noflip'}+{'norm' if n else 'nonorm'}" for f in (0, 1) for n in (0, 1)]
+    metrics = {f"ijb/B/{m}/{k}": 0.5 for m in modes for k in ("tar@far=1e-4", "tar@far=1e-3", "auc")}
+    metrics.update({"synthetic/acc": 0.9, "synthetic/auc": 0.95})
+    lines = metrics_table(metrics).splitlines()
+    assert len(lines) == 2 + len(modes) + 1
+    assert lines[0] == "| set | tar@far=1e-4 | tar@far=1e-3 | auc | acc |"
+    assert lines[2].startswith("| ijb/B/noflip+nonorm | 0.5000 | 0.5000 | 0.5000 |")
+    assert lines[-1] == "| synthetic | – | – | 0.9500 | 0.9000 |"

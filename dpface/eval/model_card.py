@@ -184,11 +184,12 @@ def _fmt(v) -> str:
 
 
 def metrics_table(metrics: dict) -> str:
-    """``<set>/<metric>`` → one row per set, one column per metric (Markdown)."""
+    """``<set>/<metric>`` → one row per set, one column per metric (Markdown); the set is
+    everything before the last '/' (``ijb/B/flip+norm/tar@far=1e-4``: row ``ijb/B/flip+norm``)."""
     sets: dict[str, dict] = {}
     columns: list[str] = []
     for key, value in metrics.items():
-        name, _, metric = key.partition("/")
+        name, _, metric = key.rpartition("/")
         if not metric:
             name, metric = "", key
         sets.setdefault(name, {})[metric] = value
