@@ -122,3 +122,22 @@ def test_zero_bf16_trains_and_evaluates(tmp_path, tmp_path_factory):
     ckpt = tmp_path / "bf16" / "checkpoints" / "step-00000003"
     backbone = torch.load(ckpt / "trainer.pt", weights_only=True)["backbone"]
     assert all(v.dtype == torch.float32 for v in backbone.values() if v.is_floating_point())
+
+
+def test_a_stale_extension_build_lock_is_an_error_not_a_silent_wait(tmp_path, capsys):
+    """A first DeepSpeed run killed while JIT-building its op leaves torch's build lock;
+    every later run waited on it forever with no output."""
+    import os
+    import time
+
+    from dpface.engine.deepspeed_backbone import STALE_BUILD_LOCK_S, check_extension_build_locks
+
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    check_extension_build_locks(tmp_path)  # a build running now: said, then waited for
+    assert "waiting for a torch extension build to finish" in capsys.readouterr().out
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(ConfigError, match="build lock left 11 min ago.*Delete it if no build is running"):
+        check_extension_build_locks(tmp_path)

@@ -30,6 +30,7 @@ import torch
 
 from dpface import distributed as dist
 from dpface.rundir import CheckpointError
+from dpface.schema import ConfigError
 
 SUBDIR = "deepspeed"  # inside the step directory
 TAG = "zero"
@@ -67,6 +68,28 @@ def _safe_checkpoint_engine(config):
                                       f"DeepSpeed's optimizer state ({first})") from None
 
     return SafeTorchCheckpointEngine(config)
+
+
+STALE_BUILD_LOCK_S = 600  # no op build takes this long; an older lock was left by a killed build
+
+
+def check_extension_build_locks(root: Path | None = None) -> None:
+    """DeepSpeed JIT-builds an op on first use under torch's extension root; a build killed
+    half-way leaves its ``lock`` file, and every later run waits on it forever, silently.
+    An old lock is an error naming the file; a recent one (a build running now) is said."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(root or get_default_build_root())
+    if not root.is_dir():
+        return
+    for lock in sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock")):
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_BUILD_LOCK_S:
+            raise ConfigError(f"{lock}: a torch extension build lock left {age / 60:.0f} min ago (a killed "
+                                  "build?); DeepSpeed would wait on it forever. Delete it if no build is running")
+        print(f"dpface: waiting for a torch extension build to finish ({lock}, {age:.0f} s old)", flush=True)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -134,6 +157,7 @@ class ZeroBackbone:
         self.config = deepspeed_config(cfg, ctx.world_size, self.amp_dtype)
         # A torch optimizer instance (not a name) keeps DeepSpeed from JIT-building its
         # fused Adam; ZeRO wraps it and shards its state.
+        check_extension_build_locks()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=backbone, optimizer=optimizer, config=self.config,
             dist_init_required=False)
