@@ -40,6 +40,10 @@ def _error_message(e: BaseException) -> tuple[str, int] | None:
         if isinstance(c, OSError) and c.errno == errno.ENOSPC:
             where = next((x.filename for x in chain if isinstance(x, OSError) and x.filename), None)
             return f"no space left on device{f' writing {where}' if where else ''}", EXIT_NO_SPACE
+    # A path the user chose cannot be written (a read-only output directory, a file where
+    # a directory should be): the path and the reason, not a traceback.
+    if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)) and e.filename:
+        return f"cannot write {e.filename}: {e.strerror}", EXIT_INPUT
     text = str(e)
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep its last line
         last = [l for l in text.splitlines() if l.strip()][-1]

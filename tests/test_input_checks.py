@@ -233,3 +233,19 @@ def test_synthetic_ijb_without_scikit_image_names_the_extra(tmp_path, capsys, mo
     assert main(["convert", "synthetic-ijb", str(tmp_path / "ijb")]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "need scikit-image" in line and "dpface[eval]" in line
+
+
+def test_an_output_directory_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """A file where the output directory should be, and a read-only directory (simulated:
+    the tests may run as root, who writes anywhere): the path and the reason, exit 2."""
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--config", DEMO, f"experiment.output_dir={tmp_path / 'afile' / 'runs'}"]) == 2
+    assert "cannot write " in one_error_line(capsys.readouterr().err)
+    import pathlib
+
+    def read_only(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    assert main(["train", "--config", DEMO, f"experiment.output_dir={tmp_path / 'ro'}"]) == 2
+    assert one_error_line(capsys.readouterr().err).endswith("Permission denied")
