@@ -120,6 +120,8 @@ def test_export_never_writes_into_a_checkpoint_or_over_a_file(tmp_path, capsys):
 def test_resume_auto_on_a_finished_run_does_nothing_and_training_ends_with_a_summary(tmp_path, capsys):
     assert train(tmp_path, "r", "train.steps=2") == 0
     out = capsys.readouterr().out
+    assert "dpface: evaluating step 0 on synthetic (40 pairs)…" in out  # the long phases say so first
+    assert " eta=0:00:" in next(line for line in out.splitlines() if line.startswith("[train] step 2 "))
     assert "dpface: done: step 2 in 00:00:" in out and f"run {tmp_path / 'r'}" in out and "MODEL_CARD.md" in out
     metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
     card = (tmp_path / "r" / "MODEL_CARD.md").read_text()

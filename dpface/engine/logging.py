@@ -40,6 +40,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _console(key: str, v) -> str:
+    if key == "eta_s" and isinstance(v, (int, float)) and math.isfinite(v):
+        return f"eta={int(v) // 3600}:{int(v) % 3600 // 60:02d}:{int(v) % 60:02d}"
+    return f"{key}={_fmt(v)}"
+
+
 def _on_console(key: str) -> bool:
     """Keep the progress line short: the per-rank memory breakdown and the per-cause
     data counters go to the JSONL file and W&B only (their totals stay on the line)."""
@@ -127,7 +133,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        line = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if _on_console(k))
+        line = " ".join(_console(k, v) for k, v in metrics.items() if _on_console(k))
         print(f"[{prefix}] step {step} {line}", file=self.stream, flush=True)
         self._file.write(json.dumps({"step": step, "kind": prefix, **metrics}) + "\n")
         if self._wandb is not None:

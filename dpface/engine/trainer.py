@@ -169,6 +169,10 @@ class Trainer:
     # -- pieces -----------------------------------------------------------------
     def evaluate(self) -> dict:
         rocs = {}
+        if self.info.is_main and self.eval_sets:  # evaluation can take minutes: say so first
+            pairs = sum(len(v[2]) for v in self.eval_sets.values())
+            print(f"dpface: evaluating step {self.state.step} on {', '.join(self.eval_sets)} ({pairs} pairs)…",
+                  flush=True)
         metrics = self.cfg.eval.run(self.backbone, self.eval_sets, self.info.device, rocs) if self.info.is_main else {}
         self.logger.log_roc(self.state.step, rocs)
         dist.barrier()
@@ -314,7 +318,9 @@ class Trainer:
                 rate = global_batch * (step - steps_last) / max(now - t_last, 1e-9)
                 means = ["loss", "acc", *(k for k in m if k.startswith(("aux/", "head/")))]
                 agg = {k: sum(w[k] for w in window) / len(window) for k in means}
+                # time left at this window's rate (the schedule's remaining steps)
                 agg.update(lr=m["lr"], grad_norm=m["grad_norm"], img_s=rate,
+                           eta_s=(stop - step) * global_batch / max(rate, 1e-9),
                            skipped=sum(w["skipped"] for w in window), epoch=self.stream.epoch,
                            **{f"data/{k}": v for k, v in self.stream.stats().items()})
                 if self.amp_dtype == torch.float16:
