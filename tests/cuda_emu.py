@@ -82,7 +82,8 @@ def _objects(out_dir: Path, flags: list[str], sources: dict[str, str] | None,
     texts.update(sources or {})
     texts["cuda_emu.cpp"] = (EMU / "cuda_emu.cpp").read_text()
     texts.update(extra or {})
-    headers = {p.name: p.read_text() for p in sorted([*(CSRC / "cuda").glob("*.h"), CSRC / "margin_math.h"])}
+    headers = {p.name: p.read_text() for p in sorted([*(CSRC / "cuda").glob("*.h"), *(CSRC / "cuda").glob("*.cuh"),
+                                                      CSRC / "margin_math.h"])}
     jobs, objs = [], []
     for name, text in texts.items():
         key = hashlib.sha256(json.dumps([flags, name, text, emu_h, headers]).encode()).hexdigest()[:16]

@@ -154,9 +154,11 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_resave_of_the_last_step_killed_mid_commit_loses_nothing(base_run, tmp_path):
-    """A finished run resumed re-saves its last step; killed between removing the old
-    directory and renaming the new one into place, the step must survive."""
+    """A run stopped at its last step before its final evaluation, resumed, re-saves that
+    step; killed between removing the old directory and renaming the new one into place,
+    the step must survive. (A run that did finish is left alone by --resume auto.)"""
     run = copy_of(base_run, tmp_path, "rs")
+    (run / "final_metrics.json").unlink()  # stopped before the final evaluation
     r = subprocess.run([sys.executable, "-c", KILL_AT_COMMIT, "train", "--resume", "auto", *args(tmp_path, "rs")],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]

@@ -13,16 +13,17 @@
 
 #include "../margin_math.h"
 #include "dpface_cuda.h"
+#include "common.cuh"
 #include "launch.h"
 
 namespace {
 
 using dpface::Margin;
+using namespace dpface_cuda;
 
 constexpr int kRowThreads = 256;  // forward: one block per row
 constexpr int kEltThreads = 256;  // backward: one thread per element
 
-__device__ __forceinline__ float nanmax(float a, float b) { return (a > b || a != a) ? a : b; }
 
 // (m, s) of an online log-sum-exp: the max logit and sum exp(z - m); m = -inf: empty.
 __device__ __forceinline__ void lse_merge(float& m, float& s, float om, float os) {
@@ -49,21 +50,9 @@ __global__ void __launch_bounds__(kRowThreads) chunk_fwd_kernel(FwdArgs a, Margi
     if (normalize) score *= a.inv[j];
     else if (a.bias) score += a.bias[j];
     const int64_t jg = a.c0 + j;
-    float z;
-    if (jg == t) {
-      z = g.s * dpface::psi(g, score);
-      a.target_logit[i] = z;
-      a.target_score[i] = score;
-    } else {
-      z = g.s * score;
-    }
+    const float z = column_logit(g, score, jg == t, &a.target_logit[i], &a.target_score[i]);
     mx = nanmax(mx, score);
-    if (z > m) {
-      s = (m == -INFINITY ? 0.f : s * expf(m - z)) + 1.f;
-      m = z;
-    } else {
-      s += expf(z - m);
-    }
+    lse_push(m, s, z);
     if (jg < a.n_keep) a.saved[i * a.n_keep + jg] = z;
   }
   sm[threadIdx.x] = m;
@@ -108,16 +97,6 @@ __global__ void __launch_bounds__(kEltThreads) chunk_bwd_kernel(BwdArgs a, Margi
   a.da[i * a.n + j] = normalize ? dscore * a.inv[j] : dscore;
 }
 
-int cuda_code(cudaError_t e) { return e == cudaSuccess ? DPFACE_CUDA_OK : DPFACE_CUDA_ECUDA_BASE + int(e); }
-
-Margin<float> make_g(const dpface_margin_params* p) {
-  dpface::MarginParams mp;
-  mp.s = p->s; mp.m1 = p->m1; mp.m2 = p->m2; mp.m3 = p->m3;
-  mp.easy_margin = p->easy_margin != 0;
-  mp.normalize = p->normalize != 0;
-  return dpface::make_margin<float>(mp);
-}
-
 bool sizes_ok(int64_t B, int64_t n, int64_t c0) {
   return B >= 0 && B <= INT_MAX && n >= 0 && n <= INT_MAX && c0 >= 0;
 }
@@ -137,7 +116,7 @@ int dpface_chunk_fwd_epilogue(const float* scores, int64_t B, int64_t n, int64_t
     return DPFACE_CUDA_EINVAL;
   const FwdArgs a{scores, B, n, c0, n_keep, inv, bias, target, saved, run_max, run_sum, max_score, target_logit,
                   target_score};
-  DPFACE_LAUNCH(unsigned(B), kRowThreads, 0, stream, chunk_fwd_kernel)(a, make_g(p), p->normalize != 0);
+  DPFACE_LAUNCH(unsigned(B), kRowThreads, 0, stream, chunk_fwd_kernel)(a, margin_of(p), p->normalize != 0);
   return cuda_code(cudaGetLastError());
 }
 
@@ -152,7 +131,7 @@ int dpface_chunk_bwd_epilogue(const float* src, int64_t ld_src, int from_saved, 
   const BwdArgs a{src, ld_src, from_saved, B, n, c0, inv, bias, target, target_score, lse, grad_lse, grad_target, da};
   const int64_t blocks = (B * n + kEltThreads - 1) / kEltThreads;
   if (blocks > INT_MAX) return DPFACE_CUDA_EINVAL;
-  DPFACE_LAUNCH(unsigned(blocks), kEltThreads, 0, stream, chunk_bwd_kernel)(a, make_g(p), p->normalize != 0);
+  DPFACE_LAUNCH(unsigned(blocks), kEltThreads, 0, stream, chunk_bwd_kernel)(a, margin_of(p), p->normalize != 0);
   return cuda_code(cudaGetLastError());
 }
 

@@ -26,10 +26,12 @@
 #include <type_traits>
 
 #include "../margin_math.h"
+#include "common.cuh"
 
 namespace {
 
 using dpface::Margin;
+using namespace dpface_cuda;
 using bf16_t = __nv_bfloat16;
 
 constexpr int BM = 64;   // output tile rows
@@ -90,8 +92,6 @@ template <bool kRound> __device__ __forceinline__ float op_round(float v) {
   return kRound ? __bfloat162float(__float2bfloat16_rn(v)) : v;
 }
 
-// NaN-propagating max (torch.max propagates NaN; fmaxf drops it).
-__device__ __forceinline__ float nanmax(float a, float b) { return (a > b || a != a) ? a : b; }
 
 // Operand views: element (m, k) of a logical [rows, kdim] operand, 0 outside.
 // RowsK: k is the contiguous index (p[map(m) * ld + k]); ColsK: m is (p[map(k) * ld + m]).
@@ -261,17 +261,9 @@ __global__ void __launch_bounds__(NT) fwd_tiles_kernel(FwdArgs<T> a, Margin<floa
         float score;
         if (a.normalize) score = dot * a.inv[j];
         else score = a.bias ? dot + a.bias[a.idx ? a.idx[j] : j] : dot;
-        float z;
-        if (j == ti) {  // the margin, in fp32, on the target column only
-          z = g.s * dpface::psi(g, score);
-          a.target_logit[i] = z;
-          a.target_score[i] = score;
-        } else {
-          z = g.s * score;
-        }
+        const float z = column_logit(g, score, j == ti, &a.target_logit[i], &a.target_score[i]);
         run_max = nanmax(run_max, score);
-        if (z > run_m) { run_s = run_s * expf(run_m - z) + 1.f; run_m = z; }
-        else run_s += expf(z - run_m);
+        lse_push(run_m, run_s, z);
         if (j < a.n_keep) a.saved[int64_t(i) * a.n_keep + j] = z;
       }
     }
@@ -470,7 +462,6 @@ __global__ void to_bf16_kernel(const float* src, bf16_t* dst, int64_t n) {
 // ---------------------------------------------------------------------------------------
 // Host side
 
-int cuda_code(cudaError_t e) { return e == cudaSuccess ? DPFACE_CUDA_OK : DPFACE_CUDA_ECUDA_BASE + int(e); }
 int last_launch() { return cuda_code(cudaGetLastError()); }
 
 bool size_ok(int64_t v) { return v >= 0 && v <= INT_MAX; }
@@ -530,13 +521,6 @@ BwdLayout bwd_layout(int64_t B, int64_t K, int64_t D, bool io_bf16) {
   return l;
 }
 
-Margin<float> make_g(const dpface_margin_params* p) {
-  dpface::MarginParams mp;
-  mp.s = p->s; mp.m1 = p->m1; mp.m2 = p->m2; mp.m3 = p->m3;
-  mp.easy_margin = p->easy_margin != 0;
-  mp.normalize = p->normalize != 0;
-  return dpface::make_margin<float>(mp);
-}
 
 template <bool kWmma, class T>
 int fwd_impl(const T* x, const T* w, const int64_t* idx, const int64_t* target, const float* bias, int64_t B,
@@ -551,7 +535,7 @@ int fwd_impl(const T* x, const T* w, const int64_t* idx, const int64_t* target, 
   size_t need = 0;
   dpface_margin_softmax_fwd_workspace(B, K, D, &need);
   if (workspace_bytes < need || (need > 0 && !workspace)) return DPFACE_CUDA_EWORKSPACE;
-  const Margin<float> g = make_g(p);
+  const Margin<float> g = margin_of(p);
   const int normalize = p->normalize != 0;
 
   if (K > 0) {
@@ -592,7 +576,7 @@ int bwd_impl(const float* grad_lse, const float* grad_target, const float* lse, 
   if (B > 0 && n_keep > 0 && !saved) return DPFACE_CUDA_EINVAL;
   const BwdLayout L = bwd_layout(B, K, D, io_bf16);
   if (workspace_bytes < L.total || (L.total > 0 && !workspace)) return DPFACE_CUDA_EWORKSPACE;
-  const Margin<float> g = make_g(p);
+  const Margin<float> g = margin_of(p);
   const int normalize = p->normalize != 0;
   char* ws = static_cast<char*>(workspace);
   float* tscore = reinterpret_cast<float*>(ws + L.tscore);

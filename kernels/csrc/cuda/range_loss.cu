@@ -14,6 +14,7 @@
 //      per-pair storage is needed; the backward re-runs the same selection (same bits) and
 //      applies each selected pair's gradient in sequence (each thread owns columns d).
 // No atomics anywhere, so results are bitwise reproducible.
+#include "common.cuh"
 #include "dpface_cuda.h"
 #include "launch.h"
 
@@ -278,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) range_bwd_kernel(const T* grad_intra
 // ---------------------------------------------------------------------------------------
 // Host side
 
-int cuda_code(cudaError_t e) { return e == cudaSuccess ? DPFACE_CUDA_OK : DPFACE_CUDA_ECUDA_BASE + int(e); }
+using dpface_cuda::cuda_code;
 int last_launch() { return cuda_code(cudaGetLastError()); }
 size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
 
