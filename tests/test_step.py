@@ -1,10 +1,7 @@
 """The one training step (engine/step.py) and the parallel context: gradient
 accumulation against one step on the union, a head group smaller than the world
-against a world of that size, gradient compression against none, and the layering."""
+against a world of that size, and gradient compression against none."""
 from __future__ import annotations
-
-import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -146,53 +143,3 @@ def test_bf16_and_fp16_gradient_compression_follow_the_uncompressed_curve(tmp_pa
     for h in ("bf16", "fp16"):
         assert curves[h] != curves["none"]  # the hook ran: rounding changed the gradients
         assert curves[h] == pytest.approx(curves["none"], rel=2e-2)
-
-
-# -- layering ---------------------------------------------------------------------------
-# Low to high; a module may import only from its own layer or lower ones (ARCHITECTURE.md).
-LAYERS = [
-    ["dpface.registry", "dpface.schema", "dpface.io", "dpface.seeding", "dpface.rundir"],
-    ["dpface.distributed", "dpface.ops"],
-    ["dpface.models", "dpface.losses", "dpface.data"],
-    ["dpface.heads"],
-    ["dpface.eval", "dpface.cluster"],
-    ["dpface.config", "dpface.restore", "dpface.cluster.embed"],
-    ["dpface.engine"],
-    ["dpface.cli", "dpface.cli_protocols", "dpface.eval_commands", "dpface.__main__", "dpface.cluster.cli",
-     "dpface.cluster.self_train"],
-]
-
-
-def _layer(mod: str) -> int | None:
-    best = None
-    for i, names in enumerate(LAYERS):
-        for p in names:
-            if (mod == p or mod.startswith(p + ".")) and (best is None or len(p) > best[1]):
-                best = (i, len(p))
-    return None if best is None else best[0]
-
-
-def test_no_module_imports_from_a_layer_above_it():
-    root = Path(__file__).resolve().parents[1]
-    bad, unplaced = [], []
-    for f in sorted((root / "dpface").rglob("*.py")):
-        mod = ".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
-        me = _layer(mod)
-        if me is None:
-            if mod != "dpface":
-                unplaced.append(mod)
-            continue
-        for node in ast.walk(ast.parse(f.read_text())):  # function-level imports count too
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            for n in names:
-                lv = _layer(n) if n.startswith("dpface.") else None
-                if lv is not None and lv > me:
-                    bad.append(f"{f.relative_to(root)}:{node.lineno}: {mod} imports {n}")
-    assert not unplaced, f"modules in no layer (add them to LAYERS and ARCHITECTURE.md): {unplaced}"
-    assert not bad, "imports up the layers:\n" + "\n".join(bad)
-

@@ -1,0 +1,85 @@
+"""The package's layers (ARCHITECTURE.md): a module imports only from its own layer or lower
+ones — absolute, relative (``from .x import``, ``from .. import``) and ``from dpface import
+x`` imports alike, at module level or inside functions."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Low to high.
+LAYERS = [
+    ["dpface.registry", "dpface.schema", "dpface.io", "dpface.seeding", "dpface.rundir"],
+    ["dpface.distributed", "dpface.ops"],
+    ["dpface.models", "dpface.losses", "dpface.data"],
+    ["dpface.heads"],
+    ["dpface.eval", "dpface.cluster"],
+    ["dpface.config", "dpface.restore", "dpface.cluster.embed"],
+    ["dpface.engine"],
+    ["dpface.cli", "dpface.cli_protocols", "dpface.eval_commands", "dpface.__main__", "dpface.cluster.cli",
+     "dpface.cluster.self_train"],
+]
+
+
+def layer(mod: str) -> int | None:
+    best = None
+    for i, names in enumerate(LAYERS):
+        for p in names:
+            if (mod == p or mod.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    return None if best is None else best[0]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for f in sorted((ROOT / "dpface").rglob("*.py")):
+        mod = ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        out[mod] = f
+    return out
+
+
+def imported(mod: str, path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every dpface import in ``path``, relative ones resolved."""
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            out.append((node.lineno, target))
+            # `from dpface import ops` / `from . import x`: the names may be submodules
+            out += [(node.lineno, f"{target}.{a.name}") for a in node.names]
+    return [(line, t) for line, t in out if t == "dpface" or t.startswith("dpface.")]
+
+
+def test_relative_imports_are_resolved():
+    assert imported("dpface.data.webdataset_stream", ROOT / "dpface" / "data" / "webdataset_stream.py")
+    got = dict((t, line) for line, t in imported("dpface.eval", ROOT / "dpface" / "eval" / "__init__.py"))
+    assert "dpface.eval.bin_sets" in got  # `from .bin_sets import …` in a package __init__
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    mods = modules()
+    bad, unplaced = [], []
+    for mod, f in mods.items():
+        me = layer(mod)
+        if me is None:
+            if mod != "dpface":
+                unplaced.append(mod)
+            continue
+        for line, target in imported(mod, f):
+            # a name imported from a module (not a submodule) is judged by its module
+            while target not in mods and "." in target:
+                target = target.rpartition(".")[0]
+            lv = layer(target)
+            if lv is not None and lv > me:
+                bad.append(f"{f.relative_to(ROOT)}:{line}: {mod} imports {target}")
+    assert not unplaced, f"modules in no layer (add them to LAYERS and ARCHITECTURE.md): {unplaced}"
+    assert not bad, "imports up the layers:\n" + "\n".join(sorted(set(bad)))
