@@ -155,13 +155,15 @@ def _output_file(out: str, force: bool) -> Path:
     """An --out file the command may write: not a directory, not inside a checkpoint or a
     run's checkpoints/ (an export once overwrote trainer.pt), not an existing file
     unless --force."""
+    from dpface.rundir import inside_checkpoints
+
     path = Path(out)
     if path.is_dir():
         raise InputError(f"--out {out} is a directory: name the file to write")
-    for parent in path.resolve().parents:
-        if (parent / "meta.json").is_file() or parent.name == "checkpoints":
-            raise InputError(f"--out {out} is inside the checkpoint directory {parent}: dpface never writes "
-                             "into checkpoints; write the file elsewhere")
+    parent = inside_checkpoints(path)
+    if parent is not None:
+        raise InputError(f"--out {out} is inside the checkpoint directory {parent}: dpface never writes "
+                         "into checkpoints; write the file elsewhere")
     if path.exists() and not force:
         raise InputError(f"--out {out} exists; pass --force to replace it")
     return path

@@ -10,7 +10,7 @@ import torch
 
 from dpface.config import Config, apply_overrides, config_from_dict
 from dpface.models import build_backbone
-from dpface.rundir import CheckpointError, checkpoint_dir, read_meta
+from dpface.rundir import META, CheckpointError, checkpoint_dir, read_meta
 
 
 class Restored(NamedTuple):
@@ -68,12 +68,11 @@ def load_backbone(ckpt: Path | str, overrides: list[str] | None = None, cfg: Con
     ckpt = checkpoint_dir(ckpt, option)
     meta = read_meta(ckpt)
     if not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{ckpt / 'meta.json'}: no 'config' in it (not a dpface checkpoint?)")
+        raise CheckpointError(f"{ckpt / META}: no 'config' in it (not a dpface checkpoint?)")
     if cfg is None:
-        cfg = config_from_dict(meta["config"], f"{ckpt}/meta.json")
+        cfg = config_from_dict(meta["config"], str(ckpt / META))
         if overrides:
-            cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides),
-                                   f"{ckpt}/meta.json (with overrides)")
+            cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), f"{ckpt / META} (with overrides)")
     path = ckpt / "trainer.pt"
     saved = load_file(path)
     state = saved.get("backbone") if isinstance(saved, dict) else None

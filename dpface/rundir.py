@@ -23,6 +23,32 @@ from pathlib import Path
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 LEFTOVER = re.compile(r"^(step-\d{8})\.(partial|replaced)$")
+META = "meta.json"  # a checkpoint directory's commit marker
+CHECKPOINTS = "checkpoints"
+
+
+def step_name(step: int) -> str:
+    """``step-00000200``: a complete checkpoint's directory name."""
+    return f"step-{step:08d}"
+
+
+def partial_name(step: int) -> str:
+    """A save in progress (renamed to ``step_name`` when complete)."""
+    return step_name(step) + ".partial"
+
+
+def replaced_name(step: int) -> str:
+    """The old copy of a step during its re-save."""
+    return step_name(step) + ".replaced"
+
+
+def inside_checkpoints(path) -> Path | None:
+    """The checkpoint or checkpoints/ directory ``path`` lies in, if any (nothing but
+    dpface's own saves may write there)."""
+    for parent in Path(path).resolve().parents:
+        if (parent / META).is_file() or parent.name == CHECKPOINTS:
+            return parent
+    return None
 
 
 class CheckpointError(RuntimeError):
@@ -31,7 +57,7 @@ class CheckpointError(RuntimeError):
 
 def read_meta(step_dir: Path) -> dict:
     try:
-        return json.loads((Path(step_dir) / "meta.json").read_text())
+        return json.loads((Path(step_dir) / META).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{step_dir}/meta.json unreadable: {e}") from None
 
@@ -42,7 +68,7 @@ def checkpoint_dir(path, option: str) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{option}: no checkpoint directory at {path}")
-    if not (path / "meta.json").is_file():
+    if not (path / META).is_file():
         raise CheckpointError(
             f"{option}: {path} is an interrupted save (no meta.json); use a complete step-N"
             if LEFTOVER.match(path.name) else
@@ -105,6 +131,7 @@ class RunDir:
 
     # Files a fresh start with --overwrite removes (with checkpoints/ and plots/).
     RUN_FILES = ("metrics.jsonl", "final_metrics.json", "wandb_run_id")
+    CARD_MD, CARD_JSON = "MODEL_CARD.md", "model_card.json"
 
     @classmethod
     def of(cls, output_dir, name: str) -> RunDir:
@@ -114,12 +141,29 @@ class RunDir:
     def of_checkpoint(cls, step_dir) -> RunDir:
         """The run a checkpoint directory belongs to (…/<run>/checkpoints/step-N)."""
         step_dir = Path(step_dir)
-        return cls(step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent)
+        return cls(step_dir.parent.parent if step_dir.parent.name == CHECKPOINTS else step_dir.parent)
+
+    @staticmethod
+    def in_run(step_dir) -> bool:
+        """Whether a checkpoint directory sits in a run's ``checkpoints/``."""
+        return Path(step_dir).parent.name == CHECKPOINTS
+
+    def is_run(self) -> bool:
+        """A run directory (holds checkpoints/), as opposed to a checkpoint directory."""
+        return self.root.is_dir() and not (self.root / META).exists() and self.checkpoints.is_dir()
 
     # -- the layout ------------------------------------------------------------------
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS
+
+    @property
+    def card_md(self) -> Path:
+        return self.root / self.CARD_MD
+
+    @property
+    def card_json(self) -> Path:
+        return self.root / self.CARD_JSON
 
     @property
     def config_file(self) -> Path:
@@ -142,7 +186,7 @@ class RunDir:
         return self.root / "plots"
 
     def step_dir(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:08d}"
+        return self.checkpoints / step_name(step)
 
     # -- checkpoints -------------------------------------------------------------------
     def complete(self) -> list[Path]:
@@ -150,7 +194,7 @@ class RunDir:
         if not self.checkpoints.is_dir():
             return []
         found = [p for p in self.checkpoints.iterdir()
-                 if p.is_dir() and STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+                 if p.is_dir() and STEP_DIR.match(p.name) and (p / META).is_file()]
         return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
     def resolve_resume(self, resume: str | None) -> Path | None:
@@ -215,7 +259,7 @@ class RunDir:
             if not m:
                 continue
             final = self.checkpoints / m.group(1)
-            if m.group(2) == "replaced" and not final.exists() and (p / "meta.json").is_file():
+            if m.group(2) == "replaced" and not final.exists() and (p / META).is_file():
                 os.replace(p, final)
             else:
                 _remove_tree(p, "remove an interrupted save")

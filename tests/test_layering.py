@@ -83,3 +83,36 @@ def test_no_module_imports_from_a_layer_above_it():
                 bad.append(f"{f.relative_to(ROOT)}:{line}: {mod} imports {target}")
     assert not unplaced, f"modules in no layer (add them to LAYERS and ARCHITECTURE.md): {unplaced}"
     assert not bad, "imports up the layers:\n" + "\n".join(sorted(set(bad)))
+
+
+RUN_DIR_NAMES = ("metrics.jsonl", "final_metrics.json", "wandb_run_id", "MODEL_CARD.md", "model_card.json",
+                 "meta.json", "config.yaml", "checkpoints", "plots", "step-")
+
+
+def _docstrings(tree) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
+
+
+def test_only_rundir_spells_the_run_directory_layout():
+    """RunDir (dpface/rundir.py) owns every name under a run directory; code elsewhere asks
+    it instead of formatting `checkpoints/step-…`, `metrics.jsonl`, … itself."""
+    bad = []
+    for mod, f in modules().items():
+        if mod == "dpface.rundir":
+            continue
+        tree = ast.parse(f.read_text())
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                text = node.value
+                hit = [n for n in RUN_DIR_NAMES if text == n or (n == "step-" and text.startswith(n))
+                       or text.endswith("/" + n)]
+                if hit:
+                    bad.append(f"{f.relative_to(ROOT)}:{node.lineno}: {text!r}")
+    assert not bad, "run-directory names spelled outside dpface/rundir.py:\n" + "\n".join(bad)

@@ -17,7 +17,7 @@ from .knn import ClusterError
 def resolve_checkpoint(path) -> Path:
     """A step directory as given, or the newest complete checkpoint of a run directory."""
     p = Path(path)
-    if p.is_dir() and not (p / "meta.json").exists() and (p / "checkpoints").is_dir():
+    if RunDir(p).is_run():
         done = RunDir(p).complete()
         if not done:
             raise ClusterError(f"--checkpoint: run directory {p} holds no complete checkpoint "

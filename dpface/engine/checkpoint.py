@@ -34,7 +34,7 @@ from dpface import distributed as dist
 from dpface.heads.sharding import apply_shard_state, head_shard_state, load_resharded, shard_filename
 from dpface.io import atomic_save, atomic_write_json, fsync_dir
 from dpface.restore import check_backbone_fits, load_file
-from dpface.rundir import CheckpointError, RunDir, read_meta
+from dpface.rundir import META, CheckpointError, RunDir, partial_name, read_meta, replaced_name, step_name
 
 
 class NonFiniteStateError(CheckpointError, FloatingPointError):
@@ -86,8 +86,8 @@ def _ranks_with(flag: bool, info: dist.ParallelContext) -> list[int]:
 
 def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.ParallelContext, config: dict,
                     keep: int) -> Path:
-    final = ckpt_root / f"step-{state.step:08d}"
-    partial = ckpt_root / f"step-{state.step:08d}.partial"
+    final = ckpt_root / step_name(state.step)
+    partial = ckpt_root / partial_name(state.step)
     r = info.rank
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -122,9 +122,9 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.ParallelConte
     if info.is_main:
         meta = {"step": state.step, "world_size": info.world_size,
                 "num_classes": state.head.num_classes, "time": time.time(), "config": config}
-        atomic_write_json(partial / "meta.json", meta, indent=1)  # the commit marker
+        atomic_write_json(partial / META, meta, indent=1)  # the commit marker
         if final.exists():  # a re-save of this step: the old one stays until the new is in place
-            old = final.with_name(final.name + ".replaced")
+            old = ckpt_root / replaced_name(state.step)
             os.replace(final, old)
             os.replace(partial, final)
             shutil.rmtree(old)

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as tdist
 
 from dpface import distributed as dist
+from dpface.rundir import RunDir
 
 # A ROC of 6000 pairs has thousands of points; charts and tables need far fewer.
 ROC_POINTS = 200
-WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run a resume continues
 
 
 def _fmt(v) -> str:
@@ -106,7 +106,7 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._file = open(RunDir(run_dir).metrics_file, "a", buffering=1)
         if wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
             self._start_wandb(run_dir, wandb_cfg, config)
 
@@ -116,7 +116,7 @@ class MetricsLogger:
 
             mode = os.environ.get("WANDB_MODE", cfg.mode)
             # A resumed run continues its W&B run (one curve), whose id the run directory keeps.
-            id_file = run_dir / WANDB_ID_FILE
+            id_file = RunDir(run_dir).wandb_id_file  # the W&B run a resume continues
             run_id = id_file.read_text().strip() if self.resume and id_file.is_file() else ""
             if not run_id:
                 run_id = secrets.token_hex(4)  # W&B ids are lowercase letters and digits
@@ -165,7 +165,7 @@ class MetricsLogger:
             try:
                 from dpface.eval.plots import det_plots, roc_plots
 
-                plots = self.run_dir / "plots"
+                plots = RunDir(self.run_dir).plots
                 title = f"{name}, step {step}"
                 done = [roc_plots({name: (fpr, tpr)}, plots / f"roc-{name}-step{step:08d}.png", title=title),
                         det_plots({name: (fpr, tpr)}, plots / f"det-{name}-step{step:08d}.png", title=title)]

@@ -22,9 +22,8 @@ import os
 from pathlib import Path
 
 from dpface.io import atomic_write_text
+from dpface.rundir import RunDir
 
-CARD_MD = "MODEL_CARD.md"
-CARD_JSON = "model_card.json"
 SCHEMA = 1
 
 
@@ -129,7 +128,7 @@ def build_card(cfg, *, num_classes: int, num_params: int, step: int, world_size:
 
 
 def read_card(run_dir: Path) -> dict | None:
-    p = Path(run_dir) / CARD_JSON
+    p = RunDir(run_dir).card_json
     try:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
@@ -140,8 +139,8 @@ def write_card(run_dir: Path, card: dict) -> None:
     """Both files, each written to a temp name and renamed (a crash never leaves half a card)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in ((CARD_JSON, json.dumps(_clean(card), indent=1, allow_nan=False) + "\n"),
-                       (CARD_MD, render_markdown(card))):
+    for name, text in ((RunDir.CARD_JSON, json.dumps(_clean(card), indent=1, allow_nan=False) + "\n"),
+                       (RunDir.CARD_MD, render_markdown(card))):
         atomic_write_text(run_dir / name, text)
 
 
@@ -266,12 +265,12 @@ def write_training_card(trainer, checkpoint, wall_time_s: float) -> Path | None:
                           step=int(trainer.state.step), world_size=int(trainer.info.world_size),
                           wall_time_s=float(wall_time_s),
                           checkpoint=str(checkpoint) if checkpoint else None,
-                          evaluations=eval_tables_from_metrics(run_dir / "metrics.jsonl"),
+                          evaluations=eval_tables_from_metrics(RunDir(run_dir).metrics_file),
                           previous=previous,
                           ran={"kernel": getattr(trainer, "head_kernel", None),
                                "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"})
         write_card(run_dir, card)
-        return run_dir / CARD_MD
+        return RunDir(run_dir).card_md
     except Exception as e:  # noqa: BLE001 — the card must never fail a finished run
         warnings.warn(f"model card not written to {run_dir}: {type(e).__name__}: {e}")
         return None
@@ -298,13 +297,13 @@ def append_checkpoint_evaluation(ckpt: Path, cfg, meta: dict, metrics: dict,
     import warnings
 
     ckpt = Path(ckpt)
-    if ckpt.parent.name != "checkpoints":
+    if not RunDir.in_run(ckpt):
         return None
-    run_dir = ckpt.parent.parent
+    run_dir = RunDir.of_checkpoint(ckpt).root
     try:
         append_evaluation(run_dir, metrics, step=meta.get("step"), checkpoint=str(ckpt),
                           fallback=card_header_from_config(cfg, meta.get("step")), note=note)
-        return run_dir / CARD_MD
+        return RunDir(run_dir).card_md
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"model card in {run_dir} not updated: {type(e).__name__}: {e}")
         return None
