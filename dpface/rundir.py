@@ -64,10 +64,18 @@ def read_meta(step_dir: Path) -> dict:
 
 def checkpoint_dir(path, option: str) -> Path:
     """The complete checkpoint directory a user named with ``option`` (--resume,
-    --checkpoint), or a CheckpointError saying what the path is instead."""
+    --checkpoint): a step directory, or a run directory meaning its latest complete step;
+    else a CheckpointError saying what the path is instead."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{option}: no checkpoint directory at {path}")
+    run = RunDir(path)
+    if run.is_run():
+        done = run.complete()
+        if not done:
+            raise CheckpointError(f"{option}: run directory {path} holds no complete checkpoint "
+                                  "(checkpoints/step-N with meta.json)")
+        return done[-1]
     if not (path / META).is_file():
         raise CheckpointError(
             f"{option}: {path} is an interrupted save (no meta.json); use a complete step-N"

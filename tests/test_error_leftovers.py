@@ -157,3 +157,15 @@ def test_eval_without_matplotlib_says_it_skips_the_plots(run2, capsys, monkeypat
     ckpt = complete_checkpoints(run2 / "checkpoints")[-1]
     assert main(["eval", "--checkpoint", str(ckpt)]) == 0
     assert "matplotlib not installed, no plots" in capsys.readouterr().err
+
+
+def test_checkpoint_means_a_step_or_a_run_directory_everywhere(run2, tmp_path, capsys):
+    """--checkpoint takes a step directory or a run directory (its latest complete step) in
+    eval, export-head and export-onnx as in cluster; an empty run directory says so."""
+    for cmd in (["eval", "--checkpoint", str(run2)],
+                ["export-head", "--checkpoint", str(run2), "--out", str(tmp_path / "h.pt")]):
+        assert main(cmd) == 0, cmd
+    capsys.readouterr()
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert main(["eval", "--checkpoint", str(tmp_path / "empty")]) == 2
+    assert "holds no complete checkpoint" in error_line(capsys.readouterr().err)

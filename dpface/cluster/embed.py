@@ -9,28 +9,14 @@ from typing import Iterator
 import numpy as np
 
 from dpface.restore import load_backbone as load_backbone_of
-from dpface.rundir import RunDir
 
 from .knn import ClusterError
-
-
-def resolve_checkpoint(path) -> Path:
-    """A step directory as given, or the newest complete checkpoint of a run directory."""
-    p = Path(path)
-    if RunDir(p).is_run():
-        done = RunDir(p).complete()
-        if not done:
-            raise ClusterError(f"--checkpoint: run directory {p} holds no complete checkpoint "
-                               "(checkpoints/step-N with meta.json)")
-        return done[-1]
-    return p
 
 
 def load_backbone(path):
     """(backbone in eval mode, its Config, the step directory) of a run or step directory,
     through the checkpoint loader `dpface eval` / `dpface export-onnx` use."""
-    ckpt = resolve_checkpoint(path)
-    backbone, cfg, _, ckpt = load_backbone_of(ckpt)
+    backbone, cfg, _, ckpt = load_backbone_of(path)
     return backbone, cfg, ckpt
 
 
