@@ -97,9 +97,9 @@ def test_image_size_with_matching_backbone_input_is_fine():
 
 # -- 15: overrides on both sides of --resume ------------------------------------------------
 def test_overrides_on_both_sides_of_resume(monkeypatch):
-    from dpface import cli
+    from dpface.commands import train as train_command
     seen = {}
-    monkeypatch.setattr(cli, "_cmd_train", lambda a: seen.update(vars(a)) or 0)
+    monkeypatch.setattr(train_command, "run", lambda a: seen.update(vars(a)) or 0)
     assert main(["train", "--config", DEMO, "train.lr=0.05", "--resume", "auto",
                      "train.steps=3"]) == 0
     assert seen["overrides"] == ["train.lr=0.05", "train.steps=3"] and seen["resume"] == "auto"
@@ -145,7 +145,7 @@ def test_plan_bin_and_convert_errors_are_one_line(tmp_path):
 def test_disk_full_save_names_the_file(tmp_path, monkeypatch, capsys):
     import errno
 
-    from dpface.cli import _error_message
+    from dpface.commands.errors import error_message as _error_message
     e = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "trainer.pt"))
     msg, code = _error_message(e)
     assert "no space left on device" in msg and "trainer.pt" in msg and code == 5
@@ -173,7 +173,7 @@ def test_fp16_on_cpu_warns():
 
 
 def test_eval_json_has_no_bare_nan():
-    from dpface.cli import _json_metrics
+    from dpface.commands.errors import json_metrics as _json_metrics
     text = _json_metrics({"a/acc": 0.5, "a/tar@far=0.001": float("nan")})
     assert "NaN" not in text and json.loads(text)["a/tar@far=0.001"] is None
 

@@ -17,8 +17,7 @@ LAYERS = [
     ["dpface.eval", "dpface.cluster"],
     ["dpface.config", "dpface.restore", "dpface.cluster.embed"],
     ["dpface.engine"],
-    ["dpface.cli", "dpface.cli_protocols", "dpface.eval_commands", "dpface.__main__", "dpface.cluster.cli",
-     "dpface.cluster.self_train"],
+    ["dpface.cli", "dpface.commands", "dpface.__main__", "dpface.cluster.self_train"],
 ]
 
 

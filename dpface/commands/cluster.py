@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
+
+from dpface.commands.errors import InputError, err
 
 EPILOG = """examples:
   dpface cluster train-gcn --checkpoint runs/demo --images labelled/manifest.json --out gcn.pt
@@ -19,11 +20,7 @@ EPILOG = """examples:
 """
 
 
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def add_cluster_parser(sub) -> None:
+def add_parser(sub) -> None:
     """Register `dpface cluster` (and its `train-gcn`) on the main parser's sub-commands."""
     c = sub.add_parser("cluster", help="cluster face embeddings by GCN linkage (Wang et al. 2019); "
                                        "`dpface cluster train-gcn` trains the GCN",
@@ -73,7 +70,7 @@ def _opt(args, name):
 def _load_embeddings(path, need_labels: bool):
     import numpy as np
 
-    from .knn import ClusterError
+    from dpface.cluster.knn import ClusterError
 
     p = Path(path)
     if not p.is_file():
@@ -110,8 +107,7 @@ def _embeddings(args, need_labels: bool):
     if not _opt(args, "checkpoint"):
         raise _input("--images needs --checkpoint (the run or checkpoint whose backbone embeds them)")
     from dpface import distributed as dist
-
-    from .embed import embed_manifest, load_backbone
+    from dpface.cluster.embed import embed_manifest, load_backbone
 
     backbone, cfg, ckpt = load_backbone(args.checkpoint)
     device = dist.pick_device(cfg.experiment.device)
@@ -119,20 +115,18 @@ def _embeddings(args, need_labels: bool):
     t0 = time.perf_counter()
     x, y, items = embed_manifest(backbone, args.images, cfg.data.image_size, device=device,
                                  batch_size=_opt(args, "batch_size") or cfg.eval.batch_size, flip=cfg.eval.flip)
-    _err(f"dpface cluster: embedded {len(x)} images of {args.images} with {ckpt} "
+    err(f"dpface cluster: embedded {len(x)} images of {args.images} with {ckpt} "
          f"({time.perf_counter() - t0:.1f} s, D={x.shape[1]})")
     return x, y, items
 
 
 def _input(msg: str):
-    from dpface.cli import InputError
-
     return InputError(msg)
 
 
 def _as_input_error(fn):
     def run(args) -> int:
-        from .knn import ClusterError
+        from dpface.cluster.knn import ClusterError
 
         try:
             return fn(args)
@@ -143,7 +137,7 @@ def _as_input_error(fn):
 
 @_as_input_error
 def cmd_train_gcn(args) -> int:
-    from .gcn import save_gcn, train_gcn
+    from dpface.cluster.gcn import save_gcn, train_gcn
 
     out = _opt(args, "out")
     if not out:
@@ -151,7 +145,7 @@ def cmd_train_gcn(args) -> int:
     x, y, _ = _embeddings(args, need_labels=True)
     model, info = train_gcn(x, y, k1=args.k1, k2=args.k2, k_adj=args.k_adj, hidden=args.hidden,
                             layers=args.layers, epochs=args.epochs, batch_size=_opt(args, "batch_size") or 32,
-                            lr=args.lr, val_fraction=args.val_fraction, seed=args.seed, log=_err)
+                            lr=args.lr, val_fraction=args.val_fraction, seed=args.seed, log=err)
     info["source"] = str(_opt(args, "embeddings") or _opt(args, "images"))
     save_gcn(model, out, info)
     print(f"wrote {out}: GCN for D={x.shape[1]} (k1={args.k1}, k2={args.k2}, k_adj={args.k_adj}) trained on "
@@ -164,10 +158,9 @@ def cmd_train_gcn(args) -> int:
 def cmd_cluster(args) -> int:
     import numpy as np
 
+    from dpface.cluster import metrics as M
+    from dpface.cluster.gcn import cluster, load_gcn
     from dpface.io import atomic_write_json
-
-    from . import metrics as M
-    from .gcn import cluster, load_gcn
 
     if not args.gcn:
         raise _input("dpface cluster needs --gcn FILE (train one with `dpface cluster train-gcn`)")

@@ -1,8 +1,6 @@
-"""`dpface eval --protocol ijb|identification`: the IJB template protocol (``ijb.py``) and 1:N
-identification (``identification.py``) on a checkpoint's backbone, with their plots. The
-options are declared in ``dpface/cli_protocols.py`` (torch-free, for the parser); the metrics
-come back as a flat dict (printed as JSON by the CLI), the plots go to ``<run dir>/plots/``.
-"""
+"""The protocols of `dpface eval --protocol ijb|identification|sets` (their options are in
+commands/eval.py): each runner returns its metrics and the plots it wrote; the protocol's
+results join the run's model card and, when enabled, its W&B run."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpface.commands.errors import InputError, err
 from dpface.eval.identification import cmc, search, tpir_at_fpir
 from dpface.eval.ijb import IJB_FARS, ProtocolError, evaluate_ijb_features, face_features, load_ijb
 from dpface.eval.verification import auc
@@ -21,19 +20,15 @@ CMC_RANKS = (1, 5, 10)
 _IDENT_SAMPLE_BASE = (1 << 30) + (1 << 25)
 
 
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _counts(text: str) -> list[int]:
     if not text:
         return []
     try:
         out = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise ProtocolError(f"--distractors: expected counts like 10,100,1000, got {text!r}") from None
+        raise InputError(f"--distractors: expected counts like 10,100,1000, got {text!r}") from None
     if out and out[0] < 0:
-        raise ProtocolError(f"--distractors: counts must be >= 0, got {text!r}")
+        raise InputError(f"--distractors: counts must be >= 0, got {text!r}")
     return out
 
 
@@ -53,7 +48,7 @@ def verification_plots(rocs: dict, plots_dir: Path, step: int) -> list[Path]:
             out.append(det_plots({name: (fpr, tpr)}, plots_dir / f"det-{name}-step{step:08d}.png",
                                  title=f"{name}, step {step}"))
         except ImportError:
-            _err("dpface eval: matplotlib not installed, no plots (pip install matplotlib, or dpface[eval])")
+            err("dpface eval: matplotlib not installed, no plots (pip install matplotlib, or dpface[eval])")
             return out
     return out
 
@@ -69,14 +64,14 @@ def _ijb_modes(args) -> list[tuple[bool, bool, bool]]:
 
 def run_ijb(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[dict, list]:
     if not args.ijb_dir:
-        raise ProtocolError("--protocol ijb needs --ijb-dir DIR (an IJB-format set; "
+        raise InputError("--protocol ijb needs --ijb-dir DIR (an IJB-format set; "
                             "`dpface convert synthetic-ijb DIR` writes a synthetic one)")
     modes = _ijb_modes(args)
     need_flip = any(m[0] for m in modes)
     metrics, plots = {}, []
     for d in args.ijb_dir:
         s = load_ijb(d)
-        _err(f"dpface eval: ijb {s.name}: {len(s)} faces, {np.unique(s.templates).size} templates, "
+        err(f"dpface eval: ijb {s.name}: {len(s)} faces, {np.unique(s.templates).size} templates, "
              f"{len(s.pairs)} pairs ({int(s.issame.sum())} genuine)")
         feats, flipped = face_features(backbone, s, batch_size=cfg.eval.batch_size, device=device,
                                        size=cfg.data.image_size, flip=need_flip)
@@ -97,7 +92,7 @@ def run_ijb(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[di
             plots.append(det_plots(rocs, plots_dir / f"ijb-{s.name}-det-step{step:08d}.png",
                                    title=f"IJB {s.name}, step {step}"))
         except ImportError:
-            _err("dpface eval: matplotlib not installed, no plots")
+            err("dpface eval: matplotlib not installed, no plots")
     return metrics, plots
 
 
@@ -209,7 +204,7 @@ def run_identification(args, backbone, cfg, device, plots_dir: Path, step: int) 
         g_img, gl, p_img, pl, d_img = _synthetic_identification(
             cfg, n_id, args.probes_per_identity, args.nonmated_fraction, n_d)
         source = "synthetic"
-    _err(f"dpface eval: identification ({source}): gallery {len(gl)}, probes {len(pl)} "
+    err(f"dpface eval: identification ({source}): gallery {len(gl)}, probes {len(pl)} "
          f"({int(np.isin(pl, gl).sum())} mated), distractors up to {n_d}")
 
     def emb(x):
@@ -230,7 +225,7 @@ def run_identification(args, backbone, cfg, device, plots_dir: Path, step: int) 
                                          plots_dir / f"ident-rank1-vs-distractors-step{step:08d}.png",
                                          title=f"rank-1 vs distractors ({source}), step {step}"))
     except ImportError:
-        _err("dpface eval: matplotlib not installed, no plots")
+        err("dpface eval: matplotlib not installed, no plots")
     return metrics, plots
 
 
@@ -267,7 +262,7 @@ def run_protocol(args, backbone, cfg, device, ckpt: Path, step: int) -> dict:
     fn = {"ijb": run_ijb, "identification": run_identification, "sets": run_sets}[args.protocol]
     metrics, plots = fn(args, backbone, cfg, device, plots_dir, step)
     for p in plots:
-        _err(f"dpface eval: wrote {p}")
+        err(f"dpface eval: wrote {p}")
     log_to_wandb(cfg, RunDir.of_checkpoint(ckpt).root, step, metrics, plots, f"eval-{args.protocol}")
     return metrics
 
