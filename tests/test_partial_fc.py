@@ -379,11 +379,11 @@ def test_sample_count_rounding():
 
 
 def test_cosine_scores_gradcheck():
-    from dpface.heads.partial_fc import _CosineScores
+    from dpface.heads.dist_ce import CosineScores
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(5, 7, generator=g, dtype=torch.float64))
     w = torch.randn(9, 7, generator=g, dtype=torch.float64)
     x.requires_grad_(True), w.requires_grad_(True)
-    assert torch.autograd.gradcheck(_CosineScores.apply, (x, w))
-    torch.testing.assert_close(_CosineScores.apply(x, w),
+    assert torch.autograd.gradcheck(CosineScores.apply, (x, w))
+    torch.testing.assert_close(CosineScores.apply(x, w),
                                x @ torch.nn.functional.normalize(w, dim=1).T)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dpface.heads import FullFC, PartialFC, apply_shard_state, load_resharded, save_head_shard, shard_filename
-from dpface.heads.partial_fc import init_rows
 from dpface.heads.row_optim import OptimizerStateError, SampledRowAdamW, SampledRowSGD
+from dpface.heads.rows import init_rows
 from dpface.heads.sharding import HeadShardError, class_range, head_shard_state
 from dpface.losses import build_loss
 from tests.mp_utils import run_distributed

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpface import ops
-from dpface.heads.partial_fc import HeadOutput, check_subcenter_args, compute_dtype, init_rows
+from dpface.heads.dist_ce import compute_dtype
+from dpface.heads.partial_fc import HeadOutput
+from dpface.heads.rows import init_rows
+from dpface.heads.subcenters import check_subcenter_args
 from dpface.losses.margin import HeadContext, LogitTransform
 
 

@@ -9,7 +9,6 @@ sample. Nothing of size C ever crosses ranks.
 """
 from __future__ import annotations
 
-import math
 import operator
 import time
 from dataclasses import dataclass
@@ -20,66 +19,21 @@ from torch import nn
 
 from dpface import ops
 from dpface.distributed import get_rank, get_world_size
-from dpface.distributed.collectives import all_gather, all_gather_with_grad, all_reduce_max, all_reduce_sum
+from dpface.distributed.collectives import all_gather, all_gather_with_grad, all_reduce_sum
 from dpface.distributed.partition import check_sample_rate, class_range, sample_count
+from dpface.heads.dist_ce import CosineScores, DistSoftmaxCE, compute_dtype, fused_softmax_ce
+from dpface.heads.rows import init_rows
+from dpface.heads.sampling import hardness, top_rows, uniform_keys
+from dpface.heads.subcenters import check_subcenter_args, drop_weights
 from dpface.losses.margin import HeadContext, LogitTransform
 from dpface.ops.margin_softmax import rows_sink
 from dpface.seeding import Stream, seed_int
 
-INIT_STD = 0.01
-# Rows are initialised in fixed blocks, each from its own seed, so that row j's initial
-# value depends only on (seed, j): a run at any world size starts from the same W, and
-# no rank ever generates rows it does not own (beyond one block).
-INIT_BLOCK = 4096
-
-
-def init_rows(lo: int, hi: int, dim: int, seed: int = 0, std: float = INIT_STD,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rows [lo, hi) of a normal(0, std) class matrix, identical whatever the sharding."""
-    out = torch.empty(hi - lo, dim, dtype=dtype)
-    for b in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1 if hi > lo else 0):
-        g = torch.Generator().manual_seed(seed_int(seed, Stream.HEAD_INIT, b, dim))
-        block = torch.randn(INIT_BLOCK, dim, generator=g, dtype=dtype).mul_(std)
-        b0 = b * INIT_BLOCK
-        a, z = max(lo, b0), min(hi, b0 + INIT_BLOCK)
-        out[a - lo:z - lo] = block[a - b0:z - b0]
-    return out
-
-
-# Hard-negative selection scores the whole shard in row blocks of at most this many
-# [B_global × block] entries, so the selection never holds the full [B, C_local] matrix.
-HARD_BLOCK_ELEMENTS = 1 << 24
 NEGATIVES = ("uniform", "hard")
 UPDATES = ("dense", "sampled")
 KERNELS = ("auto", "fused", "chunked", "reference")
 COMPILED = ("fused", "chunked")  # the kernels that need dpface._kernels
 PRECISIONS = ("fp32", "bf16")
-
-
-def check_subcenter_args(transform: LogitTransform, subcenters, drop_after, drop_angle) -> tuple[int, int, float]:
-    """Validated (subcenters, drop_after, drop_angle) of sub-centre ArcFace (both heads)."""
-    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
-        raise ValueError(f"subcenters must be an integer >= 1 (sub-centres per class), got {subcenters!r}")
-    if isinstance(drop_after, bool) or not isinstance(drop_after, int) or drop_after < 0:
-        raise ValueError(f"drop_after must be an integer step >= 0 (0: never drop), got {drop_after!r}")
-    if isinstance(drop_angle, bool) or not isinstance(drop_angle, (int, float)) or not 0.0 < drop_angle < 180.0:
-        raise ValueError(f"drop_angle must be in (0, 180) degrees, got {drop_angle!r}")
-    if (subcenters > 1 or drop_after > 0) and not transform.normalize:
-        what = f"subcenters={subcenters}" if subcenters > 1 else f"drop_after={drop_after}"
-        raise ValueError(f"{what} needs a cosine transform (normalised scores: the class cosine is the "
-                         f"max over its sub-centres, samples are dropped by angle); "
-                         f"{type(transform).__name__} scores raw dot products")
-    return subcenters, drop_after, float(drop_angle)
-
-
-def drop_weights(target_cos: torch.Tensor, drop_angle: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sample weights, fraction dropped) for the global batch's target cosines [B]: a
-    sample whose angle to its class (closest sub-centre) exceeds ``drop_angle`` gets
-    weight 0, the others B/kept, so the loss is the mean over the kept samples."""
-    keep = target_cos >= math.cos(math.radians(drop_angle))
-    kept = keep.sum()
-    w = keep.to(target_cos.dtype) * (keep.numel() / kept.clamp_min(1).to(target_cos.dtype))
-    return w, 1.0 - kept.to(target_cos.dtype) / keep.numel()
 
 
 @dataclass
@@ -103,153 +57,6 @@ class HeadOutput:
     num_sampled: int  # rows of this rank's shard scored this step (classes × sub-centres)
     # Fraction of the global batch dropped from the loss (sub-centre drop), when active.
     dropped: torch.Tensor | None = None
-
-
-def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/fp16/bf16 parameters (logits in half precision overflow and lose
-    the margin), fp64 for fp64 parameters (tight tests)."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
-
-
-class _CosineScores(torch.autograd.Function):
-    """cos = x̂ · (W_j/‖W_j‖)ᵀ for unit rows x̂ [B, D] and raw rows W [K, D].
-
-    Same values as ``x̂ @ F.normalize(W).T`` but never materialises the normalised
-    [K, D] copy (as large as the shard at r = 1) nor keeps the [B, K] product: the
-    columns of x̂·Wᵀ are scaled by 1/‖W_j‖, and backward uses the closed form
-    dW_j = M_j − (Ŵ_j·M_j)·Ŵ_j with M = (G/‖W‖)ᵀ·x̂ (the gradient of a normalised row is
-    the tangential part).
-    """
-
-    @staticmethod
-    def forward(ctx, x_unit, w):
-        inv_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
-        ctx.save_for_backward(x_unit, w, inv_norm)
-        return (x_unit @ w.T).mul_(inv_norm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_unit, w, inv_norm = ctx.saved_tensors
-        g = grad * inv_norm  # [B, K]: gradient w.r.t. x̂·Wᵀ
-        grad_x = g @ w if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = g.T @ x_unit  # M [K, D]
-            # Row-wise dot products as a batched matmul: no [K, D] product temporary.
-            dots = torch.bmm(w.unsqueeze(1), grad_w.unsqueeze(2)).view(-1)
-            radial = dots * inv_norm.square()
-            grad_w.addcmul_(w, radial[:, None], value=-1.0)
-        return grad_x, grad_w
-
-
-def weight_and_grad_factor(weight_fn, nll: torch.Tensor):
-    """Per-sample weight w(p) and the factor c with d(w·nll)/dlogits = c·(softmax − onehot).
-
-    With p = exp(−nll): d nll/dz = softmax − onehot and dp/dz = −p·(softmax − onehot),
-    so d(w·nll)/dz = (softmax − onehot)·(w − w'(p)·p·nll) = (...)·(w + w'(p)·p·ln p).
-    w'(p) comes from autograd through ``weight_fn`` (zero when it detaches p)."""
-    with torch.enable_grad():
-        p = torch.exp(-nll.detach()).requires_grad_(True)
-        w = weight_fn(p)
-        if w.shape != p.shape:
-            raise ValueError(f"loss_weight must return one weight per sample {list(p.shape)}, "
-                             f"got {list(w.shape)}")
-        dw = torch.autograd.grad(w.sum(), p, allow_unused=True)[0] if w.requires_grad else None
-    w = w.detach()
-    factor = w if dw is None else w - dw * p.detach() * nll
-    return w, factor
-
-
-class _DistSoftmaxCE(torch.autograd.Function):
-    """Softmax cross-entropy over columns spread across ranks.
-
-    Inputs: logits [B, K] (this rank's columns), target [B] (column or −1), scores
-    [B, K] (before the margin; only for the accuracy), the group, and an optional
-    per-sample weight function of the true-class probability (Knot-Magnify), and optional
-    constant per-sample weights [B] (sub-centre drop). Returns
-    (loss, accuracy). The gradient w.r.t. this rank's logits is (softmax − onehot)/B
-    for its columns (times each sample's factor when weighted), the same as the full
-    softmax. Max and sums are exchanged as two stacked all-reduces; p_i =
-    exp(target − max)/Σexp needs nothing more.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, scores, group, weight_fn=None, sample_weight=None):
-        b = logits.shape[0]
-        rows = torch.arange(b, device=logits.device)
-        has = target >= 0
-        col = target.clamp(min=0)
-        maxes = all_reduce_max(torch.stack([logits.max(1).values, scores.max(1).values]), group)
-        gmax = maxes[0]  # treated as a constant: the loss does not depend on the shift
-        e = (logits - gmax[:, None]).exp_()
-        zero = logits.new_zeros(())
-        sums = all_reduce_sum(torch.stack([
-            e.sum(1),
-            torch.where(has, logits[rows, col], zero),
-            torch.where(has, scores[rows, col], zero),
-        ]), group)
-        # The max column contributes exp(0) = 1, so the sum is ≥ 1 in exact arithmetic;
-        # the clamp only guards log against a NaN/inf input turned into 0.
-        sum_exp = sums[0].clamp_min(torch.finfo(logits.dtype).tiny)
-        nll = sum_exp.log() + gmax - sums[1]
-        factor = None
-        if weight_fn is None:
-            per = nll
-        else:
-            w, factor = weight_and_grad_factor(weight_fn, nll)
-            per = w * nll
-        if sample_weight is not None:  # constants (dropped samples: 0): scale loss and grad
-            per = per * sample_weight
-            factor = sample_weight if factor is None else factor * sample_weight
-        loss = per.mean()
-        # A sample is right when its true class's score reaches the global max score
-        # (ties count as right: they need exactly equal floats).
-        accuracy = (sums[2] >= maxes[1]).to(logits.dtype).mean()
-        e.div_(sum_exp[:, None])  # softmax, kept for backward
-        ctx.save_for_backward(e, target, factor)
-        ctx.mark_non_differentiable(accuracy)
-        return loss, accuracy
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_acc):
-        p, target, factor = ctx.saved_tensors
-        scale = grad_loss / p.shape[0]
-        if factor is not None:
-            scale = scale * factor[:, None]  # per sample [B, 1]
-        # Out of place: p stays valid should the graph be run twice (retain_graph).
-        grad = p * scale
-        rows = (target >= 0).nonzero().squeeze(1)
-        if factor is None:
-            grad[rows, target[rows]] -= scale
-        else:
-            grad[rows, target[rows]] -= scale[rows, 0]
-        return grad, None, None, None, None, None
-
-
-def fused_softmax_ce(out: ops.MarginSoftmaxOut, group, weight_fn=None):
-    """(loss, accuracy) from the fused op's per-row statistics, combined across ranks.
-
-    Only O(B) numbers cross ranks: the max of the local log-sum-exps (and of the scores, for
-    accuracy) and the sums of exp(lse_r − max), of the target logit and of the target score.
-    Autograd sees each rank's own terms only (the other ranks' are constants), which gives
-    each rank its part of the global gradient, as the reference's closed form does."""
-    maxes = all_reduce_max(torch.stack([out.lse.detach(), out.max_score]), group)
-    gmax = maxes[0]
-    e = torch.exp(out.lse - gmax)
-    t = out.target_logit  # 0 where the class is on another rank (op contract)
-    sums = all_reduce_sum(torch.stack([e.detach(), t.detach(), out.target_score]), group)
-    sum_exp = (e + (sums[0] - e.detach())).clamp_min(torch.finfo(e.dtype).tiny)
-    nll = sum_exp.log() + gmax - (t + (sums[1] - t.detach()))
-    if weight_fn is None:
-        loss = nll.mean()
-    else:  # plain autograd through w(p), p = exp(−nll): the same gradient as the closed form
-        w = weight_fn(torch.exp(-nll))
-        if w.shape != nll.shape:
-            raise ValueError(f"loss_weight must return one weight per sample {list(nll.shape)}, "
-                             f"got {list(w.shape)}")
-        loss = (w * nll).mean()
-    accuracy = (sums[2] >= maxes[1]).to(e.dtype).mean()
-    return loss, accuracy
 
 
 class PartialFC(nn.Module):
@@ -585,38 +392,18 @@ class PartialFC(nn.Module):
             if embeddings is None:
                 raise ValueError("hard negatives need the global batch's embeddings")
             keys = self.hardness(embeddings)
-            keys[pos] = float("inf")
         else:
-            dev = self.weight.device
-            g = torch.Generator(device=dev).manual_seed(seed_int(self.seed, Stream.NEGATIVES, step, self.rank))
-            # Top-n of iid uniform keys is a uniform n-subset; positives get a key above
-            # any uniform so they are always in it.
-            keys = torch.rand(self.num_local, generator=g, device=dev)
-            keys[pos] = 2.0
-        return keys.topk(n, sorted=False).indices.sort().values
+            keys = uniform_keys(self.num_local, seed_int(self.seed, Stream.NEGATIVES, step, self.rank),
+                                self.weight.device)
+        return top_rows(keys, pos, n)
 
     @torch.no_grad()
     def hardness(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[C_local]: each class's highest score (cosine, or raw logit for unnormalised
         transforms; with sub-centres, the max over them) against any sample of the batch,
         computed in blocks of classes."""
-        dtype = compute_dtype(self.weight.dtype)
-        x = embeddings.detach().to(dtype)
-        if self.transform.normalize:
-            x = F.normalize(x, dim=1)
-        k = self.subcenters
-        block = max(1, HARD_BLOCK_ELEMENTS // max(1, x.shape[0] * k))
-        out = torch.empty(self.num_local, dtype=dtype, device=x.device)
-        for a in range(0, self.num_local, block):
-            w = self.weight[a * k:(a + block) * k].detach().to(dtype)
-            if self.transform.normalize:
-                s = x @ F.normalize(w, dim=1).T
-            else:
-                s = x @ w.T
-                if self.bias is not None:
-                    s = s + self.bias[a:a + block].detach().to(dtype)
-            out[a:a + block] = s.max(0).values.view(-1, k).max(1).values
-        return out
+        return hardness(embeddings, self.weight, self.bias, normalize=self.transform.normalize,
+                        subcenters=self.subcenters)
 
     def _row_leaves(self, idx):
         """Detached copies of the step's rows as fresh leaves: autograd stops there, so no
@@ -667,7 +454,7 @@ class PartialFC(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf, wf = x.to(dtype), w.to(dtype)
             if self.transform.normalize:
-                scores = _CosineScores.apply(F.normalize(xf, dim=1), wf)
+                scores = CosineScores.apply(F.normalize(xf, dim=1), wf)
             else:
                 scores = xf @ wf.T
                 if b is not None:
@@ -689,7 +476,7 @@ class PartialFC(nn.Module):
                 sample_weight, dropped = drop_weights(t_cos, self.drop_angle)
             logits = self.transform(scores, target, ctx)
             weight_fn = self.transform.loss_weight if self.transform.weighted else None
-            loss, accuracy = _DistSoftmaxCE.apply(logits, target,
+            loss, accuracy = DistSoftmaxCE.apply(logits, target,
                                                   scores.detach().to(logits.dtype), self.group,
                                                   weight_fn,
                                                   None if sample_weight is None else sample_weight.to(logits.dtype))
@@ -727,4 +514,4 @@ class PartialFC(nn.Module):
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=k)
 
 
-__all__ = ["PartialFC", "HeadOutput", "SampledRows", "init_rows", "compute_dtype"]
+__all__ = ["PartialFC", "HeadOutput", "SampledRows"]
