@@ -126,8 +126,10 @@ def test_zero_bf16_trains_and_evaluates(tmp_path, tmp_path_factory):
 
 def test_a_stale_extension_build_lock_is_an_error_not_a_silent_wait(tmp_path, capsys):
     """A first DeepSpeed run killed while JIT-building its op leaves torch's build lock;
-    every later run waited on it forever with no output."""
+    every later run waited on it forever with no output. A fresh lock is waited for until it
+    goes (or grows stale); an old one is an error."""
     import os
+    import threading
     import time
 
     from dpface.engine.deepspeed_backbone import STALE_BUILD_LOCK_S, check_extension_build_locks
@@ -135,9 +137,13 @@ def test_a_stale_extension_build_lock_is_an_error_not_a_silent_wait(tmp_path, ca
     lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
-    check_extension_build_locks(tmp_path)  # a build running now: said, then waited for
+    threading.Timer(0.3, lock.unlink).start()  # a build running now, finishing soon
+    t0 = time.monotonic()
+    check_extension_build_locks(tmp_path, poll_s=0.05)
+    assert time.monotonic() - t0 < 10
     assert "waiting for a torch extension build to finish" in capsys.readouterr().out
+    lock.touch()
     old = time.time() - STALE_BUILD_LOCK_S - 60
     os.utime(lock, (old, old))
     with pytest.raises(ConfigError, match="build lock left 11 min ago.*Delete it if no build is running"):
-        check_extension_build_locks(tmp_path)
+        check_extension_build_locks(tmp_path, poll_s=0.05)

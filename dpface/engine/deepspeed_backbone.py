@@ -73,10 +73,11 @@ def _safe_checkpoint_engine(config):
 STALE_BUILD_LOCK_S = 600  # no op build takes this long; an older lock was left by a killed build
 
 
-def check_extension_build_locks(root: Path | None = None) -> None:
+def check_extension_build_locks(root: Path | None = None, poll_s: float = 5.0) -> None:
     """DeepSpeed JIT-builds an op on first use under torch's extension root; a build killed
-    half-way leaves its ``lock`` file, and every later run waits on it forever, silently.
-    An old lock is an error naming the file; a recent one (a build running now) is said."""
+    half-way leaves its ``lock`` file, and every later run waited on it forever, silently.
+    A lock is waited for (said once) until it goes or is STALE_BUILD_LOCK_S old; an old
+    lock is an error naming the file."""
     import time
 
     from torch.utils.cpp_extension import get_default_build_root
@@ -84,12 +85,21 @@ def check_extension_build_locks(root: Path | None = None) -> None:
     root = Path(root or get_default_build_root())
     if not root.is_dir():
         return
+    said = set()
     for lock in sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock")):
-        age = time.time() - lock.stat().st_mtime
-        if age > STALE_BUILD_LOCK_S:
-            raise ConfigError(f"{lock}: a torch extension build lock left {age / 60:.0f} min ago (a killed "
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                break  # the build finished
+            if age > STALE_BUILD_LOCK_S:
+                raise ConfigError(f"{lock}: a torch extension build lock left {age / 60:.0f} min ago (a killed "
                                   "build?); DeepSpeed would wait on it forever. Delete it if no build is running")
-        print(f"dpface: waiting for a torch extension build to finish ({lock}, {age:.0f} s old)", flush=True)
+            if lock not in said:
+                print(f"dpface: waiting for a torch extension build to finish ({lock}, {age:.0f} s old; "
+                      f"at most until it is {STALE_BUILD_LOCK_S // 60} min old)", flush=True)
+                said.add(lock)
+            time.sleep(poll_s)
 
 
 def _merge(base: dict, over: dict) -> dict:
