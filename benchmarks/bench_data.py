@@ -26,8 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dpface.data.convert import convert_synthetic  # noqa: E402
-from dpface.data.webdataset_stream import WebDatasetStream  # noqa: E402
+from dpface.data.formats.convert import convert_synthetic  # noqa: E402
+from dpface.data.streams.webdataset import WebDatasetStream  # noqa: E402
 
 
 class ImageFolderDataset(Dataset):
@@ -82,7 +82,7 @@ def shards_loader(shards, batch, workers, tar_reader="fast"):
 
 
 def dali_loader(shards, batch, workers):
-    from dpface.data.dali_stream import DaliStream
+    from dpface.data.streams.dali import DaliStream
     return DaliStream(shards, batch_size=batch, num_workers=workers, shuffle_buffer=1000,
                       augment=("flip",), device="cpu")
 

@@ -1,6 +1,6 @@
 """Clustering benchmark: GCN linkage vs agglomerative (tuned threshold) vs k-means (true k).
 
-Simulated pools (``dpface.cluster.simulate.embedding_pool``): identity centres uniform on the
+Simulated pools (``dpface.data.synthetic.embeddings.embedding_pool``): identity centres uniform on the
 unit sphere in R^D, each image centre + Gaussian noise of norm ~spread (an identity draws its
 spread uniformly from --spread), L2-normalised; identity sizes long-tailed,
 floor(max·(i+1)^-exponent) clipped to [min, max]. The GCN and the agglomerative threshold
@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpface.cluster import baselines, gcn, metrics, simulate  # noqa: E402
-from dpface.data.synthetic import long_tail_counts  # noqa: E402
+from dpface.cluster import baselines, gcn, metrics  # noqa: E402
+from dpface.data.synthetic import embeddings  # noqa: E402
+from dpface.data.synthetic.faces import long_tail_counts  # noqa: E402
 
 
 def identities_for(n: int, max_size: int, min_size: int, exponent: float) -> int:
@@ -45,7 +46,7 @@ def identities_for(n: int, max_size: int, min_size: int, exponent: float) -> int
 
 def pool(n, args, seed):
     ids = identities_for(n, args.max_size, args.min_size, args.exponent)
-    x, y = simulate.embedding_pool(ids, args.dim, spread=tuple(args.spread), max_size=args.max_size,
+    x, y = embeddings.embedding_pool(ids, args.dim, spread=tuple(args.spread), max_size=args.max_size,
                                    min_size=args.min_size, exponent=args.exponent, seed=seed)
     return x, y
 
@@ -84,7 +85,7 @@ def real_embeddings(args):
     """A briefly trained tiny backbone on synthetic faces; embeddings of held-out identities."""
     from dpface.cluster.embed import embed_manifest, load_backbone
     from dpface.config import load_config
-    from dpface.data.convert import convert_synthetic
+    from dpface.data.formats.convert import convert_synthetic
     from dpface.engine.trainer import train
 
     work = Path(tempfile.mkdtemp(prefix="cluster_bench_"))

@@ -13,7 +13,7 @@ Evaluation, per run (10-fold verification accuracy, threshold chosen on 9 folds)
   ``head`` = the most frequent identities (ids [0, n_head); counts are non-increasing
   in the id), ``tail`` = the least frequent ones (the last n_tail ids, all at
   ``min_images``). Every image of these pairs is a *fresh* sample of the identity
-  (sample indices from EVAL_SAMPLE_BASE, never used in training) and both sides of a
+  (the "verification" sample indices, never used in training) and both sides of a
   different-identity pair come from the same group. This measures how well the
   embedding separates people it was trained on as a function of how many images it
   had of them — the claim of the range-loss paper. Held-out identities have no image
@@ -40,7 +40,8 @@ import torch
 
 from dpface.config import load_config
 from dpface.data.config import DataConfig
-from dpface.data.synthetic import long_tail_counts, make_verification_pairs
+from dpface.data.synthetic.faces import long_tail_counts
+from dpface.data.synthetic.pairs import make_verification_pairs
 from dpface.engine.trainer import Trainer
 from dpface.eval import evaluate_pairs
 

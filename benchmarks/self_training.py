@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpface.cluster.self_train import self_train  # noqa: E402
-from dpface.data.convert import convert_synthetic  # noqa: E402
+from dpface.data.formats.convert import convert_synthetic  # noqa: E402
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpface.data.pk_sampler import PKBatchSampler
-from dpface.data.templates import DegradedFaceDataset, make_templates
+from dpface.data.streams.pk_sampler import PKBatchSampler
+from dpface.data.synthetic.templates import DegradedFaceDataset, make_templates
 from dpface.data.transforms import normalize
 from dpface.eval.sets import evaluate_set_poolings
 from dpface.heads.full_fc import FullFC

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpface.data.synthetic import SyntheticFaceDataset, make_verification_pairs  # noqa: E402
+from dpface.data.synthetic.faces import SyntheticFaceDataset  # noqa: E402
+from dpface.data.synthetic.pairs import make_verification_pairs  # noqa: E402
 from dpface.data.transforms import hflip, normalize  # noqa: E402
 from dpface.eval import evaluate_pairs  # noqa: E402
 from dpface.eval.embeddings import extract_embeddings  # noqa: E402

@@ -38,6 +38,26 @@ class Stream(IntEnum):
     CLUSTER_GCN = 0xC102       # GCN training: (purpose,)
 
 
+# A synthetic image is a pure function of (identity, sample index): each set renders from
+# its own range of sample indices, so no two sets share an image, even on the same held-out
+# identities. Training images are samples [0, counts[identity]) of the "train" range.
+SAMPLE_RANGES: dict[str, tuple[int, int]] = {
+    "train": (0, 1 << 30),
+    "verification": (1 << 30, (1 << 30) + (1 << 24)),              # synthetic pairs
+    "ijb": ((1 << 30) + (1 << 24), (1 << 30) + (1 << 25)),          # `convert synthetic-ijb`
+    "templates": ((1 << 30) + (1 << 25), (1 << 30) + (3 << 24)),    # mixed-quality templates
+    "identification": ((1 << 30) + (3 << 24), (1 << 30) + (1 << 26)),  # synthetic 1:N
+}
+
+
+def sample_index(kind: str, k: int) -> int:
+    """The ``k``-th sample index of the ``kind`` range of :data:`SAMPLE_RANGES`."""
+    lo, hi = SAMPLE_RANGES[kind]
+    if not 0 <= k < hi - lo:
+        raise ValueError(f"{kind} sample {k} is outside its range of {hi - lo} indices")
+    return lo + k
+
+
 def _entropy(seed: int, stream: Stream, parts) -> list[int]:
     return [int(seed), int(Stream(stream)), *map(int, parts)]
 
@@ -52,4 +72,4 @@ def seed_int(seed: int, stream: Stream, *parts: int) -> int:
     return int(np.random.SeedSequence(_entropy(seed, stream, parts)).generate_state(1, np.uint64)[0])
 
 
-__all__ = ["Stream", "rng", "seed_int"]
+__all__ = ["SAMPLE_RANGES", "Stream", "rng", "sample_index", "seed_int"]

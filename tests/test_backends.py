@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from dpface.data.convert import convert_synthetic
+from dpface.data.formats.convert import convert_synthetic
 from dpface.engine.trainer import Trainer
 from tests.conftest import SYNTHETIC_SETS, load_tiny
 

@@ -86,7 +86,7 @@ def test_plan_and_python_dash_m():
 
 def test_eval_on_an_insightface_bin_set(trained, tmp_path, capsys):
     """A .bin set written in insightface's format evaluates like the same pairs in memory."""
-    from dpface.data.synthetic import make_verification_pairs
+    from dpface.data.synthetic.pairs import make_verification_pairs
     from dpface.eval.bin_sets import write_bin
 
     p = make_verification_pairs(num_pairs=40, identity_offset=12, num_identities=10, seed=0,

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from dpface.cli import main
-from dpface.cluster import baselines, gcn, linkage, metrics, simulate
+from dpface.cluster import baselines, gcn, linkage, metrics
 from dpface.cluster.knn import ClusterError, check_embeddings, knn_graph
+from dpface.data.synthetic import embeddings
 from tests.conftest import SYNTHETIC_SETS, tiny_overrides
 
 
@@ -133,7 +134,7 @@ def test_linkage_merging_and_pseudo_label_propagation():
 def trained():
     """One GCN trained on a hard pool's training draw (seed 1); tested on other draws."""
     torch.manual_seed(0)
-    x, y = simulate.twins_pool(5, 10, 32, loose=0.5, seed=1)
+    x, y = embeddings.twins_pool(5, 10, 32, loose=0.5, seed=1)
     model, info = gcn.train_gcn(x, y, k1=20, k2=4, k_adj=4, hidden=32, layers=2, epochs=20, lr=1e-2,
                                 batch_size=32, val_fraction=0, seed=0)
     return model, info, (x, y)
@@ -143,7 +144,7 @@ def test_gcn_recovers_easy_identities(trained):
     model, _, _ = trained
     # spread 0.3: identities well apart (at 0.4 an occasional pair of near centres merges;
     # that is the hard case's business, not this one's)
-    x, y = simulate.embedding_pool(30, 32, spread=0.3, max_size=15, min_size=5, seed=3)
+    x, y = embeddings.embedding_pool(30, 32, spread=0.3, max_size=15, min_size=5, seed=3)
     labels, times = gcn.cluster(model, x)
     assert metrics.pairwise(labels, y)["f"] >= 0.95
     assert set(times) >= {"knn_s", "gcn_s", "merge_s"}
@@ -156,7 +157,7 @@ def test_gcn_beats_the_tuned_threshold_on_a_hard_pool(trained):
     # identities (tuned on the training draw, average linkage ends near pairwise F 0.77). The
     # GCN judges each link in its neighbourhood: a tighter group nearer the pivot means "no".
     model, _, (xt, yt) = trained
-    x, y = simulate.twins_pool(5, 10, 32, loose=0.5, seed=2)
+    x, y = embeddings.twins_pool(5, 10, 32, loose=0.5, seed=2)
     t, f_train = baselines.tune_agglomerative_threshold(xt, yt)
     f_agg = metrics.pairwise(baselines.agglomerative(x, t), y)["f"]
     f_gcn = metrics.pairwise(gcn.cluster(model, x)[0], y)["f"]
@@ -195,9 +196,9 @@ def test_library_bad_input(trained):
 
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_end_to_end_and_bad_input(tmp_path, capsys):
-    x, y = simulate.embedding_pool(20, 16, spread=0.3, max_size=8, min_size=4, seed=5)
+    x, y = embeddings.embedding_pool(20, 16, spread=0.3, max_size=8, min_size=4, seed=5)
     np.savez(tmp_path / "lab.npz", embeddings=x, labels=y)
-    xp, yp = simulate.embedding_pool(15, 16, spread=0.3, max_size=8, min_size=4, seed=6)
+    xp, yp = embeddings.embedding_pool(15, 16, spread=0.3, max_size=8, min_size=4, seed=6)
     np.savez(tmp_path / "pool.npz", embeddings=xp, labels=yp)
     g, out = tmp_path / "g.pt", tmp_path / "clusters.json"
     assert main(["cluster", "train-gcn", "--embeddings", str(tmp_path / "lab.npz"), "--out", str(g), "--k1", "6",
@@ -227,8 +228,8 @@ def test_cli_end_to_end_and_bad_input(tmp_path, capsys):
 def test_self_training_runs_through_the_trainer(tmp_path):
     from dpface.cluster.embed import iter_samples
     from dpface.cluster.self_train import self_train
-    from dpface.data.convert import convert_synthetic
-    from dpface.data.shards import load_manifest
+    from dpface.data.formats.convert import convert_synthetic
+    from dpface.data.formats.shards import load_manifest
 
     common = dict(image_size=32, num_workers=0, progress=False, max_images=4, min_images=4)
     convert_synthetic(str(tmp_path / "L"), num_identities=6, **common)

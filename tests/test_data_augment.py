@@ -57,7 +57,7 @@ def test_unknown_names_are_refused_by_both_streams(tmp_path):
     with pytest.raises(ValueError, match=r"unknown augmentation 'flipp' \(did you mean 'flip'\?\)"):
         check_augment(("flipp",))
     pytest.importorskip("nvidia.dali")
-    from dpface.data.dali_stream import DaliStream
+    from dpface.data.streams.dali import DaliStream
     with pytest.raises(ValueError, match="unknown augmentation 'colour'"):
         DaliStream(str(tmp_path / "none.tar"), batch_size=2, device="cpu", num_classes=2,
                    augment=("colour",))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dpface.data.convert import convert_synthetic
-from dpface.data.webdataset_stream import WebDatasetStream
+from dpface.data.formats.convert import convert_synthetic
+from dpface.data.streams.webdataset import WebDatasetStream
 from tests.test_data_stream import write_tar
 
 
@@ -45,7 +45,7 @@ def take(stream, n):
 
 
 def test_missing_dali_is_a_clear_error(monkeypatch, syn):
-    from dpface.data import dali_stream
+    from dpface.data.streams import dali as dali_stream
     real = builtins.__import__
 
     def fake(name, *a, **k):
@@ -59,7 +59,7 @@ def test_missing_dali_is_a_clear_error(monkeypatch, syn):
 
 
 def test_dali_matches_webdataset_path(dali, syn):
-    from dpface.data.dali_stream import DaliStream
+    from dpface.data.streams.dali import DaliStream
     path, m = syn
     n = m["num_images"]
     ref = WebDatasetStream(str(path), batch_size=n, num_workers=0, resampled=False, augment=(),
@@ -78,7 +78,7 @@ def test_dali_matches_webdataset_path(dali, syn):
 
 
 def test_dali_flip_and_infinite_stream(dali, syn):
-    from dpface.data.dali_stream import DaliStream
+    from dpface.data.streams.dali import DaliStream
     path, m = syn
     d = DaliStream(str(path), batch_size=8, num_workers=1, shuffle_buffer=16, device="cpu",
                    augment=("flip", "crop", "color"), seed=3)
@@ -89,7 +89,7 @@ def test_dali_flip_and_infinite_stream(dali, syn):
 
 
 def test_dali_resume_continues_the_same_stream(dali, syn):
-    from dpface.data.dali_stream import DaliStream
+    from dpface.data.streams.dali import DaliStream
     path, _ = syn
     kw = dict(batch_size=5, num_workers=1, shuffle_buffer=10, device="cpu", seed=11,
               augment=("flip", "crop"))
@@ -115,7 +115,7 @@ def _write(path, members):
 
 
 def test_dali_bad_data(dali, tmp_path):
-    from dpface.data.dali_stream import DaliStream
+    from dpface.data.streams.dali import DaliStream
     pytest.importorskip("wds2idx")
     good = []
     for i in range(8):

@@ -20,7 +20,7 @@ BOUND_S = 120  # the hang was unbounded; a healthy exit takes seconds
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from dpface.data.convert import convert_synthetic
+    from dpface.data.formats.convert import convert_synthetic
 
     out = tmp_path_factory.mktemp("shards") / "s"
     convert_synthetic(str(out), num_identities=10, max_images=6, min_images=2, exponent=0.6, seed=0,

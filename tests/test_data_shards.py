@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpface.data import shards as sh
-from dpface.data.convert import convert_image_folder, convert_recordio, convert_synthetic
-from dpface.data.recordio import (
+from dpface.data.formats import shards as sh
+from dpface.data.formats.convert import convert_image_folder, convert_recordio, convert_synthetic
+from dpface.data.formats.recordio import (
     MAGIC,
     InsightFaceRecord,
     IRHeader,
@@ -221,7 +221,7 @@ def _shard_bytes(out):
 
 
 def test_convert_synthetic_and_resume(tmp_path):
-    from dpface.data.synthetic import SyntheticFaceDataset
+    from dpface.data.synthetic.faces import SyntheticFaceDataset
     out = tmp_path / "syn"
     m = convert_synthetic(str(out), **SYN)
     ds = SyntheticFaceDataset(8, max_images=4, min_images=2, exponent=0.7)

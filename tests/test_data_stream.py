@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dpface.data import shards as sh
-from dpface.data.convert import convert_image_folder, convert_synthetic
-from dpface.data.webdataset_stream import WebDatasetStream, _Config, shards_for
+from dpface.data.formats import shards as sh
+from dpface.data.formats.convert import convert_image_folder, convert_synthetic
+from dpface.data.streams.webdataset import WebDatasetStream, _Config, shards_for
 
 
 def jpeg(seed: int, size=112) -> bytes:
@@ -258,7 +258,7 @@ def test_errors_before_iteration(syn, tmp_path):
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_lean_tar_reader_agrees_with_tarfile(tmp_path, fmt):
-    from dpface.data.webdataset_stream import TarFormatError, iter_tar_members
+    from dpface.data.streams.webdataset import TarFormatError, iter_tar_members
     long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 60
     members = [(f"{long_dir}/k1.jpg", b"x" * 700), (f"{long_dir}/k1.cls", b"3"),
                ("k2.jpg", b""), ("k2.json", b"{}")]

@@ -172,18 +172,15 @@ def _real_faces(n_lfw: int = 8) -> tuple[torch.Tensor, dict]:
     side = box["width"] + 2 * m
     crop = photo[r0:r0 + side, c0:c0 + side]
     faces = [transform.resize(crop, (112, 112), anti_aliasing=True)]
-    try:  # the IJB path's 5-point similarity alignment, where it is built
-        from dpface.eval.ijb import ARCFACE_TEMPLATE, align_face
-    except ImportError:
-        align_face = None
-    if align_face is not None:
-        # The template's points placed in the margin box: the similarity transform that
-        # aligns them is the box → 112 scaling, so the aligned face is the crop above.
-        points = ARCFACE_TEMPLATE * side / 112.0 + [c0, r0]
-        aligned = align_face(photo, points, 112)
-        resized = (faces[0] * 255).round()
-        assert aligned.shape == (112, 112, 3) and np.abs(aligned - resized).mean() < 12
-        faces.append(aligned / 255.0)
+    from dpface.data.align import ARCFACE_TEMPLATE, align_face
+
+    # The IJB path's 5-point similarity alignment: the template's points placed in the
+    # margin box are aligned by the box → 112 scaling, so the aligned face is the crop above.
+    points = ARCFACE_TEMPLATE * side / 112.0 + [c0, r0]
+    aligned = align_face(photo, points, 112)
+    resized = (faces[0] * 255).round()
+    assert aligned.shape == (112, 112, 3) and np.abs(aligned - resized).mean() < 12
+    faces.append(aligned / 255.0)
     lfw = data.lfw_subset()[:n_lfw]  # the first 100 are faces: grey 25×25 in [0, 1]
     faces += [np.repeat(transform.resize(f, (112, 112), order=3)[..., None], 3, axis=2) for f in lfw]
     images = (np.clip(np.stack(faces), 0, 1) * 255).round().astype(np.uint8)  # [N,112,112,3]
@@ -197,7 +194,7 @@ def test_real_faces_end_to_end_onnx_parity(exported):
 
     path, _, backbone, _ = exported
     images, _ = _real_faces()
-    assert images.shape[0] in (9, 10) and images.shape[1:] == (3, 112, 112) and images.dtype == torch.uint8
+    assert images.shape[0] == 10 and images.shape[1:] == (3, 112, 112) and images.dtype == torch.uint8
     assert images.float().std() > 20  # real photographs, not a blank crop
     session = xo.ort_session(path)
 

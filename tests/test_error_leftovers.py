@@ -62,7 +62,7 @@ def test_truncated_head_shard_on_resume_and_export_head(run2, tmp_path, capsys):
 
 # -- 3: a shard pattern without a manifest ----------------------------------------------
 def test_shard_pattern_without_manifest_names_the_key(tmp_path, capsys):
-    from dpface.data.convert import convert_synthetic
+    from dpface.data.formats.convert import convert_synthetic
 
     convert_synthetic(str(tmp_path / "wds"), num_identities=3, max_images=2, max_shard_samples=3,
                       num_workers=0, progress=False)
@@ -102,7 +102,7 @@ def test_signal_to_the_process_group_with_dataloader_workers_saves(tmp_path):
 
 
 def test_data_workers_ignore_sigint_and_sigterm():
-    from dpface.data.loader import ignore_stop_signals
+    from dpface.data.streams.map_stream import ignore_stop_signals
 
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

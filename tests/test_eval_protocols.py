@@ -8,22 +8,20 @@ import pytest
 import torch
 
 from dpface.cli import main
+from dpface.data.align import align_face, similarity_to_template, template_points
+from dpface.data.synthetic.ijb import make_synthetic_ijb
 from dpface.engine.checkpoint import complete_checkpoints
 from dpface.eval import best_threshold, kfold_accuracy
 from dpface.eval.identification import cmc, rank1_vs_distractors, search, tpir_at_fpir
 from dpface.eval.ijb import (
     IJB_FARS,
     ProtocolError,
-    align_face,
     combine_features,
     evaluate_ijb_features,
     face_features,
     load_ijb,
-    make_synthetic_ijb,
-    similarity_to_template,
     template_features,
     template_pair_scores,
-    template_points,
 )
 from tests.conftest import tiny_overrides
 
@@ -422,7 +420,7 @@ def test_cli_ijb_errors(checkpoint, tmp_path, capsys):
 
 def test_cli_sets_protocol_matches_the_library(checkpoint, capsys):
     """`dpface eval --protocol sets` reports what eval.sets computes on the restored backbone."""
-    from dpface.data.templates import make_templates
+    from dpface.data.synthetic.templates import make_templates
     from dpface.eval.sets import evaluate_set_poolings
     from dpface.restore import load_backbone
 

@@ -202,8 +202,8 @@ def test_empty_and_binary_config_files_are_refused(tmp_path, capsys):
 def test_manifest_without_shards_or_with_lying_counts_is_refused_at_start(tmp_path):
     """Counts drive epochs, progress and resume positions: checked against each shard's
     index header before any reading (a lying manifest showed epoch 0.0016 and trained on)."""
-    from dpface.data.convert import convert_synthetic
-    from dpface.data.shards import ShardError, resolve_shards
+    from dpface.data.formats.convert import convert_synthetic
+    from dpface.data.formats.shards import ShardError, resolve_shards
 
     out = tmp_path / "s"
     convert_synthetic(str(out), num_identities=6, max_images=4, min_images=2, seed=0, max_shard_samples=8)

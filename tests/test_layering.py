@@ -59,7 +59,8 @@ def imported(mod: str, path: Path) -> list[tuple[int, str]]:
 
 
 def test_relative_imports_are_resolved():
-    assert imported("dpface.data.webdataset_stream", ROOT / "dpface" / "data" / "webdataset_stream.py")
+    got = [t for _, t in imported("dpface.eval.ijb", ROOT / "dpface" / "eval" / "ijb.py")]
+    assert "dpface.eval.verification" in got  # `from .verification import …`
     got = dict((t, line) for line, t in imported("dpface.eval", ROOT / "dpface" / "eval" / "__init__.py"))
     assert "dpface.eval.bin_sets" in got  # `from .bin_sets import …` in a package __init__
 
@@ -74,14 +75,61 @@ def test_no_module_imports_from_a_layer_above_it():
                 unplaced.append(mod)
             continue
         for line, target in imported(mod, f):
-            # a name imported from a module (not a submodule) is judged by its module
-            while target not in mods and "." in target:
-                target = target.rpartition(".")[0]
+            target = _owner(target, mods)  # a name imported from a module is judged by its module
             lv = layer(target)
             if lv is not None and lv > me:
                 bad.append(f"{f.relative_to(ROOT)}:{line}: {mod} imports {target}")
     assert not unplaced, f"modules in no layer (add them to LAYERS and ARCHITECTURE.md): {unplaced}"
     assert not bad, "imports up the layers:\n" + "\n".join(sorted(set(bad)))
+
+
+def _owner(target: str, mods) -> str:
+    """The module a dotted import target names (a name imported from a module is its module)."""
+    while target not in mods and "." in target:
+        target = target.rpartition(".")[0]
+    return target
+
+
+def test_no_import_cycle():
+    """No two modules import each other, directly or through others, whether the import runs
+    at load time or inside a function (a lazy import hides a cycle, it does not remove it).
+    A package's ``__init__`` is not part of its submodules' imports."""
+    mods = modules()
+    graph = {m: set() for m in mods}
+    for mod, f in mods.items():
+        for _, target in imported(mod, f):
+            t = _owner(target, mods)
+            if t in mods and t != mod and not mod.startswith(t + "."):
+                graph[mod].add(t)
+    # Tarjan's strongly connected components: any component of 2+ modules is a cycle.
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
 RUN_DIR_NAMES = ("metrics.jsonl", "final_metrics.json", "wandb_run_id", "MODEL_CARD.md", "model_card.json",

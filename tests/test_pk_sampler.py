@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpface.data.pk_sampler import PKBatchSampler, PKMapStream
+from dpface.data.streams.pk_sampler import PKBatchSampler, PKMapStream
 
 # Long tail: identity i has max(1, 20 // (i+1)) images; labels shuffled in index order.
 COUNTS = [max(1, 20 // (i + 1)) for i in range(30)]

@@ -18,8 +18,8 @@ def jpeg(seed):
 
 
 def test_readme_usage_lines_in_order(tmp_path, capsys):
-    from dpface.data.recordio import write_insightface_rec
-    from dpface.data.synthetic import make_verification_pairs
+    from dpface.data.formats.recordio import write_insightface_rec
+    from dpface.data.synthetic.pairs import make_verification_pairs
     from dpface.eval.bin_sets import write_bin
 
     run = [f"experiment.output_dir={tmp_path}/runs", *TINY]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpface.data.templates import make_templates
+from dpface.data.synthetic.templates import make_templates
 from dpface.eval.sets import (
     evaluate_pooled,
     evaluate_set_poolings,

@@ -8,8 +8,9 @@ import torch
 from dpface.config import ConfigError, config_from_dict, load_config
 from dpface.data.augment import AUGMENTS
 from dpface.data.config import DataConfig
-from dpface.data.convert import convert_synthetic
-from dpface.data.stream import STREAMS, BatchStream
+from dpface.data.formats.convert import convert_synthetic
+from dpface.data.streams.protocol import BatchStream
+from dpface.data.streams.registry import STREAMS
 from dpface.distributed import ParallelContext
 
 CPU = ParallelContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

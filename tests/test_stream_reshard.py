@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpface.data.convert import convert_synthetic
-from dpface.data.webdataset_stream import WebDatasetStream, merge_states
+from dpface.data.formats.convert import convert_synthetic
+from dpface.data.streams.webdataset import WebDatasetStream, merge_states
 
 
 @pytest.fixture(scope="module")

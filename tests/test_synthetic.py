@@ -5,14 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpface.data.synthetic import (
-    EVAL_SAMPLE_BASE,
-    PairSet,
-    SyntheticFaceDataset,
-    SyntheticFaces,
-    long_tail_counts,
-    make_verification_pairs,
-)
+from dpface.data.synthetic.faces import SyntheticFaceDataset, SyntheticFaces, long_tail_counts
+from dpface.data.synthetic.pairs import PairSet, make_verification_pairs
+from dpface.seeding import sample_index
 
 SIZE = 48  # small images keep the file fast; the geometry is resolution independent
 
@@ -226,9 +221,9 @@ def test_pairs_identities_are_held_out_and_consistent(pairs):
 def test_pairs_images_are_distinct_and_match_render(pairs):
     flat = [im.tobytes() for im in np.concatenate([pairs.images_a, pairs.images_b])]
     assert len(set(flat)) == len(flat)  # every image in the set is a different sample
-    # The first image of an identity is its sample EVAL_SAMPLE_BASE.
+    # The first image of an identity is the first sample of the "verification" range.
     first = int(pairs.identities_a[0])
-    expected = SyntheticFaces(seed=0, image_size=SIZE).render(first, EVAL_SAMPLE_BASE)
+    expected = SyntheticFaces(seed=0, image_size=SIZE).render(first, sample_index("verification", 0))
     assert np.array_equal(pairs.images_a[0], expected)
 
 

@@ -22,8 +22,8 @@ def load_backbone(path):
 
 def iter_samples(manifest) -> Iterator[tuple[str, str, bytes, int]]:
     """(shard name, sample key, JPEG bytes, label) of every sample of a converted set, in order."""
-    from dpface.data.decode import parse_label
-    from dpface.data.shards import ShardError, ShardRead, resolve_shards
+    from dpface.data.formats.shards import ShardError, ShardRead, resolve_shards
+    from dpface.data.streams.decode import parse_label
 
     try:
         shards = resolve_shards(manifest)
@@ -45,7 +45,7 @@ def embed_manifest(backbone, manifest, image_size: int, device="cpu", batch_size
                    flip: bool = True, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray, list]:
     """(L2-normalised float32 [N, D], labels int64 [N], [(shard, key)]) of a converted set,
     decoded and embedded ``chunk`` images at a time (memory stays bounded)."""
-    from dpface.data.decode import decode_image
+    from dpface.data.streams.decode import decode_image
     from dpface.eval.embeddings import extract_embeddings
 
     embs, labels, where, batch = [], [], [], []

@@ -35,7 +35,7 @@ def write_set(out_dir, samples: Iterable[tuple[bytes, int, dict | None]], total:
               num_shards: int, image_size: int | None, source: str, params: dict) -> dict:
     """Write ``total`` samples (JPEG bytes, label, metadata) as exactly ``num_shards`` shards
     plus a manifest with ``num_classes`` classes (labels must lie below it)."""
-    from dpface.data import shards as sh
+    from dpface.data.formats import shards as sh
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -107,8 +107,8 @@ def self_train(work_dir, labelled, pool, base_overrides: list[str], *, teacher_s
     directory, steps and seed are added here; held-out verification pairs come from the
     synthetic identities [eval_offset, eval_offset + eval_identities)."""
     from dpface.config import load_config
-    from dpface.data.shards import load_manifest
-    from dpface.data.synthetic import make_verification_pairs
+    from dpface.data.formats.shards import load_manifest
+    from dpface.data.synthetic.pairs import make_verification_pairs
     from dpface.engine.trainer import train
 
     from . import metrics

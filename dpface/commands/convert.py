@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from dpface.data import convert
+    from dpface.data.formats import convert
 
     common = dict(image_size=args.image_size, max_shard_bytes=args.shard_mb << 20,
                   num_workers=args.workers, overwrite=args.overwrite)
@@ -56,11 +56,15 @@ def run(args) -> int:
 
 
 def run_synthetic_ijb(args) -> int:
-    from dpface.eval.ijb import make_synthetic_ijb
+    from dpface.data.synthetic.ijb import make_synthetic_ijb
 
-    info = make_synthetic_ijb(args.out, num_identities=args.identities,
-                              templates_per_identity=args.templates, identity_offset=args.identity_offset,
-                              seed=args.seed, image_size=args.image_size, overwrite=args.overwrite)
+    try:
+        info = make_synthetic_ijb(args.out, num_identities=args.identities,
+                                  templates_per_identity=args.templates,
+                                  identity_offset=args.identity_offset, seed=args.seed,
+                                  image_size=args.image_size, overwrite=args.overwrite)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     print(f"wrote {info['faces']} faces of {info['identities']} identities in {info['templates']} "
           f"templates ({info['media']} media), {info['pairs']} pairs ({info['genuine']} genuine) "
           f"to {info['dir']}")

@@ -23,7 +23,8 @@ class InputError(Exception):
 def error_message(e: BaseException) -> tuple[str, int] | None:
     """(one-line message, exit code) for an expected failure; None for anything else,
     which keeps its traceback."""
-    from dpface.data.shards import ShardError
+    from dpface.data.align import AlignUnavailable
+    from dpface.data.formats.shards import ShardError
     from dpface.eval.ijb import ProtocolError
     from dpface.heads.sharding import HeadShardError
     from dpface.registry import SpecError
@@ -52,7 +53,7 @@ def error_message(e: BaseException) -> tuple[str, int] | None:
     if isinstance(e, FloatingPointError):
         return text, EXIT_DIVERGED
     if isinstance(e, (ConfigError, CheckpointError, HeadShardError, SpecError, InputError,
-                      FileNotFoundError, ProtocolError)):
+                      FileNotFoundError, ProtocolError, AlignUnavailable)):
         return text, EXIT_INPUT
     return None
 

@@ -16,8 +16,6 @@ from dpface.rundir import RunDir
 
 FPIRS = (0.01, 0.1)
 CMC_RANKS = (1, 5, 10)
-# sample indices of identification images: apart from the verification pairs' and IJB's
-_IDENT_SAMPLE_BASE = (1 << 30) + (1 << 25)
 
 
 def _counts(text: str) -> list[int]:
@@ -97,23 +95,6 @@ def run_ijb(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[di
 
 
 # ----------------------------------------------------------------------------- identification
-
-
-def _synthetic_identification(cfg, identities: int, probes: int, nonmated: float, n_distract: int):
-    from dpface.data.synthetic import SyntheticFaces
-
-    s = cfg.data.synthetic
-    faces = SyntheticFaces(seed=s.seed, image_size=cfg.data.image_size, difficulty=s.difficulty)
-    first = s.num_identities  # held-out identities start after the training ones
-    n_mated = identities - int(round(nonmated * identities))
-    if n_mated < 1:
-        raise ProtocolError(f"--nonmated-fraction {nonmated} leaves no identity in the gallery")
-    ids = np.arange(first, first + identities)
-    gal = np.stack([faces.render(int(i), _IDENT_SAMPLE_BASE) for i in ids[:n_mated]])
-    prb = np.stack([faces.render(int(i), _IDENT_SAMPLE_BASE + 1 + k) for i in ids for k in range(probes)])
-    dis = (np.stack([faces.render(int(first + identities + j), _IDENT_SAMPLE_BASE)
-                     for j in range(n_distract)]) if n_distract else None)
-    return gal, ids[:n_mated], prb, np.repeat(ids, probes), dis
 
 
 def _read_images(paths, size: int) -> np.ndarray:
@@ -201,8 +182,15 @@ def run_identification(args, backbone, cfg, device, plots_dir: Path, step: int) 
         n_id = args.identities or cfg.eval.num_identities
         if n_id < 2 or args.probes_per_identity < 1:
             raise ProtocolError("--identities must be >= 2 and --probes-per-identity >= 1")
-        g_img, gl, p_img, pl, d_img = _synthetic_identification(
-            cfg, n_id, args.probes_per_identity, args.nonmated_fraction, n_d)
+        from dpface.data.synthetic.identification import make_identification
+
+        s = cfg.data.synthetic
+        try:  # held-out identities start after the training ones
+            g_img, gl, p_img, pl, d_img = make_identification(
+                s.num_identities, n_id, args.probes_per_identity, args.nonmated_fraction, n_d,
+                seed=s.seed, image_size=cfg.data.image_size, difficulty=s.difficulty)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         source = "synthetic"
     err(f"dpface eval: identification ({source}): gallery {len(gl)}, probes {len(pl)} "
          f"({int(np.isin(pl, gl).sum())} mated), distractors up to {n_d}")
@@ -230,9 +218,9 @@ def run_identification(args, backbone, cfg, device, plots_dir: Path, step: int) 
 
 
 def run_sets(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[dict, list]:
-    """Mixed-quality synthetic templates of held-out identities (data/templates.py), pooled
+    """Mixed-quality synthetic templates of held-out identities (data/synthetic/templates.py), pooled
     by mean, embedding norm and (a qan backbone's) quality: template TAR@FAR and rank-1."""
-    from dpface.data.templates import make_templates
+    from dpface.data.synthetic.templates import make_templates
     from dpface.eval.sets import evaluate_set_poolings
 
     s = cfg.data.synthetic

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dpface.data.augment import augment_problem
-from dpface.data.stream import STREAMS
+from dpface.data.streams.registry import STREAMS
 from dpface.schema import ConfigError, Invalid, at_least, in_unit, non_negative, positive, rule
 
 
@@ -35,7 +35,7 @@ BACKENDS = tuple(STREAMS.names())
 
 @dataclass
 class DataConfig:
-    backend: Literal[BACKENDS] = "synthetic"  # an entry of data/stream.py's STREAMS
+    backend: Literal[BACKENDS] = "synthetic"  # an entry of data/streams/registry.py's STREAMS
     batch_size: int = positive(64)  # per rank
     # instance: shuffled images; pk: P identities × K images per batch (batch_size = P·K),
     # for range/triplet/contrastive losses that need several images per identity.
@@ -72,7 +72,7 @@ class DataConfig:
         # mean "no synthetic set, only --bin sets".
         if self.backend == "synthetic":
             return
-        from dpface.data.shards import is_manifest
+        from dpface.data.formats.shards import is_manifest
 
         shards = self.shards.manifest
         if not shards:

@@ -248,7 +248,7 @@ class Trainer:
             try:
                 return self._fit(until)
             finally:
-                # Data workers ignore SIGINT/SIGTERM (data/loader.py), so multiprocessing's
+                # Data workers ignore SIGINT/SIGTERM (data/streams/map_stream.py), so multiprocessing's
                 # terminate() at exit could not end them and its join would hang: however
                 # the loop ends (a stop, divergence, a bug), closing the stream's generator
                 # shuts its DataLoader down now.

@@ -32,7 +32,7 @@ class EvalConfig:
         never overlap."""
         sets = {}
         if data.backend == "synthetic":
-            from dpface.data.synthetic import make_verification_pairs
+            from dpface.data.synthetic.pairs import make_verification_pairs
 
             s = data.synthetic
             p = make_verification_pairs(num_pairs=self.num_pairs, identity_offset=s.num_identities,

@@ -83,7 +83,7 @@ def check_images(cfg, n: int = 64) -> tuple[torch.Tensor, str]:
     """Up to ``n`` uint8 [n,3,S,S] images of the checkpoint's evaluation set and its name:
     the held-out synthetic identities, else the first .bin set."""
     if cfg.data.backend == "synthetic":
-        from dpface.data.synthetic import make_verification_pairs
+        from dpface.data.synthetic.pairs import make_verification_pairs
 
         s = cfg.data.synthetic
         folds = cfg.eval.folds

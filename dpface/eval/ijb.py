@@ -30,66 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpface import seeding
-from dpface.seeding import Stream
+from dpface.data.align import align_face
 
 from .verification import roc_curve, tar_at_far
 
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-# The standard ArcFace five-point destination for a 112×112 crop (a similarity transform
-# onto these, then an affine warp): eyes, nose tip, mouth corners (x, y).
-ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                             [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
 META_SUFFIXES = {"tid_mid": "_face_tid_mid.txt", "pairs": "_template_pair_label.txt",
                  "landmarks": "_name_5pts_score.txt"}
 
 
 class ProtocolError(ValueError):
     """An evaluation set is malformed; the message names the file (and line)."""
-
-
-def _skimage_transform():
-    """scikit-image's transform module (the five-point alignment), or one clear error."""
-    try:
-        from skimage import transform
-    except ImportError:
-        raise ProtocolError("IJB alignment and `dpface convert synthetic-ijb` need scikit-image: "
-                            "pip install 'dpface[eval]'") from None
-    return transform
-
-
-def template_points(size: int = 112) -> np.ndarray:
-    """The five ArcFace template points for a ``size``×``size`` crop (scaled from 112)."""
-    return ARCFACE_TEMPLATE * (size / 112.0)
-
-
-def similarity_to_template(landmarks, size: int = 112):
-    """The least-squares similarity transform (scikit-image) taking the five ``landmarks``
-    [5, 2] (x, y image pixels) onto the template of a ``size`` crop."""
-    SimilarityTransform = _skimage_transform().SimilarityTransform
-
-    src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
-    dst = template_points(size)
-    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
-        t = SimilarityTransform.from_estimate(src, dst)
-        if not t:
-            raise ValueError(f"no similarity transform fits landmarks {src.tolist()}")
-        return t
-    t = SimilarityTransform()
-    if not t.estimate(src, dst):
-        raise ValueError(f"no similarity transform fits landmarks {src.tolist()}")
-    return t
-
-
-def align_face(image: np.ndarray, landmarks, size: int = 112) -> np.ndarray:
-    """uint8 [H, W, 3] image + five landmarks → the aligned uint8 [size, size, 3] crop
-    (bilinear; outside the image is black, as cv2.warpAffine's default border)."""
-    warp = _skimage_transform().warp
-
-    t = similarity_to_template(landmarks, size)
-    out = warp(image, t.inverse, output_shape=(size, size), order=1, mode="constant", cval=0.0,
-               preserve_range=True)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- meta files
@@ -321,95 +272,3 @@ def mode_name(flip: bool, norm_score: bool, detector_score: bool) -> str:
     """A short key for a test mode, e.g. ``flip+norm+det`` or ``noflip-nonorm-nodet``."""
     return "".join([("flip" if flip else "noflip"), ("+norm" if norm_score else "-nonorm"),
                     ("+det" if detector_score else "-nodet")])
-
-
-# ----------------------------------------------------------------------------- synthetic set
-
-
-def make_synthetic_ijb(out, num_identities: int = 30, templates_per_identity: int = 2,
-                       max_media: int = 3, max_faces_per_media: int = 3, identity_offset: int = 100_000,
-                       seed: int = 0, image_size: int = 112, prefix: str = "synth",
-                       overwrite: bool = False) -> dict:
-    """Write an IJB-format set of dpface's synthetic faces to ``out`` (see the module doc).
-
-    Each identity (global synthetic index from ``identity_offset``; keep it beyond the
-    training identities) gets ``templates_per_identity`` templates of 1..``max_media``
-    media of 1..``max_faces_per_media`` faces each. A face has a quality q ~ U(0, 1): its
-    synthetic difficulty is 0.5 + 1.5·(1 − q) and its detector score 0.5 + 0.45·q + noise,
-    so low scores mark hard faces. The rendered crop is placed into a 1.5× larger loose
-    image by a random similarity (scale 0.75–1.15, rotation ±25°, shift); the landmarks are
-    the ArcFace template points carried by that placement, plus noise growing as q falls
-    (σ up to 1 px), so alignment brings the crop back. Pairs: every genuine template pair and
-    every impostor pair. Returns a summary dict.
-    """
-    from PIL import Image
-
-    SimilarityTransform, warp = _skimage_transform().SimilarityTransform, _skimage_transform().warp
-
-    from dpface.data.synthetic import EVAL_SAMPLE_BASE, SyntheticFaces
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ProtocolError(f"{out}: not empty (pass overwrite to replace it)")
-    (out / "meta").mkdir(parents=True, exist_ok=True)
-    (out / "loose_crop").mkdir(exist_ok=True)
-    rng = seeding.rng(seed, Stream.IJB_SET, identity_offset, num_identities)
-    levels = (0.5, 1.0, 1.5, 2.0)
-    renderers = [SyntheticFaces(seed=seed, image_size=image_size, difficulty=d) for d in levels]
-    s = image_size
-    big = int(round(1.5 * s))
-    tmpl = template_points(s)
-    lines_tm, lines_lm, template_ident = [], [], []
-    tid = mid = face = 0
-    for ident in range(num_identities):
-        g = identity_offset + ident
-        sample = EVAL_SAMPLE_BASE + (1 << 24)  # apart from the verification pairs' samples
-        for _ in range(templates_per_identity):
-            tid += 1
-            template_ident.append(ident)
-            for _ in range(int(rng.integers(1, max_media + 1))):
-                mid += 1
-                for _ in range(int(rng.integers(1, max_faces_per_media + 1))):
-                    face += 1
-                    q = float(rng.random())
-                    level = min(int((1 - q) * len(levels)), len(levels) - 1)
-                    crop = renderers[level].render(g, sample)
-                    sample += 1
-                    scale = float(rng.uniform(0.75, 1.15))
-                    rot = float(rng.uniform(-25, 25)) * math.pi / 180
-                    place = SimilarityTransform(scale=scale, rotation=rot)
-                    corners = place(np.array([[0, 0], [s, 0], [0, s], [s, s]], np.float64))
-                    lo, hi = corners.min(0), corners.max(0)
-                    shift = [float(rng.uniform(-lo[k], max(-lo[k], big - 1 - hi[k]))) for k in (0, 1)]
-                    place = SimilarityTransform(scale=scale, rotation=rot, translation=shift)
-                    bg = np.empty((big, big, 3), np.float64)
-                    bg[:] = rng.uniform(30, 220, 3)
-                    bg += rng.normal(0, 12, (big, big, 1))
-                    warped = warp(crop, place.inverse, output_shape=(big, big), order=1,
-                                  preserve_range=True)
-                    mask = warp(np.ones((s, s)), place.inverse, output_shape=(big, big), order=1)
-                    img = mask[..., None] * warped + (1 - mask[..., None]) * bg
-                    name = f"{face}.jpg"
-                    Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(
-                        out / "loose_crop" / name, quality=95)
-                    pts = place(tmpl) + rng.normal(0, 1.0 * (1 - q), (5, 2))
-                    pts = np.clip(pts, 0, big - 1)
-                    det = float(np.clip(0.5 + 0.45 * q + rng.normal(0, 0.03), 0.05, 1.0))
-                    lines_tm.append(f"{name} {tid} {mid}")
-                    lines_lm.append(name + " " + " ".join(f"{v:.2f}" for v in pts.reshape(-1))
-                                    + f" {det:.4f}")
-    ident_of = np.asarray(template_ident)
-    lines_pair = []
-    n_pos = 0
-    for a in range(tid):
-        for b in range(a + 1, tid):
-            same = int(ident_of[a] == ident_of[b])
-            n_pos += same
-            lines_pair.append(f"{a + 1} {b + 1} {same}")
-    meta = out / "meta"
-    (meta / f"{prefix}_face_tid_mid.txt").write_text("\n".join(lines_tm) + "\n")
-    (meta / f"{prefix}_name_5pts_score.txt").write_text("\n".join(lines_lm) + "\n")
-    (meta / f"{prefix}_template_pair_label.txt").write_text("\n".join(lines_pair) + "\n")
-    return {"dir": str(out), "identities": num_identities, "templates": tid, "media": mid,
-            "faces": face, "pairs": len(lines_pair), "genuine": n_pos,
-            "impostor": len(lines_pair) - n_pos}

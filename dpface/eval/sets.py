@@ -15,7 +15,7 @@ Every pooling takes ``emb`` [N, D] and either pools all rows into one set (``ind
 are differentiable (the set loss trains through them) and accept numpy (returned as
 numpy) or torch.
 
-``evaluate_set_poolings`` runs the template protocol of ``dpface.data.templates``: 1:1
+``evaluate_set_poolings`` runs the template protocol of ``dpface.data.synthetic.templates``: 1:1
 template verification (TAR@FAR, ``verification.tar_at_far`` on the cosines of the pooled
 templates, as ``ijb.template_pair_scores``) and closed-set 1:N template identification
 (rank-1, ``identification.identification_rates``), for each pooling on the same backbone.

@@ -405,19 +405,37 @@ class PartialFC(nn.Module):
         return hardness(embeddings, self.weight, self.bias, normalize=self.transform.normalize,
                         subcenters=self.subcenters)
 
-    def _row_leaves(self, idx):
-        """Detached copies of the step's rows as fresh leaves: autograd stops there, so no
-        dense [C_local, D] gradient is ever made. At idx None the leaf aliases W (no copy;
-        the optimizer writes W only after backward)."""
-        leaves = {}
-        for name in ("weight", "bias"):
+    def _sampled_leaves(self, rows, sinks: bool):
+        """The sampled-update contract (``update: sampled``), for both paths: the step's
+        rows of weight/bias get fresh leaves whose gradients the row optimizer applies to
+        W[rows]; autograd stops there, so no dense [C_local, D] gradient is ever made.
+        Returns ((weight, bias) to score with, (weight, bias) sinks for the fused op).
+
+        Reference path (``sinks=False``): the leaves are detached copies of the rows and
+        are what the forward scores (at rows None an alias of W: the optimizer writes W
+        only after backward). Fused path: the op gathers the rows itself, so the leaves
+        are zero-stride sinks its backward writes the [K, D] (and [K]) gradients into."""
+        grad = torch.is_grad_enabled()
+        k = self.num_local * self.subcenters if rows is None else rows.numel()
+        values, sink_of, leaves = [], [], {}
+        for name, d in (("weight", self.embedding_size), ("bias", None)):
             p = getattr(self, name)
             if p is None:
-                continue
-            t = p.detach() if idx is None else p.detach().index_select(0, idx)
-            leaves[name] = t.requires_grad_(p.requires_grad and torch.is_grad_enabled())
-        self._sampled = SampledRows(idx, leaves) if torch.is_grad_enabled() else None
-        return leaves["weight"], leaves.get("bias")
+                values.append(None)
+                sink_of.append(None)
+            elif sinks:
+                values.append(p.detach())
+                sink = rows_sink(k, d, p.dtype, p.device) if grad and p.requires_grad else None
+                if sink is not None:
+                    leaves[name] = sink
+                sink_of.append(sink)
+            else:
+                t = p.detach() if rows is None else p.detach().index_select(0, rows)
+                leaves[name] = t.requires_grad_(p.requires_grad and grad)
+                values.append(t)
+                sink_of.append(None)
+        self._sampled = SampledRows(rows, leaves) if grad else None
+        return tuple(values), tuple(sink_of)
 
     # -- forward ------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> HeadOutput:
@@ -442,7 +460,7 @@ class PartialFC(nn.Module):
 
         rows = self._rows_of(idx)
         if self.update == "sampled":
-            w, b = self._row_leaves(rows)
+            (w, b), _ = self._sampled_leaves(rows, sinks=False)
         elif rows is None:
             w, b = self.weight, self.bias
         else:
@@ -488,18 +506,8 @@ class PartialFC(nn.Module):
         w, b = self.weight, self.bias
         k = self.num_local if idx is None else idx.numel()
         w_sink = b_sink = None
-        if self.update == "sampled":
-            # The op gathers the rows itself; zero-stride sinks receive their [K, D] (and
-            # [K]) gradients for SampledRowSGD, so neither a row copy nor a dense grad exists.
-            w, b = w.detach(), None if b is None else b.detach()
-            self._sampled = None
-            if torch.is_grad_enabled():
-                leaves = {}
-                if self.weight.requires_grad:
-                    leaves["weight"] = w_sink = rows_sink(k, self.embedding_size, w.dtype, w.device)
-                if b is not None and self.bias.requires_grad:
-                    leaves["bias"] = b_sink = rows_sink(k, None, b.dtype, b.device)
-                self._sampled = SampledRows(idx, leaves)
+        if self.update == "sampled":  # the fused path has no sub-centres: rows are idx
+            (w, b), (w_sink, b_sink) = self._sampled_leaves(idx, sinks=True)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(w.dtype)
             if margin.normalize:

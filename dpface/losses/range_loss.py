@@ -13,7 +13,7 @@ The paper uses k = 2; its λ is this loss's ``weight`` in the config.
 
 Computed on each rank's local batch (under DDP the backbone gradient is the average
 of the ranks' range-loss gradients). An identity-balanced P×K batch sampler
-(``dpface.data.pk_sampler``) guarantees K samples per identity, which is what makes
+(``dpface.data.streams.pk_sampler``) guarantees K samples per identity, which is what makes
 the intra term see the tail identities at all.
 
 ``kernel``: auto (the compiled op where built), fused, or reference (PyTorch).

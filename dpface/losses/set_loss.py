@@ -1,6 +1,6 @@
 """Set-to-set loss for a quality-aware backbone (after QAN, Liu, Yan & Ouyang, CVPR 2017).
 
-On a P×K batch (``dpface.data.pk_sampler``), each identity's images are cut, in batch
+On a P×K batch (``dpface.data.streams.pk_sampler``), each identity's images are cut, in batch
 order, into sets of ``set_size`` (leftovers are dropped); each set is pooled with the
 quality weights, ê_S = normalise(Σ_{i∈S} q_i·x̂_i / Σ_{i∈S} q_i) (``eval.sets.quality_pool``),
 so the loss's gradient reaches the quality branch through the weights. Every set with

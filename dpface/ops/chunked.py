@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dpface.ops.margin_softmax import MarginSoftmaxOut
+from dpface.ops.contract import MarginSoftmaxOut
 from dpface.ops.reference import psi_reference
 
 # Elements of one chunk's [B, chunk] scores: the GPU's is large enough for full-speed

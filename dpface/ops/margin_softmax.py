@@ -8,35 +8,10 @@ the gradients of x and of the scored rows. Contract: kernels/OPS.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 
 from dpface.ops.build import available, warn_missing
-
-
-@dataclass(frozen=True)
-class FusedMargin:
-    """What the fused op expresses: logits s·ψ(score) on the target, s·score elsewhere, with
-    ψ the combined margin cos(m1·θ + m2) − m3; ``normalize`` False means raw x·W (+ b)
-    scores with no scale or margin (plain softmax)."""
-
-    s: float = 64.0
-    m1: float = 1.0
-    m2: float = 0.0
-    m3: float = 0.0
-    easy_margin: bool = False
-    normalize: bool = True
-
-
-class MarginSoftmaxOut(NamedTuple):
-    lse: torch.Tensor  # [B] local log-sum-exp (differentiable)
-    target_logit: torch.Tensor  # [B] (differentiable; 0 where the target is elsewhere)
-    target_score: torch.Tensor  # [B] no grad
-    max_score: torch.Tensor  # [B] no grad
-    inv_norm: torch.Tensor  # [K] no grad
-    saved: torch.Tensor  # [B, n_keep] logits kept for backward, no grad
+from dpface.ops.contract import FusedMargin, MarginSoftmaxOut
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -131,4 +106,4 @@ def rows_sink(k: int, d: int | None = None, dtype=torch.float32, device=None) ->
 if available("cpu"):
     _register()
 
-__all__ = ["FusedMargin", "MarginSoftmaxOut", "margin_softmax", "rows_sink", "IMPLS"]
+__all__ = ["margin_softmax", "rows_sink", "IMPLS"]

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dpface.ops.margin_softmax import MarginSoftmaxOut
+from dpface.ops.contract import MarginSoftmaxOut
 
 COS_EPS = 1e-7
 # Squared distances are clamped here before the square root: two identical samples

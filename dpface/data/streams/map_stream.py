@@ -16,9 +16,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dpface.data.streams.protocol import batches_per_epoch, epochs
 from dpface.seeding import Stream, rng
-
-from .stream import batches_per_epoch, epochs
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -72,7 +71,7 @@ class _BatchIndices:
 
 class MapStream:
     """Resumable per-rank batch stream over a map-style dataset yielding (uint8 CHW, label)
-    (a :class:`~dpface.data.stream.BatchStream`)."""
+    (a :class:`~dpface.data.streams.protocol.BatchStream`)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 0, num_classes: int | None = None):

@@ -1,7 +1,7 @@
 """One sample's bytes → (image, label), with the checks every shard stream makes.
 
 A bad sample (undecodable image, missing image or label, non-integer label) is not an
-error: :class:`BadSample` names its kind, which the stream counts (data/quality.py). A
+error: :class:`BadSample` names its kind, which the stream counts (data/streams/bad_data.py). A
 label outside [0, num_classes) is: the data set and the manifest disagree, so training
 would index outside the classifier (:class:`LabelError`).
 """
@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from .shards import ShardError
+from dpface.data.formats.shards import ShardError
 
 
 class LabelError(ShardError, ValueError):

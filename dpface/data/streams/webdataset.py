@@ -2,7 +2,7 @@
 
 The global batch (batch_size × world_size) is split over S *virtual slots*, independent
 sample streams (default S = world_size × num_workers); each rank owns a contiguous block
-of them, and the slots read the shards in rounds (data/slots.py). Pipeline of one slot
+of them, and the slots read the shards in rounds (data/streams/slots.py). Pipeline of one slot
 (a DataLoader worker runs one or more of its rank's slots):
 
     its shards of the round (slots.py) ─► tar members and samples grouped by key
@@ -21,7 +21,7 @@ the shuffle buffer and the augmentation draws are seeded per round, and the buff
 is drained at the end of each round. Every chunk carries its slot's position (round,
 raw samples consumed in the round), so the position after the last yielded batch is a
 small dict per slot (:meth:`WebDatasetStream.state_dict`, gathered from all ranks,
-data/position.py). Resuming re-reads the current round's tar bytes up to that position
+data/streams/position.py). Resuming re-reads the current round's tar bytes up to that position
 without decoding them (augmentation draws are made per raw sample, good or bad, so they
 stay aligned): the cost is at most one round, ≈ 1/S of the data set read sequentially
 per worker. The global stream depends on seed, shard list, S and the global batch only,
@@ -31,7 +31,7 @@ is unchanged and the new world size divides S; anything else is refused with wha
 Bad data (skipped and counted in :meth:`WebDatasetStream.stats`): undecodable JPEG,
 missing image, missing or non-integer label, truncated tar (its readable samples are
 kept), empty or unreadable shard. Above ``max_bad_fraction`` of the samples seen by a
-slot (after ``bad_check_min_samples``) iteration fails (data/quality.py); a label
+slot (after ``bad_check_min_samples``) iteration fails (data/streams/bad_data.py); a label
 outside [0, num_classes) fails at once, naming the sample. Counts travel with the
 position; shards re-read while resuming are not counted twice.
 """
@@ -46,18 +46,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dpface.data.augment import N_DRAWS, apply_numpy, check_augment
+from dpface.data.formats.shards import ShardError, ShardRead, TarFormatError, iter_tar_members, resolve_shards
+from dpface.data.streams import slots
+from dpface.data.streams.bad_data import SAMPLE_KINDS, SHARD_KINDS, BadDataLimit, with_totals
+from dpface.data.streams.decode import BadSample, LabelError, decode_sample
+from dpface.data.streams.map_stream import ignore_stop_signals, loader_generator, loader_iter
+from dpface.data.streams.position import WDS_FORMAT as STATE_FORMAT
+from dpface.data.streams.position import PositionError, merge_states, wds_resume, wds_state
+from dpface.data.streams.protocol import batches_per_epoch, epochs
+from dpface.data.transforms import collate
 from dpface.seeding import Stream, rng, seed_int
-
-from . import slots
-from .augment import N_DRAWS, apply_numpy, check_augment
-from .decode import BadSample, LabelError, decode_sample
-from .loader import ignore_stop_signals, loader_generator, loader_iter
-from .position import WDS_FORMAT as STATE_FORMAT
-from .position import PositionError, merge_states, wds_resume, wds_state
-from .quality import SAMPLE_KINDS, SHARD_KINDS, BadDataLimit, with_totals
-from .shards import ShardError, ShardRead, TarFormatError, iter_tar_members, resolve_shards
-from .stream import batches_per_epoch, epochs
-from .transforms import collate
 
 # Re-exported: the stream's errors, and names its callers and tests have always imported here.
 __all__ = ["LabelError", "PositionError", "STATE_FORMAT", "TarFormatError", "WebDatasetStream",
@@ -83,7 +82,7 @@ class _Config:
 
 
 def shards_for(cfg: _Config, slot: int, round_: int) -> list[int]:
-    """Shard numbers slot ``slot`` reads in round ``round_`` (data/slots.py)."""
+    """Shard numbers slot ``slot`` reads in round ``round_`` (data/streams/slots.py)."""
     return slots.slot_shards(len(cfg.tars), cfg.slots, slot, round_, seed=cfg.seed,
                              resampled=cfg.resampled, shuffle=cfg.shuffle_shards)
 
@@ -204,7 +203,7 @@ class _WorkerStream(IterableDataset):
 
 class WebDatasetStream:
     """Resumable per-rank stream of (uint8 [B,3,H,W] RGB, int64 [B]) from WebDataset shards
-    (a :class:`~dpface.data.stream.BatchStream`).
+    (a :class:`~dpface.data.streams.protocol.BatchStream`).
 
     Args:
         manifest_or_shards: manifest.json (or its directory), a tar path / brace pattern

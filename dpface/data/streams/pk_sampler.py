@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dpface.data.loader import MapStream, ignore_stop_signals, loader_generator, loader_iter
+from dpface.data.streams.map_stream import MapStream, ignore_stop_signals, loader_generator, loader_iter
 from dpface.seeding import Stream
 from dpface.seeding import rng as stream_rng
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dpface import seeding
-from dpface.data.synthetic import long_tail_counts
+from dpface.data.synthetic.faces import long_tail_counts
 from dpface.seeding import Stream
 
 

@@ -13,9 +13,8 @@ import copy
 import torch.distributed as tdist
 
 from dpface import distributed as dist
-
-from .shards import ShardError
-from .slots import rank_slots
+from dpface.data.formats.shards import ShardError
+from dpface.data.streams.slots import rank_slots
 
 WDS_FORMAT = "dpface-wds-stream/2"  # /1 (per-rank cursor) could not reshard
 

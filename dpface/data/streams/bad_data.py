@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .shards import ShardError
+from dpface.data.formats.shards import ShardError
 
 SAMPLE_KINDS = ("bad_image", "missing_image", "missing_label", "bad_label")
 SHARD_KINDS = ("truncated_shards", "empty_shards", "unreadable_shards")

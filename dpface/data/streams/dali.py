@@ -39,14 +39,13 @@ import os
 import numpy as np
 import torch
 
+from dpface.data.augment import apply_dali, check_augment
+from dpface.data.formats.shards import ShardError, read_index, resolve_shards
+from dpface.data.streams.bad_data import BadDataLimit, with_totals
+from dpface.data.streams.decode import check_label, parse_label
+from dpface.data.streams.position import PositionError, check_format, differences, require_same
+from dpface.data.streams.protocol import batches_per_epoch, epochs
 from dpface.seeding import Stream, seed_int
-
-from .augment import apply_dali, check_augment
-from .decode import check_label, parse_label
-from .position import PositionError, check_format, differences, require_same
-from .quality import BadDataLimit, with_totals
-from .shards import ShardError, read_index, resolve_shards
-from .stream import batches_per_epoch, epochs
 
 STATE_FORMAT = "dpface-dali-stream/1"
 
@@ -71,7 +70,7 @@ def _empty_stats() -> dict:
 
 class DaliStream:
     """Resumable per-rank stream of (uint8 [B,3,H,W] RGB, int64 [B]) decoded by DALI
-    (a :class:`~dpface.data.stream.BatchStream`).
+    (a :class:`~dpface.data.streams.protocol.BatchStream`).
 
     Args:
         manifest_or_shards: manifest.json (or its directory), a tar path / brace

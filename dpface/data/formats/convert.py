@@ -48,10 +48,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from dpface.data.formats import shards as sh
+from dpface.data.formats.recordio import InsightFaceRecord
 from dpface.io import atomic_write_json
-
-from . import shards as sh
-from .recordio import InsightFaceRecord
 
 PARAMS_NAME = "convert_params.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -130,7 +129,7 @@ class _BytesEncoder:
 def _synthetic_dataset(params: tuple):
     # Cached per process: each worker builds the renderer (noise bank, face cache) once,
     # not once per task.
-    from .synthetic import SyntheticFaceDataset
+    from dpface.data.synthetic.faces import SyntheticFaceDataset
     return SyntheticFaceDataset(**dict(params))
 
 

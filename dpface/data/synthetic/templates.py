@@ -18,7 +18,7 @@ every template holds some usable evidence (what quality-weighted pooling should 
 ``DegradedFaceDataset`` is the same degradation over a training set
 (``SyntheticFaceDataset``), so a network and its quality branch see mixed-quality images
 in training. Everything is a pure function of the seeds; images of a template set use
-sample indices from ``EVAL_SAMPLE_BASE + 2^25`` (apart from other eval protocols' images).
+sample indices of the "templates" range of ``seeding.SAMPLE_RANGES`` (apart from other sets' images).
 """
 from __future__ import annotations
 
@@ -28,12 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dpface.data.synthetic import EVAL_SAMPLE_BASE, SyntheticFaceDataset, SyntheticFaces, _check_int
-from dpface.seeding import Stream, rng
+from dpface.data.synthetic.faces import SyntheticFaceDataset, SyntheticFaces, _check_int
+from dpface.seeding import Stream, rng, sample_index
 
 # Tags of this module's random streams (numpy SeedSequence entropy, like ijb.py's set).
 _TAG_LEVEL, _TAG_DEGRADE, _TAG_LAYOUT = Stream.TEMPLATE_LEVEL, Stream.TEMPLATE_DEGRADE, Stream.TEMPLATE_LAYOUT
-TEMPLATE_SAMPLE_BASE = EVAL_SAMPLE_BASE + (1 << 25)
 # Renderer difficulties are quantised to these steps of u, so a handful of renderers
 # (each with its own face cache) cover every level.
 _LEVEL_STEPS = 4
@@ -126,18 +125,19 @@ def make_templates(num_identities: int, identity_offset: int, templates_per_iden
     images, template, levels, t_ident = [], [], [], []
     for i in range(n):
         g = offset + i
-        sample = TEMPLATE_SAMPLE_BASE
+        k = 0
         for _ in range(tpi):
             t = len(t_ident)
             t_ident.append(g)
             for j in range(int(layout.integers(lo, hi + 1))):
+                sample = sample_index("templates", k)
                 lrng = rng(seed, _TAG_LEVEL, g, sample)
                 u = draw_level(lrng, poor_fraction, good=j == 0)
                 drng = rng(seed, _TAG_DEGRADE, g, sample)
                 images.append(degrade(renderers.render(g, sample, u), u, drng))
                 template.append(t)
                 levels.append(u)
-                sample += 1
+                k += 1
     t_ident = np.asarray(t_ident, np.int64)
     a, b = np.triu_indices(t_ident.size, k=1)
     gallery = np.zeros(t_ident.size, bool)
