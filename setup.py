@@ -26,8 +26,9 @@ EXTRAS = {
     "cluster": ["faiss-cpu>=1.8", "scikit-learn>=1.3"],  # dpface cluster: kNN graph, baselines, NMI
     # scikit-image: bundled real faces (tests/test_deploy.py); faiss, scikit-learn: tests/test_cluster.py
     "test": ["pytest>=8", "scikit-image>=0.22", "ruff>=0.6", "faiss-cpu>=1.8", "scikit-learn>=1.3"],
+    "dev": ["pre-commit>=3", "ruff>=0.6"],  # .pre-commit-config.yaml: `pre-commit install`
 }
-EXTRAS["all"] = sorted({r for k, v in EXTRAS.items() for r in v if k != "dali"})
+EXTRAS["all"] = sorted({r for k, v in EXTRAS.items() for r in v if k not in ("dali", "dev")})
 
 
 def ext_modules():

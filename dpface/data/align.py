@@ -20,8 +20,8 @@ def skimage_transform():
     try:
         from skimage import transform
     except ImportError:
-        raise AlignUnavailable("five-point alignment (IJB sets, `dpface convert synthetic-ijb`) needs "
-                               "scikit-image: pip install 'dpface[eval]'") from None
+        raise AlignUnavailable("IJB sets and `dpface convert synthetic-ijb` need scikit-image for "
+                               "five-point alignment: pip install 'dpface[eval]'") from None
     return transform
 
 
