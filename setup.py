@@ -24,7 +24,7 @@ EXTRAS = {
     "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.19"],  # dpface export-onnx
     "eval": ["matplotlib>=3.7", "scikit-image>=0.22"],  # plots; IJB five-point alignment
     "cluster": ["faiss-cpu>=1.8", "scikit-learn>=1.3"],  # dpface cluster: kNN graph, baselines, NMI
-    # scikit-image: bundled real faces (tests/test_deploy.py); faiss, scikit-learn: tests/test_cluster.py
+    # scikit-image: bundled real faces (integration/test_deploy.py); faiss, scikit-learn: unit/test_cluster.py
     "test": ["pytest>=8", "scikit-image>=0.22", "ruff>=0.6", "faiss-cpu>=1.8", "scikit-learn>=1.3"],
     "dev": ["pre-commit>=3", "ruff>=0.6"],  # .pre-commit-config.yaml: `pre-commit install`
 }

@@ -34,15 +34,15 @@ echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
 python3 -m dpface.cli kernels --check 2>&1 | tee -a "$OUT/env.txt"
 
 step "CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_ops_cuda.py tests/test_selfcheck.py \
-  tests/test_ops.py > "$OUT/tests.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_ops_cuda.py tests/integration/test_selfcheck.py \
+  tests/unit/test_ops.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$?" | tee -a "$OUT/env.txt"
 tail -3 "$OUT/tests.log" | tee -a "$OUT/env.txt"
 
 step "compute-sanitizer memcheck"
 arch="sm_${cap/./}"
 CUDA_BIN=$(dirname "$(command -v nvcc)")
-nvcc -std=c++17 -O2 -arch="$arch" -I kernels/csrc/cuda -I kernels/csrc tests/cuda_memcheck.cu \
+nvcc -std=c++17 -O2 -arch="$arch" -I kernels/csrc/cuda -I kernels/csrc tests/integration/cuda_memcheck.cu \
   kernels/csrc/cuda/*.cu -o /tmp/cuda_memcheck > "$OUT/memcheck.log" 2>&1
 SAN=$(command -v compute-sanitizer || echo "$CUDA_BIN/../compute-sanitizer/compute-sanitizer")
 timeout 60 "$SAN" --tool memcheck --error-exitcode 9 /tmp/cuda_memcheck >> "$OUT/memcheck.log" 2>&1

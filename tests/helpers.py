@@ -80,6 +80,18 @@ def load_tiny(out, name: str, *extra: str, drop=()):
     return load_config(None, tiny_overrides(*extra, out=out, name=name, drop=drop))
 
 
+# A tiny run of configs/cpu_demo.yaml as a user starts it: batch 8, 4 steps, a checkpoint
+# every 2 steps (``dpface train *demo_args(out, name, ...)``).
+DEMO_TINY = tiny_overrides("data.batch_size=8", "train.steps=4", "train.ckpt_every=2",
+                           "train.warmup_steps=0", "train.log_every=1")
+
+
+def demo_args(out: Path, name: str, *extra: str) -> list[str]:
+    """``dpface train`` arguments of that run in ``out/name``; ``extra`` overrides win."""
+    return ["--config", str(CONFIG), f"experiment.output_dir={out}", f"experiment.name={name}",
+            *DEMO_TINY, *extra]
+
+
 def tiny_cfg(tmp_path, name, *extra):
     """The tiny run with ArcFace and a long-tailed set, 6 steps."""
     return load_tiny(tmp_path, name, "head.loss={name: arcface, s: 16.0, m: 0.3}",

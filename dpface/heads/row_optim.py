@@ -24,7 +24,7 @@ touched. A dense optimizer instead keeps moving unsampled rows (by μ·buf, or b
 decaying moments) and shrinks them by the decay every step. So with AdamW the decay a row
 receives is lr·wd per *sampled* step: over a run, rows of rare classes are decayed less
 than with dense AdamW. At sample rate 1 (every row scored every step) both are the same
-update (SGD bit for bit, AdamW too on the CPU: see tests/test_subcenter_adamw.py).
+update (SGD bit for bit, AdamW too on the CPU: see tests/integration/test_subcenter_adamw.py).
 
 State is kept full size ([C_local, D] buffers, the [rows] step count, zero-initialised), so
 the sharded checkpoint and resharding code treat it like a dense optimizer's (the step

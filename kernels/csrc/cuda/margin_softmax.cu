@@ -45,7 +45,7 @@ constexpr int LDC = BN + PAD_C;
 
 // Forward: target number of (row block, column block) pairs. A function of the shapes
 // only, so the combine order (and hence the bits) is the same on every device.
-// The tests' CPU emulation builds this file with smaller values (tests/cuda_emu.py) so that
+// The tests' CPU emulation builds this file with smaller values (tests/integration/cuda_emu.py) so that
 // tiny problems take the paths of large ones; the defaults are the production values.
 #ifndef DPFACE_FWD_TARGET_BLOCKS
 #define DPFACE_FWD_TARGET_BLOCKS 1024
