@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -55,13 +56,18 @@ class ExperimentConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = positive(1000)
+    # The run's length: steps, or epochs (passes over the data: steps = ceil(epochs × images
+    # / global batch), accumulation included). Exactly one is set; a layer (recipe, --set
+    # overrides) that sets one clears the other inherited from below it.
+    steps: int = non_negative(1000)
+    epochs: float = non_negative(0.0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = positive(0.1)
     head_lr: float = non_negative(0.0)  # 0: same as lr
     momentum: float = rule(0.9, lambda v: 0 <= v < 1, "in [0, 1)")
     weight_decay: float = non_negative(5e-4)
     warmup_steps: int = non_negative(0)
+    warmup_epochs: float = non_negative(0.0)  # the alternative to warmup_steps
     schedule: Literal["poly", "cosine", "constant"] = "poly"
     poly_power: float = non_negative(2.0)
     min_lr: float = non_negative(0.0)
@@ -81,11 +87,48 @@ class TrainConfig:
     global_batch: int = non_negative(0)
     # Compression of the backbone's data-parallel gradient all-reduce (DDP comm hook).
     comm_hook: Literal["none", "fp16", "bf16"] = "none"
+    # Start a new run from trained weights (restore.read_weights): a dpface checkpoint (a
+    # step directory, or a run directory: its latest complete step), an arcface_torch
+    # backbone.pth, or a plain state dict (keys renamed by init_key_map: {theirs: ours}
+    # prefixes). The backbone is loaded; the head is new unless init_head (a dpface
+    # checkpoint with the same classes). A resumed run ignores it.
+    init_from: str = ""
+    init_head: bool = False
+    init_key_map: dict = field(default_factory=dict)
+    # Fine-tuning: the backbone is frozen (no gradient, BatchNorm in eval mode) for the
+    # first steps; afterwards it learns at lr × backbone_lr_scale (the head at lr / head_lr).
+    freeze_backbone_steps: int = non_negative(0)
+    backbone_lr_scale: float = non_negative(1.0)
 
     def validate(self) -> None:
+        for a, b in (("steps", "epochs"), ("warmup_steps", "warmup_epochs")):
+            if getattr(self, a) and getattr(self, b):
+                raise Invalid(b, f"and 'train.{a}' are both set ({getattr(self, b)} and {getattr(self, a)}): "
+                                 "set exactly one")
+        if not self.steps and not self.epochs:
+            raise Invalid("steps", "is 0 and train.epochs is not set: set one of them")
+        if self.init_head and not self.init_from:
+            raise Invalid("init_head", "needs train.init_from (the checkpoint whose head to start from)")
+        if any(not isinstance(k, str) or not isinstance(v, str) for k, v in self.init_key_map.items()):
+            raise Invalid("init_key_map", f"must map name prefixes to name prefixes (strings), got "
+                                          f"{self.init_key_map!r}")
         if self.min_lr > min(self.lr, self.head_lr or self.lr):
             raise Invalid("min_lr", f"({self.min_lr}) must not exceed 'train.lr' ({self.lr}) or "
                                     f"'train.head_lr' ({self.head_lr or self.lr})")
+
+    def length(self, num_images: int | None, global_batch: int) -> tuple[int, int]:
+        """(steps, warmup steps) of the run: as set, or derived from epochs over a data set of
+        ``num_images`` images at ``global_batch`` images per update."""
+        def of(epochs: float, what: str) -> int:
+            if not num_images:
+                raise ConfigError(f"train.{what} needs the data set's image count, which this data "
+                                  "source does not know (a shard pattern without a manifest?): set "
+                                  f"train.{what.replace('epochs', 'steps')} instead")
+            return math.ceil(epochs * num_images / global_batch)
+
+        steps = self.steps or of(self.epochs, "epochs")
+        warmup = self.warmup_steps or (of(self.warmup_epochs, "warmup_epochs") if self.warmup_epochs else 0)
+        return steps, warmup
 
     def optimizer_for(self, params, lr: float | None = None):
         """The configured torch optimizer over ``params`` (the backbone's, a dense head's)."""
@@ -158,6 +201,9 @@ class Config:
         if t.comm_hook != "none" and self.deepspeed.enabled:
             raise Invalid("train.comm_hook", "applies to the DDP backbone; with deepspeed.enabled set "
                                              "DeepSpeed's own communication options in deepspeed.extra")
+        if t.freeze_backbone_steps and self.deepspeed.enabled:
+            raise Invalid("train.freeze_backbone_steps", "needs the DDP backbone (deepspeed.enabled: false): "
+                                                         "ZeRO's step expects gradients for its parameters")
         if t.global_batch and t.global_batch % t.accumulate:
             raise Invalid("train.global_batch", f"({t.global_batch}) must be a multiple of "
                                                 f"train.accumulate ({t.accumulate})")
@@ -177,6 +223,30 @@ class Config:
 # Component specs are replaced whole by a derived recipe, never merged: parameters
 # of the base's component would not fit another component.
 SPEC_KEYS = ("model", "head.loss")
+
+
+# Pairs of train keys of which a config sets one: a layer that sets one clears the other.
+EXCLUSIVE = (("steps", "epochs"), ("warmup_steps", "warmup_epochs"))
+
+
+def _layer(base: dict, over: dict, where: str) -> dict:
+    """``over`` (a recipe) merged onto ``base``, EXCLUSIVE pairs resolved (``_clear_other``)."""
+    return _merge(_clear_other(base, over, where), over)
+
+
+def _clear_other(base: dict, over: dict, where: str) -> dict:
+    """``base`` with, of each EXCLUSIVE pair, the key ``over`` does not set cleared where
+    ``over`` sets the other (both set in one layer: an error)."""
+    t = over.get("train") if isinstance(over, dict) else None
+    if isinstance(t, dict) and isinstance(base.get("train"), dict):
+        base = copy.deepcopy(base)
+        for a, b in EXCLUSIVE:
+            if t.get(a) and t.get(b):
+                raise ConfigError(f"{where}: 'train.{a}' and 'train.{b}' are both set; set exactly one")
+            for mine, other in ((a, b), (b, a)):
+                if t.get(mine) and other not in t:
+                    base["train"][other] = 0
+    return base
 
 
 def _merge(base: dict, over: dict, prefix: str = "") -> dict:
@@ -218,7 +288,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a path string")
-    return _merge(_read_yaml(path.parent / base, chain + (path,)), data)
+    return _layer(_read_yaml(path.parent / base, chain + (path,)), data, str(path))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -338,8 +408,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     data = _read_yaml(Path(path)) if path else {}
     # Start from the schema's defaults so a dotted override of one spec parameter
     # (head.loss.s=30) lands in a complete spec.
-    data = _merge(Config().to_dict(), data)
+    data = _layer(Config().to_dict(), data, str(path))
     source = str(path) if path else "<defaults>"
+    data = _clear_other(data, apply_overrides({}, overrides), "the overrides")
     apply_overrides(data, overrides)
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"

@@ -83,3 +83,49 @@ def load_backbone(ckpt: Path | str, overrides: list[str] | None = None, cfg: Con
     check_backbone_fits(ckpt, meta, state, backbone, cfg.to_dict())
     backbone.load_state_dict(state)
     return Restored(backbone.eval(), cfg, meta, ckpt)
+
+
+class Weights(NamedTuple):
+    """Trained weights to start a new run from (``train.init_from``, a distillation teacher)."""
+    state: dict            # the backbone's state dict, in dpface's names
+    model: dict | None     # its model spec and embedding size, when known: {"model", "embedding_size"}
+    record: dict           # what the run records: path, kind, step, data hash
+    head_files: list       # a dpface checkpoint's head shards (init_head), else []
+    num_classes: int | None
+
+
+def read_weights(path: str | Path, key_map: dict | None = None, option: str = "train.init_from") -> Weights:
+    """The backbone weights at ``path``: a dpface checkpoint (a step directory, or a run
+    directory: its latest complete step), a dpface ``trainer.pt``, an arcface_torch
+    ``backbone.pth`` or another state dict (models/pretrained.py). Loads with
+    ``weights_only`` (a pickle that would run code is refused); every failure is a
+    CheckpointError naming ``option`` and the file."""
+    from dpface.eval.model_card import data_identity
+    from dpface.models.pretrained import WeightsError, backbone_state
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{option}: {p} does not exist")
+    if p.is_dir():
+        ckpt = checkpoint_dir(p, option)
+        meta = read_meta(ckpt)
+        saved = load_file(ckpt / "trainer.pt")
+        state = saved.get("backbone") if isinstance(saved, dict) else None
+        if not isinstance(state, dict) or not state or not isinstance(meta.get("config"), dict):
+            raise CheckpointError(f"{option}: {ckpt} is not a dpface checkpoint with backbone weights")
+        cfg = config_from_dict(meta["config"], str(ckpt / META))
+        record = {"path": str(ckpt.resolve()), "kind": "dpface checkpoint", "step": int(meta["step"]),
+                  "data_hash": data_identity(cfg).get("hash")}
+        return Weights(state, {"model": cfg.model, "embedding_size": cfg.head.embedding_size}, record,
+                       sorted(ckpt.glob("head-rank*.pt")), int(meta["num_classes"]))
+    obj = load_file(p)
+    try:
+        if isinstance(obj, dict) and isinstance(obj.get("backbone"), dict) and "step" in obj:
+            state, model, kind = obj["backbone"], None, "dpface trainer.pt"  # a checkpoint's own file
+            step = int(obj["step"])
+        else:
+            (state, model, kind), step = backbone_state(obj, str(p), key_map), None
+    except WeightsError as e:
+        raise CheckpointError(f"{option}: {e}") from None
+    record = {"path": str(p.resolve()), "kind": kind, "step": step, "data_hash": None}
+    return Weights(state, model, record, [], None)

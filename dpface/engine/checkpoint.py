@@ -60,6 +60,8 @@ class TrainState:
     # state go into trainer.pt; per-rank files of its own (ZeRO partitions) into the
     # step directory, on every rank.
     parallel: object
+    # Where the run's weights came from (train.init_from): recorded in every meta.json.
+    init_from: dict | None = None
 
 
 def _first_non_finite(obj, name: str = "") -> str | None:
@@ -122,6 +124,8 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.ParallelConte
     if info.is_main:
         meta = {"step": state.step, "world_size": info.world_size,
                 "num_classes": state.head.num_classes, "time": time.time(), "config": config}
+        if state.init_from is not None:
+            meta["init_from"] = state.init_from
         atomic_write_json(partial / META, meta, indent=1)  # the commit marker
         if final.exists():  # a re-save of this step: the old one stays until the new is in place
             old = ckpt_root / replaced_name(state.step)

@@ -10,6 +10,7 @@ group), one shared skip decision, one clip, one step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -55,11 +56,18 @@ class TrainStep:
     with_quality=True)``, the QAN backbone)."""
 
     def __init__(self, parallel, head, head_opt, aux, ctx, *, grad_clip: float,
-                 amp_dtype: torch.dtype | None, accumulate: int = 1, with_quality: bool = False):
+                 amp_dtype: torch.dtype | None, accumulate: int = 1, with_quality: bool = False,
+                 freeze_backbone_steps: int = 0, backbone: torch.nn.Module | None = None):
         self.parallel, self.head, self.head_opt = parallel, head, head_opt
         self.aux, self.ctx = aux, ctx
         self.grad_clip, self.amp_dtype = grad_clip, amp_dtype
         self.accumulate, self.with_quality = accumulate, with_quality
+        # Fine-tuning: before this step the backbone runs without gradient (its optimizer
+        # skips it: no momentum, no decay) and with BatchNorm in eval mode (its statistics
+        # stay the trained ones); ``backbone`` is the module whose mode is set.
+        self.freeze_steps, self.backbone = freeze_backbone_steps, backbone
+        if freeze_backbone_steps and backbone is None:
+            raise ValueError("freeze_backbone_steps needs the backbone module (to set its mode)")
         if head.update == "sampled" and accumulate > 1:
             raise ValueError("gradient accumulation needs head.update: dense (the sampled-row "
                              "optimizer steps the rows of one micro-batch)")
@@ -70,7 +78,8 @@ class TrainStep:
         x = normalize(images.to(dev, non_blocking=True))
         labels = labels.to(dev, non_blocking=True)
         quality = None
-        with autocast(dev, self.amp_dtype):
+        frozen = torch.no_grad() if step < self.freeze_steps else contextlib.nullcontext()
+        with autocast(dev, self.amp_dtype), frozen:
             if self.with_quality:
                 emb, quality = self.parallel(x, with_quality=True)
             else:
@@ -95,6 +104,8 @@ class TrainStep:
         if n != self.accumulate:
             raise ValueError(f"expected {self.accumulate} micro-batches, got {n}")
         scale = bp.loss_scale  # this step's scale (the backbone's step may change it)
+        if self.freeze_steps:
+            self.backbone.train(step >= self.freeze_steps)
         sums: dict = {}
         for i, (images, labels) in enumerate(micro_batches):
             with bp.accumulating(last=i == n - 1):

@@ -89,6 +89,10 @@ class Trainer:
 
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         self.stream = cfg.data.build(ctx, seed=cfg.experiment.seed)
+        # The run's length in steps (train.epochs over the data's images, when set that way).
+        self.num_images = getattr(self.stream, "num_images", None)
+        self.steps, self.warmup_steps = cfg.train.length(self.num_images,
+                                                         batch * ctx.world_size * cfg.train.accumulate)
         self.backbone = build_backbone(cfg.model, embedding_size=cfg.head.embedding_size).to(dev)
         # channels-last: 2.4× faster for iresnets on GPU. Not on CPU: torch 2.13's CPU
         # convolutions crash in backward with channels-last at 8 channels, and gloo DDP
@@ -102,6 +106,9 @@ class Trainer:
             self.head.kernel_choice(dev.type)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        # A new run from trained weights (a resumed one has its own, and the record in its meta).
+        self.init_from = (read_meta(self.resume_from).get("init_from") if self.resume_from is not None
+                          else self._init_from_weights() if cfg.train.init_from else None)
         if dev.type == "cuda":  # kernel=auto: our GEMMs or cuBLAS, timed on this run's shapes
             self.head.autotune(batch * ctx.world_size, dev)
         built = [build_aux_loss(spec, self.stream.num_classes, cfg.head.embedding_size, group=ctx.head_group)
@@ -120,9 +127,10 @@ class Trainer:
         self.head_opt = cfg.train.head_optimizer_for(self.head)
         self.step_fn = TrainStep(self.parallel, self.head, self.head_opt, aux, ctx,
                                  grad_clip=cfg.train.grad_clip, amp_dtype=self.amp_dtype,
-                                 accumulate=cfg.train.accumulate, with_quality=with_quality)
+                                 accumulate=cfg.train.accumulate, with_quality=with_quality,
+                                 freeze_backbone_steps=cfg.train.freeze_backbone_steps, backbone=self.backbone)
         self.state = TrainState(0, self.backbone, self.head, self.head_opt, self.stream,
-                                self.aux_losses, self.parallel)
+                                self.aux_losses, self.parallel, init_from=self.init_from)
         self.logger = MetricsLogger(self.run_dir, ctx.is_main, cfg.wandb, cfg.to_dict(),
                                     resume=self.resume_from is not None)
         self.do_eval = cfg.eval.has_sets(cfg.data)
@@ -135,6 +143,47 @@ class Trainer:
             from dpface.config import save_config
 
             save_config(cfg, self.dirs.config_file)
+
+    def _init_from_weights(self) -> dict:
+        """train.init_from: the trained backbone (and with init_head the head) loaded into this
+        new run's modules; says what was loaded, new and dropped. Returns the source's record
+        (path, kind, step, data hash) for the checkpoints and the model card."""
+        from dpface.heads.sharding import apply_shard_state, load_resharded
+        from dpface.models.pretrained import WeightsError, load_into
+        from dpface.restore import read_weights
+
+        t, cfg = self.cfg.train, self.cfg
+        w = read_weights(t.init_from, t.init_key_map)
+        src = f"train.init_from: {t.init_from}"
+        if w.model is not None and w.model["model"]["name"] != cfg.model["name"]:
+            raise ConfigError(f"{src} holds a {w.model['model']['name']} backbone ({w.record['kind']}) but "
+                              f"model is {cfg.model['name']}: set model={w.model['model']}")
+        try:
+            report = load_into(self.backbone, w.state, src)
+        except WeightsError as e:
+            raise ConfigError(str(e)) from None
+        head = "new"
+        if t.init_head:
+            if not w.head_files:
+                raise ConfigError(f"{src}: train.init_head needs a dpface checkpoint (its head); this is a "
+                                  f"{w.record['kind']}")
+            if w.num_classes != self.head.num_classes or w.model["embedding_size"] != cfg.head.embedding_size:
+                raise ConfigError(f"{src}: train.init_head: the checkpoint's head has {w.num_classes} classes of "
+                                  f"dimension {w.model['embedding_size']}, this run's {self.head.num_classes} of "
+                                  f"{cfg.head.embedding_size}: the head must start new (init_head: false)")
+            apply_shard_state(self.head, None, load_resharded(w.head_files, self.head.class_start,
+                                                               self.head.class_end))
+            head = f"from the checkpoint ({w.num_classes} classes)"
+        if self.info.is_main:
+            def names(keys):
+                return f"{len(keys)}" + (f" ({', '.join(keys[:4])}{', …' if len(keys) > 4 else ''})" if keys else "")
+
+            step = f", step {w.record['step']}" if w.record["step"] is not None else ""
+            print(f"dpface: init_from {w.record['path']} ({w.record['kind']}{step}): backbone tensors loaded "
+                  f"{len(report['loaded'])}, new {names(report['new'])}, dropped {names(report['dropped'])}; "
+                  f"head: {head if t.init_head else f'new ({self.head.num_classes} classes)'}", flush=True)
+        return {**w.record, "head": "loaded" if t.init_head else "new",
+                "loaded": len(report["loaded"]), "new": report["new"], "dropped": report["dropped"]}
 
     def _prepare_run_dir(self, resume: str | None, overwrite: bool) -> Path | None:
         """Leftovers of interrupted saves are cleaned; a fresh start where another run's
@@ -188,11 +237,11 @@ class Trainer:
 
     def _set_lr(self, step: int) -> float:
         t = self.cfg.train
-        kw = dict(total_steps=t.steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
+        kw = dict(total_steps=self.steps, warmup_steps=self.warmup_steps, schedule=t.schedule,
                   poly_power=t.poly_power, min_lr=t.min_lr)
         lr = lr_at(step, base_lr=t.lr, **kw)
-        for g in self.parallel.param_groups:
-            g["lr"] = lr
+        for g in self.parallel.param_groups:  # the backbone: lr × backbone_lr_scale
+            g["lr"] = lr * t.backbone_lr_scale
         head_lr = lr_at(step, base_lr=t.head_lr or t.lr, **kw)
         for g in self.head_opt.param_groups:
             g["lr"] = head_lr
@@ -259,7 +308,7 @@ class Trainer:
     def _finished(self) -> dict | None:
         """A resumed run that already ended at train.steps: its final metrics (evaluating
         again would append duplicate rows to metrics.jsonl and the model card)."""
-        if self.resume_from is None or self.state.step < self.cfg.train.steps:
+        if self.resume_from is None or self.state.step < self.steps:
             return None
         try:
             final = json.loads(self.dirs.final_metrics_file.read_text())
@@ -276,14 +325,15 @@ class Trainer:
                       f"{self.dirs.final_metrics_file}); nothing to do. Raise train.steps to train on.", flush=True)
             self.logger.close()
             return {k: v for k, v in done.items() if k not in ("step", "checkpoint") and not k.startswith("untrained/")}
-        stop = min(until, t.steps) if until is not None else t.steps
+        stop = min(until, self.steps) if until is not None else self.steps
         global_batch = cfg.data.batch_size * info.world_size * t.accumulate
         if info.is_main:
             n_params = sum(p.numel() for p in self.backbone.parameters())
             print(f"dpface: {cfg.model['name']} ({n_params / 1e6:.2f}M params), "
                   f"{self.head.num_classes} classes, world {info.world_size}, "
                   f"global batch {global_batch}, device {info.device}, "
-                  f"amp {self.amp_dtype or 'fp32'}, steps {self.state.step}->{t.steps}", flush=True)
+                  f"amp {self.amp_dtype or 'fp32'}, steps {self.state.step}->{self.steps}"
+                  + (f" ({t.epochs:g} epochs of {self.num_images} images)" if t.epochs else ""), flush=True)
             print(f"{ops.report()}; head: {self.head_kernel}", flush=True)
         if self.state.step == 0 and self.do_eval:
             m = self.evaluate()
@@ -292,7 +342,7 @@ class Trainer:
         bar = None
         if info.is_main and sys.stderr.isatty():
             from tqdm import tqdm
-            bar = tqdm(total=t.steps, initial=self.state.step, desc="train", dynamic_ncols=True)
+            bar = tqdm(total=self.steps, initial=self.state.step, desc="train", dynamic_ncols=True)
 
         consecutive_skips, window, stop_signal = 0, [], 0
         t_last, steps_last = time.perf_counter(), self.state.step
@@ -341,7 +391,7 @@ class Trainer:
         if stop_signal:
             self.logger.close()
             raise StopRequested(stop_signal, self.state.step, path)
-        if self.state.step < t.steps:  # stopped early on purpose: leave evaluation to the end
+        if self.state.step < self.steps:  # stopped early on purpose: leave evaluation to the end
             return {}
         if self._signals.signum:  # a signal during the final save: no evaluation to wait for
             self.logger.close()

@@ -92,7 +92,7 @@ def eval_tables_from_metrics(metrics_jsonl: Path) -> list[dict]:
 
 def build_card(cfg, *, num_classes: int, num_params: int, step: int, world_size: int,
                wall_time_s: float, checkpoint: str | None, evaluations: list[dict],
-               previous: dict | None = None, ran: dict | None = None) -> dict:
+               previous: dict | None = None, ran: dict | None = None, init_from: dict | None = None) -> dict:
     """The card of a finished training run. ``previous`` (the card of the run this one
     resumed, if any) contributes its wall time and the evaluations of `dpface eval`."""
     global_batch = cfg.data.batch_size * world_size
@@ -122,7 +122,7 @@ def build_card(cfg, *, num_classes: int, num_params: int, step: int, world_size:
                      "deepspeed": bool(cfg.deepspeed.enabled),
                      "wall_time_s": round(wall_time_s, 3),
                      "wall_time_s_total": round(prev_wall + wall_time_s, 3),
-                     "checkpoint": checkpoint},
+                     "checkpoint": checkpoint, "init_from": init_from},
         "evaluations": list(evaluations) + appended,
     }
 
@@ -235,7 +235,13 @@ def render_markdown(card: dict) -> str:
                 f"amp {t.get('amp')}{', DeepSpeed' if t.get('deepspeed') else ''}",
                 f"- wall time: {_fmt(t.get('wall_time_s'))} s (this session), "
                 f"{_fmt(t.get('wall_time_s_total'))} s (all sessions)",
-                f"- final checkpoint: `{t.get('checkpoint')}`", ""]
+                f"- final checkpoint: `{t.get('checkpoint')}`"]
+        src = t.get("init_from")
+        if src:
+            step = f", step {src.get('step')}" if src.get("step") is not None else ""
+            out.append(f"- started from: `{src.get('path')}` ({src.get('kind')}{step}; data hash "
+                       f"`{src.get('data_hash')}`; head {src.get('head')})")
+        out.append("")
     evals = card.get("evaluations") or []
     out += ["## Evaluations", ""]
     if not evals:
@@ -266,7 +272,7 @@ def write_training_card(trainer, checkpoint, wall_time_s: float) -> Path | None:
                           wall_time_s=float(wall_time_s),
                           checkpoint=str(checkpoint) if checkpoint else None,
                           evaluations=eval_tables_from_metrics(RunDir(run_dir).metrics_file),
-                          previous=previous,
+                          previous=previous, init_from=getattr(trainer, "init_from", None),
                           ran={"kernel": getattr(trainer, "head_kernel", None),
                                "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"})
         write_card(run_dir, card)

@@ -24,7 +24,7 @@ from dpface.models.iresnet import (
     iresnet200,
     iresnet_tiny,
 )
-from dpface.models.mobilefacenet import MobileFaceNet, mobilefacenet
+from dpface.models.mobilefacenet import MobileFaceNet, mbf, mobilefacenet
 from dpface.models.quality import QualityAware, qan
 from dpface.models.rangenet import RangeNet, rangenet
 from dpface.models.vit import ViT, vit_b, vit_l, vit_s, vit_t, vit_tiny_cpu
@@ -83,6 +83,7 @@ BACKBONES.register("iresnet100", iresnet100)
 BACKBONES.register("iresnet200", iresnet200)
 BACKBONES.register("iresnet_tiny", iresnet_tiny)
 BACKBONES.register("mobilefacenet", mobilefacenet)
+BACKBONES.register("mbf", mbf)
 BACKBONES.register("vit_t", vit_t)
 BACKBONES.register("vit_s", vit_s)
 BACKBONES.register("vit_b", vit_b)

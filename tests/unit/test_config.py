@@ -91,3 +91,36 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS / "cpu_demo.yaml", ["train.lr=0.02"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+# -- train.epochs: the alternative to train.steps -------------------------------------------
+def test_a_layer_that_sets_epochs_replaces_the_steps_below_it(tmp_path):
+    child = write(tmp_path, "child.yaml", {"base": str(CONFIGS / "cpu_demo.yaml"),
+                                           "train": {"epochs": 3, "warmup_epochs": 0.5}})
+    cfg = load_config(child)
+    assert (cfg.train.steps, cfg.train.epochs, cfg.train.warmup_steps, cfg.train.warmup_epochs) == (0, 3, 0, 0.5)
+    back = load_config(child, ["train.steps=50"])  # and the overrides replace the recipe's epochs
+    assert (back.train.steps, back.train.epochs, back.train.warmup_epochs) == (50, 0, 0.5)
+
+
+@pytest.mark.parametrize("where", ["recipe", "overrides"])
+def test_steps_and_epochs_in_one_layer_are_refused(tmp_path, where):
+    if where == "recipe":
+        args = (write(tmp_path, "r.yaml", {"train": {"steps": 10, "epochs": 2}}), [])
+    else:
+        args = (CONFIGS / "cpu_demo.yaml", ["train.epochs=2", "train.steps=10"])
+    with pytest.raises(ConfigError, match="'train.steps' and 'train.epochs' are both set; set exactly one"):
+        load_config(*args)
+
+
+def test_the_run_length_from_epochs_counts_the_global_batch():
+    from math import ceil
+
+    t = load_config(CONFIGS / "cpu_demo.yaml", ["train.epochs=2.5", "train.warmup_epochs=0.25"]).train
+    # 1000 images, 64 per update (batch × ranks × accumulation): ceil(2500 / 64) updates
+    assert t.length(1000, 64) == (ceil(2.5 * 1000 / 64), ceil(0.25 * 1000 / 64)) == (40, 4)
+    assert load_config(CONFIGS / "cpu_demo.yaml").train.length(1000, 64) == (200, 20)  # steps as set
+    with pytest.raises(ConfigError, match="train.epochs needs the data set's image count"):
+        t.length(None, 64)
+    with pytest.raises(ConfigError, match="'train.steps' is 0 and train.epochs is not set"):
+        load_config(CONFIGS / "cpu_demo.yaml", ["train.steps=0"])

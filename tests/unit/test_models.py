@@ -20,6 +20,7 @@ SMALL = {
     **{name: {"name": name, "base_width": 8, "input_size": 16} for name in DEPTHS},
     "iresnet_tiny": {"name": "iresnet_tiny", "base_width": 8, "input_size": 32},
     "mobilefacenet": {"name": "mobilefacenet", "width": 0.25, "input_size": 32},
+    "mbf": {"name": "mbf", "scale": 1, "blocks": [2, 1, 1, 1], "input_size": 32},
     "rangenet": {"name": "rangenet", "base_width": 4, "layers": [1, 1, 0, 1, 1], "input_size": 32},
     "qan": {"name": "qan", "hidden": 8, "base": {"name": "iresnet_tiny", "base_width": 8, "input_size": 32}},
     # ViTs at their real depths, dim 16, a 2x2 grid of 9-pixel patches (tests/unit/test_vit_checkpointing.py).

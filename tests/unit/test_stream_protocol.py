@@ -61,7 +61,7 @@ def test_every_registered_stream_keeps_the_protocol(backend, manifest):
 
 def test_the_protocol_checks_its_members():
     class NoStats:
-        num_classes, epoch = 3, 0.0
+        num_classes, num_images, epoch = 3, None, 0.0
 
         def __iter__(self):
             return iter(())

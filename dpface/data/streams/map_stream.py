@@ -85,6 +85,7 @@ class MapStream:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.num_workers = seed, num_workers
         self.num_classes = num_classes if num_classes is not None else dataset.num_classes
+        self.num_images = n
         self.batches_per_epoch = batches_per_epoch(n, batch_size * world_size)
         self._consumed = 0
 

@@ -29,6 +29,7 @@ class BatchStream(Protocol):
     """
 
     num_classes: int  # the classifier's size: every label is below it
+    num_images: int | None  # images in one pass over the data (train.epochs); None: unknown
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
