@@ -3,6 +3,7 @@ under: what `dpface eval`, `dpface export-onnx` and `dpface cluster` start from.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +27,9 @@ def load_file(path: Path, weights_only: bool = True, mmap: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only met a global it does not allow: never run it
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise CheckpointError(f"{path}: not a torch checkpoint or state dict (not a file torch.save "
+                                  "wrote)") from None
         raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain "
                               f"containers ({_last_line(e)})") from None
     except Exception as e:  # torch raises several types for truncated/corrupt files
@@ -118,7 +122,10 @@ def read_weights(path: str | Path, key_map: dict | None = None, option: str = "t
                   "data_hash": data_identity(cfg).get("hash")}
         return Weights(state, {"model": cfg.model, "embedding_size": cfg.head.embedding_size}, record,
                        sorted(ckpt.glob("head-rank*.pt")), int(meta["num_classes"]))
-    obj = load_file(p)
+    try:
+        obj = load_file(p)
+    except CheckpointError as e:
+        raise CheckpointError(f"{option}: {e}") from None
     try:
         if isinstance(obj, dict) and isinstance(obj.get("backbone"), dict) and "step" in obj:
             state, model, kind = obj["backbone"], None, "dpface trainer.pt"  # a checkpoint's own file
