@@ -319,7 +319,7 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 
 # Filled in by the trainer, never by a config.
-AUX_PROVIDED = ("num_classes", "embedding_size", "group")
+AUX_PROVIDED = ("num_classes", "embedding_size", "group", "teacher_module", "teacher_embedding_size", "amp_dtype")
 
 
 def _check_spec_types(registry, spec: dict, key: str, source: str) -> None:

@@ -3,7 +3,6 @@ under: what `dpface eval`, `dpface export-onnx` and `dpface cluster` start from.
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,13 +25,15 @@ def load_file(path: Path, weights_only: bool = True, mmap: bool = False):
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
-    except pickle.UnpicklingError as e:  # weights_only met a global it does not allow: never run it
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+    except Exception as e:  # torch raises several types for truncated/corrupt files
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        if not zipped:  # torch.save writes a zip archive; a truncated one still starts like one
             raise CheckpointError(f"{path}: not a torch checkpoint or state dict (not a file torch.save "
                                   "wrote)") from None
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain "
-                              f"containers ({_last_line(e)})") from None
-    except Exception as e:  # torch raises several types for truncated/corrupt files
+        if isinstance(e, pickle.UnpicklingError):  # weights_only met a global it does not allow: never run it
+            raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain "
+                                  f"containers ({_last_line(e)})") from None
         raise CheckpointError(f"checkpoint file unreadable (corrupt or truncated?): {path}: {_last_line(e)}") from None
 
 

@@ -62,6 +62,8 @@ class TrainState:
     parallel: object
     # Where the run's weights came from (train.init_from): recorded in every meta.json.
     init_from: dict | None = None
+    # The optimizer of aux losses' own parameters (a distillation projection), if any.
+    aux_opt: torch.optim.Optimizer | None = None
 
 
 def _first_non_finite(obj, name: str = "") -> str | None:
@@ -100,6 +102,8 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: dist.ParallelConte
     if info.is_main:
         files["trainer.pt"] = {"step": state.step, "backbone": state.backbone.state_dict(),
                                **state.parallel.state_dict()}
+        if state.aux_opt is not None:
+            files["trainer.pt"]["aux_opt"] = state.aux_opt.state_dict()
     # Checked before anything is written, agreed by all ranks: a diverged run must not
     # rotate its last good checkpoints away with NaN ones. (DeepSpeed's partitioned
     # optimizer state is its own; its backbone weights are checked here.)
@@ -178,6 +182,8 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.ParallelContext, c
     check_backbone_fits(path, meta, trainer["backbone"], state.backbone, config)
     state.backbone.load_state_dict(trainer["backbone"])
     state.parallel.load_state_dict(trainer, path)
+    if state.aux_opt is not None and "aux_opt" in trainer:
+        state.aux_opt.load_state_dict(trainer["aux_opt"])
     state.parallel.load_from(path, meta)
 
     shard_files = sorted(path.glob("head-rank*.pt"))
@@ -208,7 +214,12 @@ def load_checkpoint(path: Path, state: TrainState, info: dist.ParallelContext, c
 
 def reshard_aux_losses(aux: torch.nn.Module, states: list[dict]) -> None:
     """Load into ``aux`` its class-sharded sub-modules' state from the aux-loss state
-    dicts of every rank of a run saved at another world size."""
+    dicts of every rank of a run saved at another world size; the replicated state of the
+    others (a distillation projection) from rank 0's."""
+    for name, m in aux.named_children():
+        if not any(hasattr(s, "load_sharded") for s in m.modules()):
+            pre = f"{name}."
+            m.load_state_dict({k[len(pre):]: v for k, v in states[0].items() if k.startswith(pre)})
     for name, m in aux.named_modules():
         if hasattr(m, "load_sharded"):
             pre = f"{name}." if name else ""

@@ -57,7 +57,8 @@ class TrainStep:
 
     def __init__(self, parallel, head, head_opt, aux, ctx, *, grad_clip: float,
                  amp_dtype: torch.dtype | None, accumulate: int = 1, with_quality: bool = False,
-                 freeze_backbone_steps: int = 0, backbone: torch.nn.Module | None = None):
+                 freeze_backbone_steps: int = 0, backbone: torch.nn.Module | None = None,
+                 aux_opt: torch.optim.Optimizer | None = None):
         self.parallel, self.head, self.head_opt = parallel, head, head_opt
         self.aux, self.ctx = aux, ctx
         self.grad_clip, self.amp_dtype = grad_clip, amp_dtype
@@ -66,6 +67,12 @@ class TrainStep:
         # skips it: no momentum, no decay) and with BatchNorm in eval mode (its statistics
         # stay the trained ones); ``backbone`` is the module whose mode is set.
         self.freeze_steps, self.backbone = freeze_backbone_steps, backbone
+        # Aux losses' own parameters (a distillation projection): replicated like the
+        # backbone, so their gradient is averaged over the data group, then stepped by aux_opt.
+        self.aux_params = [p for _, m, _ in aux for p in m.parameters() if p.requires_grad]
+        self.aux_opt = aux_opt
+        if self.aux_params and aux_opt is None:
+            raise ValueError("aux losses with parameters need their optimizer (aux_opt)")
         if freeze_backbone_steps and backbone is None:
             raise ValueError("freeze_backbone_steps needs the backbone module (to set its mode)")
         if head.update == "sampled" and accumulate > 1:
@@ -91,7 +98,12 @@ class TrainStep:
         if getattr(out, "dropped", None) is not None:  # sub-centre drop: share of the global batch left out
             values["head/dropped"] = out.dropped
         for name, fn, w in self.aux:
-            v = fn(emb, labels, step, quality.float()) if getattr(fn, "needs_quality", False) else fn(emb, labels, step)
+            if getattr(fn, "needs_quality", False):
+                v = fn(emb, labels, step, quality.float())
+            elif getattr(fn, "needs_images", False):
+                v = fn(emb, labels, step, images=x)
+            else:
+                v = fn(emb, labels, step)
             values[f"aux/{name}"] = v.detach()
             loss = loss + w * v
         values["loss"] = loss.detach()
@@ -118,6 +130,14 @@ class TrainStep:
         means = dict(zip(keys, (torch.stack([sums[k].float().to(self.ctx.device) for k in keys]) / n).tolist()))
 
         rows, replicated = head_grad_params(self.head)
+        aux = [p for p in self.aux_params if p.grad is not None]
+        if aux and dist.is_initialized() and tdist.get_world_size(self.ctx.data_group) > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in aux])
+            tdist.all_reduce(flat, group=self.ctx.data_group)
+            flat /= tdist.get_world_size(self.ctx.data_group)
+            chunks = flat.split([p.numel() for p in aux])
+            torch._foreach_copy_([p.grad for p in aux], [c.view_as(p.grad) for c, p in zip(chunks, aux)])
+        replicated = replicated + aux
         hparams = rows + replicated
         if scale != 1.0:
             torch._foreach_mul_([p.grad for p in hparams], 1.0 / scale)
@@ -137,7 +157,11 @@ class TrainStep:
         stepped = bp.step(finite)
         if stepped:
             self.head_opt.step()
+            if self.aux_opt is not None:
+                self.aux_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
+        if self.aux_opt is not None:
+            self.aux_opt.zero_grad(set_to_none=True)
         if not bp.norm_includes_backbone:  # ZeRO: the backbone's norm comes from its step
             other = bp.backbone_grad_norm() if stepped else None
             norm = math.sqrt(norm ** 2 + other ** 2) if other is not None else float("nan")

@@ -111,13 +111,16 @@ class Trainer:
                           else self._init_from_weights() if cfg.train.init_from else None)
         if dev.type == "cuda":  # kernel=auto: our GEMMs or cuBLAS, timed on this run's shapes
             self.head.autotune(batch * ctx.world_size, dev)
-        built = [build_aux_loss(spec, self.stream.num_classes, cfg.head.embedding_size, group=ctx.head_group)
+        self.amp_dtype = resolve_amp(cfg.train.amp, dev)
+        built = [build_aux_loss(spec, self.stream.num_classes, cfg.head.embedding_size, group=ctx.head_group,
+                                amp_dtype=self.amp_dtype, **self._teacher(spec, dev, batch))
                  for spec in cfg.aux_losses]
         self._self_check(dev, [m for m, _ in built])
         self.head_kernel = self.head.kernel_choice(dev.type)[1]
         self.aux_losses = torch.nn.ModuleList([m for m, _ in built]).to(dev)
         aux = [(spec["name"], m, w) for spec, (m, w) in zip(cfg.aux_losses, built)]
-        self.amp_dtype = resolve_amp(cfg.train.amp, dev)
+        aux_params = [p for p in self.aux_losses.parameters() if p.requires_grad]
+        self.aux_opt = cfg.train.optimizer_for(aux_params, cfg.train.head_lr or cfg.train.lr) if aux_params else None
         with_quality = any(getattr(m, "needs_quality", False) for m, _ in built)
         if with_quality and not hasattr(self.backbone, "quality"):
             raise ConfigError(f"an aux loss needs image quality scores (qan_set) but model '{cfg.model['name']}' "
@@ -128,9 +131,10 @@ class Trainer:
         self.step_fn = TrainStep(self.parallel, self.head, self.head_opt, aux, ctx,
                                  grad_clip=cfg.train.grad_clip, amp_dtype=self.amp_dtype,
                                  accumulate=cfg.train.accumulate, with_quality=with_quality,
-                                 freeze_backbone_steps=cfg.train.freeze_backbone_steps, backbone=self.backbone)
+                                 freeze_backbone_steps=cfg.train.freeze_backbone_steps, backbone=self.backbone,
+                                 aux_opt=self.aux_opt)
         self.state = TrainState(0, self.backbone, self.head, self.head_opt, self.stream,
-                                self.aux_losses, self.parallel, init_from=self.init_from)
+                                self.aux_losses, self.parallel, init_from=self.init_from, aux_opt=self.aux_opt)
         self.logger = MetricsLogger(self.run_dir, ctx.is_main, cfg.wandb, cfg.to_dict(),
                                     resume=self.resume_from is not None)
         self.do_eval = cfg.eval.has_sets(cfg.data)
@@ -143,6 +147,42 @@ class Trainer:
             from dpface.config import save_config
 
             save_config(cfg, self.dirs.config_file)
+
+    def _teacher(self, spec: dict, dev: torch.device, batch: int) -> dict:
+        """For a distill aux loss: its teacher network loaded from ``teacher`` (restore.read_weights;
+        a dpface checkpoint carries its model spec, an arcface_torch file is read for it), on
+        ``dev``, with its size and its cost on this run's batch said once. Other losses: {}."""
+        if spec.get("name") != "distill":
+            return {}
+        from dpface.models.pretrained import WeightsError, load_into
+        from dpface.restore import read_weights
+
+        key = f"aux_losses[{self.cfg.aux_losses.index(spec)}].teacher"
+        w = read_weights(spec["teacher"], option=key)
+        if w.model is None:
+            raise ConfigError(f"{key}: {spec['teacher']}: the teacher's architecture cannot be read from "
+                              f"this {w.record['kind']} (a dpface checkpoint, or an arcface_torch iresnet / "
+                              "MobileFaceNet file, is needed)")
+        net = build_backbone(w.model["model"], embedding_size=w.model["embedding_size"])
+        try:
+            load_into(net, w.state, f"{key}: {spec['teacher']}")
+        except WeightsError as e:
+            raise ConfigError(str(e)) from None
+        net = net.to(dev).eval().requires_grad_(False)
+        if self.info.is_main:
+            size = self.cfg.data.image_size
+            x = torch.zeros(batch, 3, size, size, device=dev)
+            with torch.no_grad():
+                net(x)  # warm-up
+                t0 = time.perf_counter()
+                net(x)
+                ms = 1e3 * (time.perf_counter() - t0)
+            n = sum(p.numel() for p in net.parameters())
+            mb = sum(t.numel() * t.element_size() for t in net.state_dict().values()) / 2**20
+            print(f"dpface: distill teacher {w.record['path']} ({w.model['model']['name']}, "
+                  f"{w.model['embedding_size']}-d, {n / 1e6:.2f}M params, {mb:.1f} MB): {ms:.0f} ms per batch "
+                  f"of {batch} on {dev.type}, kind {spec.get('kind', 'cosine')}", flush=True)
+        return {"teacher_module": net, "teacher_embedding_size": w.model["embedding_size"]}
 
     def _init_from_weights(self) -> dict:
         """train.init_from: the trained backbone (and with init_head the head) loaded into this
@@ -243,7 +283,7 @@ class Trainer:
         for g in self.parallel.param_groups:  # the backbone: lr × backbone_lr_scale
             g["lr"] = lr * t.backbone_lr_scale
         head_lr = lr_at(step, base_lr=t.head_lr or t.lr, **kw)
-        for g in self.head_opt.param_groups:
+        for g in self.head_opt.param_groups + (self.aux_opt.param_groups if self.aux_opt else []):
             g["lr"] = head_lr
         return lr
 

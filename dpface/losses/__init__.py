@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dpface.losses.adacos import AdaCos, adacos
 from dpface.losses.center import CenterLoss
 from dpface.losses.contrastive import ContrastiveLoss
+from dpface.losses.distill import DistillLoss
 from dpface.losses.km import KnotMagnify, km
 from dpface.losses.large_margin import LSoftmax, SphereFace, lsoftmax, sphereface
 from dpface.losses.margin import (
@@ -88,24 +89,28 @@ AUX_LOSSES.register("center", CenterLoss)
 AUX_LOSSES.register("triplet", TripletLoss)
 AUX_LOSSES.register("contrastive", ContrastiveLoss)
 AUX_LOSSES.register("qan_set", SetToSetLoss)
+AUX_LOSSES.register("distill", DistillLoss)
 
 
 def build_loss(spec) -> LogitTransform:
     return LOSSES.build(spec)
 
 
-def build_aux_loss(spec, num_classes: int, embedding_size: int, group=None):
+def build_aux_loss(spec, num_classes: int, embedding_size: int, group=None, **extra):
     """Build one auxiliary loss from ``{name, weight, **params}``; returns (module, weight).
-    ``group`` (the head group) goes to losses that shard class state across ranks."""
+    ``group`` (the head group) goes to losses that shard class state across ranks; ``extra``
+    (what the trainer resolved: a teacher network, the AMP dtype) to losses that take it."""
     spec = dict(spec)
     weight = float(spec.pop("weight"))
     provided = dict(num_classes=num_classes, embedding_size=embedding_size)
-    if "group" in AUX_LOSSES.parameters(spec["name"]):
+    accepted = AUX_LOSSES.parameters(spec["name"])
+    if "group" in accepted:
         provided["group"] = group
+    provided.update({k: v for k, v in extra.items() if k in accepted})
     return AUX_LOSSES.build(spec, **provided), weight
 
 
 __all__ = ["LOSSES", "AUX_LOSSES", "build_loss", "build_aux_loss", "LogitTransform",
            "HeadContext", "CombinedMargin", "Softmax", "NormFace", "SphereFace", "LSoftmax",
            "AdaCos", "KnotMagnify", "MVSoftmax", "RangeLoss", "CenterLoss", "TripletLoss",
-           "ContrastiveLoss", "SetToSetLoss", "LossRegistry"]
+           "ContrastiveLoss", "SetToSetLoss", "DistillLoss", "LossRegistry"]

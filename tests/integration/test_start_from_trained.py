@@ -105,3 +105,37 @@ def test_a_file_that_is_not_weights_is_one_line(tmp_path, capsys):
     assert main(["train", *demo_args(tmp_path, "junk", f"train.init_from={empty}")]) == 2
     line = error_line(capsys.readouterr().err)
     assert "train.init_from" in line and "not a state dict" in line and str(empty) in line, line
+
+
+# -- distillation ----------------------------------------------------------------------------
+def distill(teacher, kind="cosine"):
+    return f"aux_losses=[{{name: distill, teacher: {teacher}, kind: {kind}, weight: 2.0}}]"
+
+
+def test_a_distilled_student_trains_and_resumes_and_the_teacher_file_is_untouched(tiny_run, tmp_path, capsys):
+    ckpt, _ = source_backbone(tiny_run)
+    stamp = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    args = demo_args(tmp_path, "st", "model={name: iresnet_tiny, base_width: 8}", "head.embedding_size=16",
+                     distill(tiny_run), "train.steps=3", "train.ckpt_every=1")
+    tr = Trainer(load_config(args[1], args[2:]))
+    tr.fit(until=2)
+    tr.release()
+    out = capsys.readouterr().out
+    assert f"distill teacher {ckpt.resolve()} (iresnet_tiny, 32-d" in out and "ms per batch of 8" in out
+    assert main(["train", "--resume", "auto", *args]) == 0
+    whole = demo_args(tmp_path, "whole", *args[4:])
+    assert main(["train", *whole]) == 0
+    a, b = losses(tmp_path / "st"), losses(tmp_path / "whole")
+    assert a[3] == pytest.approx(b[3], rel=1e-6)  # the projection and its optimizer resume too
+    rows = [json.loads(x) for x in (tmp_path / "st" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["aux/distill"] > 0 for r in rows if r["kind"] == "train")
+    assert stamp == {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+
+
+def test_a_teacher_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    junk = tmp_path / "teacher.pt"
+    junk.write_text("hello")
+    assert main(["train", *demo_args(tmp_path, "t", distill(junk))]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"dpface: error: aux_losses[0].teacher: {junk}: not a torch checkpoint"), line
+    assert not (tmp_path / "t" / "checkpoints").exists() or not complete_checkpoints(tmp_path / "t" / "checkpoints")

@@ -200,5 +200,5 @@ def test_aux_losses_from_config():
                                           r"valid: alpha, beta, k, kernel, margin, normalize"):
         load_config(None, ["aux_losses=[{name: range, weight: 0.1, kk: 3}]"])
     with pytest.raises(ConfigError, match=r"unknown auxiliary loss 'centre'.*valid: center, "
-                                          r"contrastive, qan_set, range, triplet"):
+                                          r"contrastive, distill, qan_set, range, triplet"):
         load_config(None, ["aux_losses=[{name: centre, weight: 0.1}]"])

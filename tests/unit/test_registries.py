@@ -76,14 +76,33 @@ def test_sampled_update_gives_the_dense_row_gradients(name):
     assert sampled.weight.grad is None  # no dense gradient in sampled mode
 
 
+class TinyNet(torch.nn.Module):
+    """A stand-in network for what the trainer provides (a distillation teacher)."""
+
+    def __init__(self, out: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 4 * 4, out)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
 @pytest.mark.parametrize("name", AUX_LOSSES.names())
 def test_every_aux_loss_builds_from_its_name_and_gives_finite_gradients(name):
-    module, weight = build_aux_loss({"name": name, "weight": 0.5}, num_classes=C, embedding_size=D)
+    spec = {"name": name, "weight": 0.5}
+    accepted = AUX_LOSSES.parameters(name)
+    # Required parameters a config must give (a teacher's path) and what the trainer provides.
+    spec.update({k: "unused.pth" for k, p in accepted.items() if p.default is p.empty and k not in
+                 ("num_classes", "embedding_size", "group", "teacher_module")})
+    extra = {"teacher_module": TinyNet(D + 2), "teacher_embedding_size": D + 2} if "teacher_module" in accepted else {}
+    module, weight = build_aux_loss(spec, num_classes=C, embedding_size=D, **extra)
     assert weight == 0.5
     g = torch.Generator().manual_seed(4)
     x = torch.randn(B, D, generator=g).requires_grad_(True)
     y = torch.arange(B) // 4  # a P×K batch (2 identities × 4): pairs, triplets and 2 sets of 2 exist
     kw = {"quality": torch.rand(B, generator=g)} if getattr(module, "needs_quality", False) else {}
+    if getattr(module, "needs_images", False):
+        kw["images"] = torch.randn(B, 3, 4, 4, generator=g)
     loss = module(x, y, 0, **kw)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
