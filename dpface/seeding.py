@@ -26,6 +26,7 @@ class Stream(IntEnum):
     AUGMENT = 13         # WebDataset augmentation: (slot, round)
     LOADER_ORDER = 21    # in-memory loader's sample permutation: (epoch,)
     DALI = 22            # DALI pipeline seed: (rank,)
+    DATA_SOURCE = 23     # the stream seed of one of data.sources: (source index,)
     HEAD_INIT = 0x1417   # head row blocks: (block, dim)
     NEGATIVES = 0x1418   # head's sampled negative rows: (step, rank)
     PK_BATCH = 0x504B    # P×K sampler's identities of a batch: (index,)

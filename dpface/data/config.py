@@ -46,6 +46,10 @@ class DataConfig:
     augment: list = field(default_factory=lambda: ["flip"])  # shard backends: names in data/augment.py
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    # Several data sets at once (webdataset, dali): [{manifest: A, weight: 0.7}, {manifest:
+    # B, weight: 0.3}], in place of shards.manifest; labels concatenated in this order, each
+    # batch split by weight (streams/mixed.py). The other shards keys apply to every source.
+    sources: list = field(default_factory=list)
     # The old name of `shards`, kept only so a config that still uses it (an old recipe,
     # a checkpoint's config) is told where its keys went; it must stay empty.
     webdataset: dict = field(default_factory=dict)
@@ -56,6 +60,7 @@ class DataConfig:
                               for k in self.webdataset)
             raise Invalid("webdataset", f"is no longer a section: the shard backends share "
                                         f"'data.shards' ({moves}); rename the keys in the config")
+        self._check_sources()
         problem = augment_problem(self.augment)
         if problem:
             raise Invalid("augment", problem)
@@ -67,6 +72,23 @@ class DataConfig:
                 raise Invalid("batch_size", f"({self.batch_size}) must be a multiple of "
                                             f"'data.pk_images' ({self.pk_images}) with data.sampler: pk")
 
+    def _check_sources(self) -> None:
+        if not self.sources:
+            return
+        if self.backend not in ("webdataset", "dali"):
+            raise Invalid("sources", f"mix shard data sets (data.backend: webdataset or dali), not '{self.backend}'")
+        if self.shards.manifest:
+            raise Invalid("sources", "replace data.shards.manifest: set one of them")
+        for i, s in enumerate(self.sources):
+            if not isinstance(s, dict) or set(s) - {"manifest", "weight"} or not isinstance(s.get("manifest"), str):
+                raise Invalid(f"sources[{i}]", f"must be {{manifest: PATH, weight: NUMBER}}, got {s!r}")
+            w = s.get("weight", 1.0)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+                raise Invalid(f"sources[{i}].weight", f"must be a number >= 0, got {w!r}")
+            s.setdefault("weight", 1.0)
+        if not sum(s["weight"] for s in self.sources) > 0:
+            raise Invalid("sources", "weights must sum to a positive number")
+
     def check_shards_set(self) -> None:
         # At build, not at load: `dpface eval` uses a shard backend without shards to
         # mean "no synthetic set, only --bin sets".
@@ -74,6 +96,12 @@ class DataConfig:
             return
         from dpface.data.formats.shards import is_manifest
 
+        if self.sources:
+            for i, s in enumerate(self.sources):
+                if not is_manifest(s["manifest"]):
+                    raise ConfigError(f"'data.sources[{i}].manifest' is {s['manifest']!r}: name the manifest.json "
+                                      "(or its directory) that `dpface convert` writes")
+            return
         shards = self.shards.manifest
         if not shards:
             raise ConfigError(f"'data.shards.manifest' must name the manifest.json of a converted "
@@ -88,6 +116,3 @@ class DataConfig:
         self.check_shards_set()
         return STREAMS.get(self.backend)(self, ctx, seed)
 
-
-# The section's old name, for importers that have not moved yet.
-WebDatasetConfig = ShardsConfig

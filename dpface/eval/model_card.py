@@ -14,6 +14,7 @@ metrics (IJB, identification) show up without changes here.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -51,6 +52,17 @@ def data_identity(cfg) -> dict:
         blob = json.dumps(params, sort_keys=True).encode()
         return {"backend": "synthetic", "parameters": params,
                 "hash": "sha256:" + hashlib.sha256(blob).hexdigest(), "hash_of": "generator parameters"}
+    if d.sources:  # several data sets: each one's identity, its weight and its labels' offset
+        parts, offset = [], 0
+        for s in d.sources:
+            one = data_identity(dataclasses.replace(cfg, data=dataclasses.replace(
+                d, sources=[], shards=dataclasses.replace(d.shards, manifest=s["manifest"]))))
+            parts.append({**one, "weight": s["weight"], "label_offset": offset})
+            offset += int(one.get("num_classes") or 0)
+        blob = json.dumps([[p.get("hash"), p["weight"]] for p in parts]).encode()
+        return {"backend": d.backend, "sources": parts, "num_classes": offset,
+                "num_images": sum(int(p.get("num_images") or 0) for p in parts),
+                "hash": "sha256:" + hashlib.sha256(blob).hexdigest(), "hash_of": "the sources' hashes and weights"}
     spec = d.shards.manifest
     out = {"backend": d.backend, "shards": spec}
     try:
@@ -225,6 +237,10 @@ def render_markdown(card: dict) -> str:
             out.append(f"- parameters: `{_fmt(d['parameters'])}`")
         if d.get("shards"):
             out.append(f"- shards: `{d['shards']}`")
+        for i, s in enumerate(d.get("sources") or []):
+            lo = s.get("label_offset", 0)
+            out.append(f"- source {i}: `{s.get('shards')}`, weight {s.get('weight')}, labels [{lo}, "
+                       f"{lo + int(s.get('num_classes') or 0)}), {s.get('num_images')} images, hash `{s.get('hash')}`")
         out += [f"- data hash: `{d.get('hash')}` (of {d.get('hash_of')})", ""]
     if t:
         out += ["## Training", "",

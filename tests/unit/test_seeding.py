@@ -12,6 +12,7 @@ SMALL = range(4)
 PARTS = {
     Stream.LOADER_ORDER: [(e,) for e in SMALL],
     Stream.DALI: [(r,) for r in SMALL],
+    Stream.DATA_SOURCE: [(i,) for i in SMALL],
     Stream.SYNTH_IDENTITY: [(i,) for i in SMALL],
     Stream.SYNTH_SAMPLE: list(itertools.product(SMALL, SMALL)),
     Stream.SYNTH_NOISE: [()],

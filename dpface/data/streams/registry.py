@@ -38,17 +38,53 @@ def _shard_args(data, ctx, seed: int) -> dict:
                 max_bad_fraction=s.max_bad_fraction)
 
 
+def _sources(data, ctx, seed: int, build):
+    """data.sources: one stream per source (``build(manifest, **args)``), mixed by weight
+    (streams/mixed.py); else the one data set of data.shards."""
+    if not data.sources:
+        return build(data.shards.manifest, **_shard_args(data, ctx, seed))
+    from dpface.data.formats.shards import ShardError, resolve_shards
+    from dpface.data.streams.mixed import MixedStream, split_batch
+    from dpface.schema import ConfigError
+    from dpface.seeding import Stream, seed_int
+
+    sets = []
+    for i, src in enumerate(data.sources):
+        try:
+            s = resolve_shards(src["manifest"])
+        except (ShardError, ValueError, OSError) as e:  # found at start: the config names a bad source
+            raise ConfigError(f"data.sources[{i}]: {e}") from None
+        if not s.num_images:
+            raise ConfigError(f"data.sources[{i}]: {src['manifest']} holds 0 images")
+        sets.append(s)
+    try:
+        shares = split_batch(data.batch_size, [float(src["weight"]) for src in data.sources])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    offsets = [sum(s.num_classes for s in sets[:i]) for i in range(len(sets))]
+    parts, first = [], []
+    for i, (src, n) in enumerate(zip(data.sources, shares)):
+        if n == 0:
+            continue
+        args = {**_shard_args(data, ctx, seed_int(seed, Stream.DATA_SOURCE, i) % 2**31), "batch_size": n}
+        parts.append((f"source{i}", build(src["manifest"], **args), src["manifest"], n))
+        first.append(offsets[i])
+    return MixedStream(parts, first, sum(s.num_classes for s in sets), ctx.world_size)
+
+
 @STREAMS.register("webdataset")
 def _webdataset(data, ctx, seed: int):
     from dpface.data.streams.webdataset import WebDatasetStream
 
-    return WebDatasetStream(data.shards.manifest, **_shard_args(data, ctx, seed))
+    return _sources(data, ctx, seed, WebDatasetStream)
 
 
 @STREAMS.register("dali")
 def _dali(data, ctx, seed: int):
+    import functools
+
     from dpface.data.streams.dali import DaliStream
 
     on_gpu = ctx.device.type == "cuda"
-    return DaliStream(data.shards.manifest, device="gpu" if on_gpu else "cpu",
-                      device_id=ctx.local_rank if on_gpu else None, **_shard_args(data, ctx, seed))
+    return _sources(data, ctx, seed, functools.partial(DaliStream, device="gpu" if on_gpu else "cpu",
+                                                       device_id=ctx.local_rank if on_gpu else None))
