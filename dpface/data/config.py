@@ -111,6 +111,17 @@ class DataConfig:
                               "name the manifest.json (or its directory) that `dpface convert` writes "
                               "next to the shards")
 
+    def num_classes(self) -> int:
+        """The classifier's size this section gives, without building a stream: the synthetic
+        identities, the manifest's classes, or the total of data.sources."""
+        if self.backend == "synthetic":
+            return self.synthetic.num_identities
+        self.check_shards_set()
+        from dpface.data.formats.shards import resolve_shards
+
+        return sum(resolve_shards(m).num_classes
+                   for m in ([s["manifest"] for s in self.sources] or [self.shards.manifest]))
+
     def build(self, ctx, seed: int):
         """This rank's batch stream (``ctx``: a ParallelContext; the data group splits it)."""
         self.check_shards_set()

@@ -2,8 +2,10 @@
 overrides that shrink the run; the data sets are small generated ones."""
 import io
 import json
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dpface.cli import main
@@ -61,3 +63,27 @@ def test_readme_usage_lines_in_order(tmp_path, capsys):
     assert main(["convert", "recordio", str(tmp_path / "train.rec"), str(tmp_path / "ms1m-wds"),
                  "--workers", "0"]) == 0
     assert (tmp_path / "ms1m-wds" / "manifest.json").is_file()
+    # starting from what exists (issue 21)
+    assert main(["train", "--config", demo, "experiment.name=ft", f"train.init_from={tmp_path}/runs/cpu_demo",
+                 "data.synthetic.seed=1", "train.freeze_backbone_steps=2", "train.backbone_lr_scale=0.3", *run]) == 0
+    assert "backbone tensors loaded" in capsys.readouterr().out
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)["backbone"]
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "backbone.pth")
+    assert main(["train", "--config", demo, "experiment.name=pth", f"train.init_from={tmp_path}/backbone.pth",
+                 *run]) == 0
+    assert main(["train", "--config", demo, "experiment.name=student", "model={name: iresnet_tiny, base_width: 8}",
+                 f"aux_losses=[{{name: distill, teacher: {tmp_path}/runs/cpu_demo, kind: cosine, weight: 4.0}}]",
+                 *run]) == 0
+    assert "distill teacher" in capsys.readouterr().out
+    sources = (f"data.sources=[{{manifest: {tmp_path}/ms1m-wds, weight: 0.7}}, "
+               f"{{manifest: {tmp_path}/faces-wds, weight: 0.3}}]")
+    assert main(["train", "--config", demo, "experiment.name=mixed", "data.backend=webdataset", sources,
+                 "data.batch_size=4", "data.num_workers=0", "eval.bin_sets=[]", *run]) == 0
+    assert "6 classes" in capsys.readouterr().out  # 3 + 3: the head sized by the total
+    assert main(["train", "--config", demo, "experiment.name=epochs", "train.epochs=3", "train.warmup_epochs=0.5",
+                 *run, "train.steps=0"]) == 0
+    assert "epochs of" in capsys.readouterr().out
+    (tmp_path / "mixed.yaml").write_text(f"base: {Path(demo).resolve()}\ndata:\n  backend: webdataset\n"
+                                         f"  sources: {sources.split('=', 1)[1]}\n")
+    assert main(["plan", "--config", str(tmp_path / "mixed.yaml"), "--world", "2", "--batch", "128"]) == 0
+    assert "6 classes" in capsys.readouterr().out
