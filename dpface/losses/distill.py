@@ -11,8 +11,11 @@ teacher embeddings t_i over the rank's batch of B:
 * ``relation``: mean_{i≠j} (cos(s_i, s_j) − cos(t_i, t_j))²   (the in-batch similarity
   structure; no projection, any dimensions)
 
-P is the identity when the dimensions agree, else a learned linear map D_s → D_t (the
-trainer optimises it with the head's learning rate and averages its gradient over ranks).
+P is a learned linear map D_s → D_t where the dimensions differ, and with ``projection:
+always`` also where they agree (starting as the identity: measured, RESULTS "Starting from
+what exists", matching the teacher's coordinates directly did not help, through a projection
+it did); else the identity. The trainer optimises P with the head's learning rate and
+averages its gradient over ranks.
 """
 from __future__ import annotations
 
@@ -29,21 +32,26 @@ class DistillLoss(nn.Module):
     needs_images = True  # called with the (normalised) images the student saw
 
     def __init__(self, num_classes: int, embedding_size: int, teacher: str,
-                 kind: Literal["cosine", "l2", "relation"] = "cosine", teacher_module: nn.Module | None = None,
-                 teacher_embedding_size: int = 0, amp_dtype: torch.dtype | None = None):
+                 kind: Literal["cosine", "l2", "relation"] = "cosine", projection: Literal["auto", "always"] = "auto",
+                 teacher_module: nn.Module | None = None, teacher_embedding_size: int = 0,
+                 amp_dtype: torch.dtype | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if projection not in ("auto", "always"):
+            raise ValueError(f"projection must be auto or always, got {projection!r}")
         if teacher_module is None:
             raise ValueError("distill needs the teacher network (the trainer loads it from 'teacher')")
         self.kind, self.teacher_path, self.amp_dtype = kind, teacher, amp_dtype
         # Not a registered submodule: the teacher is neither trained nor checkpointed.
         self._teacher = [teacher_module.eval().requires_grad_(False)]
         self.teacher_embedding_size = int(teacher_embedding_size or embedding_size)
+        differ = self.teacher_embedding_size != embedding_size
         self.proj = (nn.Linear(embedding_size, self.teacher_embedding_size, bias=False)
-                     if kind != "relation" and self.teacher_embedding_size != embedding_size else None)
-        if self.proj is not None:  # starts as the best orthogonal guess, then learns
-            nn.init.orthogonal_(self.proj.weight)
+                     if kind != "relation" and (differ or projection == "always") else None)
+        if self.proj is not None:  # starts as the identity where it can, else an orthogonal map
+            init = nn.init.orthogonal_ if differ else nn.init.eye_
+            init(self.proj.weight)
 
     @property
     def teacher(self) -> nn.Module:

@@ -93,3 +93,15 @@ def test_a_config_spec_builds_with_the_provided_teacher():
     assert w == 2.0 and module.kind == "relation" and module.teacher is teacher
     with pytest.raises(ValueError, match="kind must be one of cosine, l2, relation"):
         DistillLoss(10, DS, "t.pth", "kl", teacher_module=teacher)
+
+
+def test_projection_always_starts_as_the_identity_and_learns():
+    teacher, s, img = case(DS)
+    plain = DistillLoss(10, DS, "t.pth", "l2", teacher_module=teacher, teacher_embedding_size=DS).double()
+    proj = DistillLoss(10, DS, "t.pth", "l2", projection="always", teacher_module=teacher,
+                       teacher_embedding_size=DS).double()
+    assert plain.proj is None and torch.equal(proj.proj.weight, torch.eye(DS, dtype=torch.float64))
+    a, b = plain(s, torch.zeros(B), 0, images=img), proj(s, torch.zeros(B), 0, images=img)
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)  # the same loss at the start
+    b.backward()
+    assert proj.proj.weight.grad is not None and proj.proj.weight.grad.abs().sum() > 0
