@@ -119,3 +119,38 @@ def test_a_source_with_no_images_is_named_with_its_file(shard_set, second_set, t
     (empty / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ConfigError, match=rf"data.sources\[1\]: .*{empty}"):
         data(shard_set[0], empty).build(CPU, seed=0)
+
+
+def _keys(batch):
+    import hashlib
+
+    x, y = batch
+    return sorted(f"{int(label)}:{hashlib.sha1(img.numpy().tobytes()).hexdigest()}" for img, label in zip(x, y))
+
+
+def _steps(a, b, world, batch, n, state=None):
+    """Global batches (sorted label:image keys) of ``n`` steps of ``world`` simulated ranks,
+    and the merged position after them (what rank 0's checkpoint file holds)."""
+    from dpface.data.streams.webdataset import merge_states
+
+    d = data(a, b, batch=batch)
+    ranks = [d.build(ParallelContext(rank=r, world_size=world, local_rank=r, device=torch.device("cpu")), seed=3)
+             for r in range(world)]
+    if state is not None:
+        for s in ranks:
+            s.load_state_dict(state)
+    per = [take(s, n) for s in ranks]
+    steps = [sorted(sum((_keys(per[r][i]) for r in range(world)), [])) for i in range(n)]
+    states = [s.state_dict() for s in ranks]
+    merged = {**states[0], "sources": [{**src, "state": merge_states([st["sources"][i]["state"] for st in states])}
+                                       for i, src in enumerate(states[0]["sources"])]}
+    return steps, merged
+
+
+def test_each_sources_position_reshards_at_a_constant_global_batch(shard_set, second_set):
+    """2 ranks × 4 (3 of A + 1 of B each) for 3 steps, then 1 rank × 8 (6 + 2): the global
+    batches are those of an uninterrupted 2-rank run, sample by sample, labels included."""
+    whole, _ = _steps(shard_set[0], second_set, 2, 4, n=7)
+    first, state = _steps(shard_set[0], second_set, 2, 4, n=3)
+    second, _ = _steps(shard_set[0], second_set, 1, 8, n=4, state=state)
+    assert first + second == whole
