@@ -242,6 +242,16 @@ class RunDir:
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         return RunLock(path, fd)
 
+    def remove_if_unused(self) -> None:
+        """Remove the run directory if it holds nothing but its (released) lock file: what a
+        start that failed before writing anything leaves behind."""
+        try:
+            if {p.name for p in self.root.iterdir()} <= {".lock"}:
+                (self.root / ".lock").unlink(missing_ok=True)
+                self.root.rmdir()
+        except OSError:
+            pass  # another process is using it: leave it
+
     def set_aside_newer(self, step: int) -> Path | None:
         """Resuming from ``step`` while later complete checkpoints exist: they move, intact,
         to ``checkpoints/abandoned-after-step-N-<time>/`` (rotation would otherwise delete

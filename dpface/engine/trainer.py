@@ -67,10 +67,13 @@ class Trainer:
         self.dirs = RunDir.of(cfg.experiment.output_dir, cfg.experiment.name)
         self.run_dir, self.ckpt_root = self.dirs.root, self.dirs.checkpoints
         self._lock = None  # rank 0's exclusive lock on the run directory (RunDir.lock)
+        created = not self.run_dir.exists()
         try:
             self._setup(resume, overwrite)
         except BaseException:
             self.release()
+            if created and ctx.is_main:  # a start that failed writes nothing, not even the directory
+                self.dirs.remove_if_unused()
             raise
 
     def release(self) -> None:
