@@ -11,10 +11,9 @@ teacher embeddings t_i over the rank's batch of B:
 * ``relation``: mean_{i≠j} (cos(s_i, s_j) − cos(t_i, t_j))²   (the in-batch similarity
   structure; no projection, any dimensions)
 
-P is a learned linear map D_s → D_t where the dimensions differ, and with ``projection:
-always`` also where they agree (starting as the identity: measured, RESULTS "Starting from
-what exists", matching the teacher's coordinates directly did not help, through a projection
-it did); else the identity. The trainer optimises P with the head's learning rate and
+P is a learned linear map D_s → D_t where the dimensions differ (starting orthogonal),
+and with ``projection: always`` also where they agree (starting as the identity); else the
+identity (RESULTS "Starting from what exists" measures the settings). The trainer optimises P with the head's learning rate and
 averages its gradient over ranks.
 """
 from __future__ import annotations
