@@ -13,8 +13,8 @@ teacher embeddings t_i over the rank's batch of B:
 
 P is a learned linear map D_s → D_t where the dimensions differ (starting orthogonal),
 and with ``projection: always`` also where they agree (starting as the identity); else the
-identity (RESULTS "Starting from what exists" measures the settings). The trainer optimises P with the head's learning rate and
-averages its gradient over ranks.
+identity (RESULTS "Starting from what exists" measures the settings). The trainer
+optimises P with the head's learning rate and averages its gradient over ranks.
 """
 from __future__ import annotations
 
