@@ -37,6 +37,7 @@ class Stream(IntEnum):
     TEMPLATE_LAYOUT = 0x7E03   # ... the templates' layout (offset, n, per identity, lo, hi)
     CLUSTER_POOL = 0xC101      # simulated embedding pools for clustering: (which,)
     CLUSTER_GCN = 0xC102       # GCN training: (purpose,)
+    ELASTIC_MARGIN = 0xE1A5    # ElasticFace's per-sample margins of a step's global batch: (step,)
 
 
 # A synthetic image is a pure function of (identity, sample index): each set renders from

@@ -1,5 +1,5 @@
-"""The new logit transforms inside the 2-rank model-parallel head at rate 1.0 against
-the single-process FullFC; hard-negative sampling; the sharded center loss against
+"""The logit transforms beyond the classic margins inside the 2-rank model-parallel head at
+rate 1.0 against the single-process FullFC; hard-negative sampling; the sharded center loss against
 its single-process self. One gloo world is spawned for the module."""
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ SPECS = {
                     "base": {"name": "cosface", "s": 16, "m": 0.35}},
     "mv_softmax": {"name": "mv_softmax", "t": 1.2, "base": {"name": "arcface", "s": 16, "m": 0.5}},
     "sv_softmax": {"name": "sv_softmax", "t": 1.5},
+    "curricularface": {"name": "curricularface", "s": 16, "m": 0.5, "alpha": 0.3},
+    "elasticface_arc": {"name": "elasticface", "s": 16, "m": 0.4, "sigma": 0.1},
+    "elasticface_cos": {"name": "elasticface", "s": 16, "m": 0.35, "sigma": 0.1, "kind": "cos"},
 }
 C_HARD, RATE = 40, 0.3
 
@@ -121,6 +124,8 @@ def test_r1_equals_full_fc(results, name):
                 torch.testing.assert_close(grad, p.grad, **tol(p.grad))
     if name == "adacos_dynamic":  # the scale moved, and by the same amount everywhere
         assert float(full.transform.s) != pytest.approx(math.sqrt(2) * math.log(C_EQ - 1))
+    if name == "curricularface":  # t moved from 0 by the global batch, the same on every rank
+        assert float(full.transform.t) != 0
     if name == "normface_learned":
         assert full.transform.s.grad is not None and float(full.transform.s.grad) != 0
 

@@ -30,6 +30,7 @@ PARTS = {
     Stream.TEMPLATE_LAYOUT: [(o, n, 3, 2, 6) for o in SMALL for n in (2, 3)],
     Stream.CLUSTER_POOL: [(w,) for w in (0, 1)],
     Stream.CLUSTER_GCN: [(w,) for w in (0, 1, 2)],
+    Stream.ELASTIC_MARGIN: [(s,) for s in SMALL],
 }
 
 

@@ -1,0 +1,119 @@
+"""Margins that adapt per step or per sample: CurricularFace and ElasticFace.
+
+**CurricularFace** (Huang et al., CVPR 2020). The target logit is ArcFace's, s·T(cos θ_y)
+with T(cos θ_y) = cos(θ_y + m) (past θ_y + m = π: cos θ_y − m·sin m, as ArcFace's fallback).
+A negative j whose cosine exceeds it, cos θ_j > T(cos θ_y), is a hard one and becomes
+cos θ_j·(t + cos θ_j); the others stay cos θ_j. t is the curriculum: an exponential moving
+average of the batch's mean target cosine r, t ← α·r + (1 − α)·t (α = 0.01, t₀ = 0),
+updated once per training step before the step's logits, without gradient. In the
+model-parallel head a sample's target cosine lives on one rank: one all-reduce of the B
+target values (each non-zero on its owner) gives every rank T for the hard-negative mask and
+the same r, so t is the same on every rank. t is a non-trainable parameter of the
+transform (``transform.t``): the head checkpoint carries it, at any world size.
+
+**ElasticFace** (Boutros et al., CVPRW 2022). The margin of each sample is drawn from
+N(m, σ) every step: ElasticFace-Arc s·cos(θ_y + m_i), ElasticFace-Cos s·(cos θ_y − m_i).
+The draws come from the named stream (seed, ELASTIC_MARGIN, step) over the global batch,
+so every rank (and a resumed run) draws the same margins for the same sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dpface.losses.margin import COS_EPS, LogitTransform, target_positions
+from dpface.seeding import Stream, rng
+
+
+def arc_margin(cos_t: torch.Tensor, m) -> torch.Tensor:
+    """cos(θ + m) for cos θ, m a float or a tensor like cos_t; past θ + m = π the
+    monotone fallback cos θ − m·sin m (ArcFace's)."""
+    c = cos_t.clamp(-1 + COS_EPS, 1 - COS_EPS)
+    m = torch.as_tensor(m, dtype=c.dtype, device=c.device)
+    margined = c * torch.cos(m) - torch.sqrt(1.0 - c * c) * torch.sin(m)
+    return torch.where(c > torch.cos(math.pi - m), margined, c - m * torch.sin(m))
+
+
+class CurricularFace(LogitTransform):
+    normalize = True
+
+    def __init__(self, s: float = 64.0, m: float = 0.5, alpha: float = 0.01):
+        super().__init__()
+        if s <= 0:
+            raise ValueError(f"scale s must be > 0, got {s}")
+        if not 0 <= m < math.pi:
+            raise ValueError(f"m must be in [0, pi), got {m}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.s, self.m, self.alpha = float(s), float(m), float(alpha)
+        self.t = nn.Parameter(torch.zeros((), dtype=torch.float64), requires_grad=False)
+        self._updated_at: int | None = None  # t moves once per training step
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, m={self.m}, alpha={self.alpha}, t={float(self.t):.4f}"
+
+    def margin_logits(self, scores, target, ctx):
+        rows, cols = target_positions(target)
+        cos_t = scores[rows, cols]
+        t_margin = arc_margin(cos_t, self.m)
+        # Every rank: each sample's target cosine and margined cosine (owner rank only, else 0).
+        b = scores.shape[0]
+        mine = torch.zeros(2, b, dtype=torch.float64, device=scores.device)
+        mine[0, rows], mine[1, rows] = cos_t.detach().double(), t_margin.detach().double()
+        both = ctx.sum(mine)
+        if self.training and self._updated_at != ctx.step:
+            with torch.no_grad():
+                self.t.copy_(self.alpha * both[0].mean() + (1 - self.alpha) * self.t)
+            self._updated_at = ctx.step
+        threshold = both[1].to(scores.dtype)[:, None]
+        t = float(self.t)
+        hard = scores > threshold
+        z = torch.where(hard, scores * (t + scores), scores)
+        return z.index_put((rows, cols), t_margin.to(z.dtype)), self.s
+
+
+class ElasticFace(LogitTransform):
+    normalize = True
+
+    def __init__(self, s: float = 64.0, m: float = 0.5, sigma: float = 0.05,
+                 kind: Literal["arc", "cos"] = "arc", seed: int = 0):
+        super().__init__()
+        if s <= 0:
+            raise ValueError(f"scale s must be > 0, got {s}")
+        if m < 0:
+            raise ValueError(f"m must be >= 0, got {m}")
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if kind not in ("arc", "cos"):
+            raise ValueError(f"kind must be arc or cos, got {kind!r}")
+        self.s, self.m, self.sigma, self.kind, self.seed = float(s), float(m), float(sigma), kind, int(seed)
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, m={self.m}, sigma={self.sigma}, kind={self.kind}"
+
+    def margins(self, step: int, batch: int) -> torch.Tensor:
+        """The step's margin of each of the global batch's samples (float64 [batch])."""
+        return torch.from_numpy(rng(self.seed, Stream.ELASTIC_MARGIN, step).normal(self.m, self.sigma, batch))
+
+    def margin_logits(self, scores, target, ctx):
+        rows, cols = target_positions(target)
+        m = self.margins(ctx.step, scores.shape[0]).to(scores.device, scores.dtype)[rows]
+        cos_t = scores[rows, cols]
+        new = arc_margin(cos_t, m) if self.kind == "arc" else cos_t - m
+        return scores.index_put((rows, cols), new), self.s
+
+
+def curricularface(s: float = 64.0, m: float = 0.5, alpha: float = 0.01) -> CurricularFace:
+    return CurricularFace(s=s, m=m, alpha=alpha)
+
+
+def elasticface(s: float = 64.0, m: float = 0.5, sigma: float = 0.05, kind: Literal["arc", "cos"] = "arc",
+                seed: int = 0) -> ElasticFace:
+    """ElasticFace-Arc (m = 0.5) or, with kind: cos, ElasticFace-Cos (the paper's m = 0.35)."""
+    return ElasticFace(s=s, m=m, sigma=sigma, kind=kind, seed=seed)
+
+
+__all__ = ["CurricularFace", "ElasticFace", "arc_margin", "curricularface", "elasticface"]

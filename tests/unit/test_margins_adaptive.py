@@ -1,0 +1,108 @@
+"""CurricularFace and ElasticFace against their papers' formulas, written here in float64
+(not the modules' code): the loss and its gradients through the head, the curriculum t over
+two steps, the per-sample elastic margins, and out-of-range parameters refused at load."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpface.config import ConfigError, load_config
+from dpface.heads import FullFC, PartialFC
+from dpface.losses import build_loss
+from dpface.seeding import Stream, rng
+
+D, C, B = 6, 9, 8
+
+
+def case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    return x, y, w
+
+
+def head_loss(cls, spec, x, w, y, steps):
+    h = cls(D, C, build_loss(spec)).double()
+    with torch.no_grad():
+        h.weight.copy_(w)
+    out = []
+    for step in steps:
+        xr = x.clone().requires_grad_(True)
+        loss = h(xr, y, step).loss
+        loss.backward()
+        out.append((loss.detach(), xr.grad))
+    return h, out
+
+
+def cos_of(x, w):
+    return F.normalize(x, dim=1) @ F.normalize(w, dim=1).T
+
+
+def arc(c, m):
+    """The paper's T(cos θ) = cos(θ + m), θ + m < π in these cases (asserted)."""
+    theta = torch.acos(c)
+    assert bool((theta + m < math.pi).all())
+    return torch.cos(theta + m)
+
+
+@pytest.mark.parametrize("cls", [FullFC, PartialFC])
+def test_curricularface_is_its_formula_over_two_steps(cls):
+    s, m, alpha = 16.0, 0.5, 0.3
+    x, y, w = case(1)
+    h, got = head_loss(cls, {"name": "curricularface", "s": s, "m": m, "alpha": alpha}, x, w, y, [0, 1])
+    t = 0.0
+    for loss, grad in got:
+        xr = x.clone().requires_grad_(True)
+        c = cos_of(xr, w)
+        r = float(c.detach()[torch.arange(B), y].mean())
+        t = alpha * r + (1 - alpha) * t  # the curriculum, updated before the step's logits
+        T = arc(c[torch.arange(B), y], m)
+        hard = c.detach() > T.detach()[:, None]
+        logits = torch.where(hard, c * (t + c), c)
+        logits = logits.index_put((torch.arange(B), y), T) * s
+        ref = F.cross_entropy(logits, y)
+        ref.backward()
+        assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-10)
+        torch.testing.assert_close(grad, xr.grad, rtol=1e-9, atol=1e-12)
+    assert float(h.transform.t) == pytest.approx(t, rel=1e-12)
+    assert hard.any() and not hard.all()  # both kinds of negatives occurred
+
+
+def test_curricularface_moves_t_once_per_step():
+    x, y, w = case(2)
+    h, _ = head_loss(FullFC, {"name": "curricularface", "alpha": 0.5}, x, w, y, [3, 3, 3])
+    r = float(cos_of(x, w)[torch.arange(B), y].mean())
+    assert float(h.transform.t) == pytest.approx(0.5 * r, rel=1e-12)  # three forwards, one step
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+def test_elasticface_draws_each_samples_margin_from_its_stream(kind):
+    s, m, sigma, seed, step = 16.0, 0.4, 0.1, 5, 7
+    x, y, w = case(3)
+    _, [(loss, grad)] = head_loss(PartialFC, {"name": "elasticface", "s": s, "m": m, "sigma": sigma,
+                                               "kind": kind, "seed": seed}, x, w, y, [step])
+    margins = torch.from_numpy(rng(seed, Stream.ELASTIC_MARGIN, step).normal(m, sigma, B))
+    assert margins.std() > 0.03  # really per sample
+    xr = x.clone().requires_grad_(True)
+    c = cos_of(xr, w)
+    ct = c[torch.arange(B), y]
+    target = arc(ct, margins) if kind == "arc" else ct - margins
+    ref = F.cross_entropy(s * c.index_put((torch.arange(B), y), target), y)
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-10)
+    torch.testing.assert_close(grad, xr.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec, key", [
+    ("{name: elasticface, sigma: -0.1}", "sigma must be >= 0"),
+    ("{name: elasticface, m: -0.2}", "m must be >= 0"),
+    ("{name: curricularface, alpha: 0}", r"alpha must be in \(0, 1\]"),
+    ("{name: curricularface, m: 4}", r"m must be in \[0, pi\)"),
+])
+def test_out_of_range_parameters_are_config_errors(spec, key):
+    with pytest.raises(ConfigError, match=rf"head.loss.*{key}"):
+        load_config(None, [f"head.loss={spec}"])
