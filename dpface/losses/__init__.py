@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from dpface.losses.adacos import AdaCos, adacos
-from dpface.losses.adaptive import CurricularFace, ElasticFace, curricularface, elasticface
+from dpface.losses.adaptive import (
+    AdaFace,
+    CurricularFace,
+    ElasticFace,
+    adaface,
+    curricularface,
+    elasticface,
+)
 from dpface.losses.center import CenterLoss
 from dpface.losses.contrastive import ContrastiveLoss
 from dpface.losses.distill import DistillLoss
@@ -77,6 +84,7 @@ LOSSES.register("adacos", adacos)
 LOSSES.register("km", km)
 LOSSES.register("mv_softmax", mv_softmax)
 LOSSES.register("sv_softmax", sv_softmax)
+LOSSES.register("adaface", adaface)
 LOSSES.register("curricularface", curricularface)
 LOSSES.register("elasticface", elasticface)
 
@@ -116,4 +124,4 @@ def build_aux_loss(spec, num_classes: int, embedding_size: int, group=None, **ex
 __all__ = ["LOSSES", "AUX_LOSSES", "build_loss", "build_aux_loss", "LogitTransform",
            "HeadContext", "CombinedMargin", "Softmax", "NormFace", "SphereFace", "LSoftmax",
            "AdaCos", "KnotMagnify", "MVSoftmax", "RangeLoss", "CenterLoss", "TripletLoss",
-           "ContrastiveLoss", "SetToSetLoss", "DistillLoss", "CurricularFace", "ElasticFace", "LossRegistry"]
+           "ContrastiveLoss", "SetToSetLoss", "DistillLoss", "AdaFace", "CurricularFace", "ElasticFace", "LossRegistry"]

@@ -1,4 +1,15 @@
-"""Margins that adapt per step or per sample: CurricularFace and ElasticFace.
+"""Margins that adapt per step or per sample: AdaFace, CurricularFace and ElasticFace.
+
+**AdaFace** (Kim et al., CVPR 2022). The feature norm ‖z_i‖ of the embedding (before it is
+normalised) is a proxy of image quality. With μ, σ exponential moving averages of the batch's
+norm mean and standard deviation (momentum α = 0.01, from μ₀ = 20, σ₀ = 100; updated once per
+training step before the step's logits, without gradient), ẑ_i = clip(h·(‖z_i‖ − μ)/(σ + ε),
+−1, 1) (h = 0.333, the norm detached), g_angle = −m·ẑ_i and g_add = m·ẑ_i + m, and the target
+logit is s·(cos(clip(θ_y + g_angle, ε, π − ε)) − g_add): high-quality samples get an angular
+(ArcFace-like) margin, low-quality ones an additive one that fades. The head hands every rank
+the norms of the whole global batch, so μ and σ agree on every rank without a collective;
+they are non-trainable parameters of the transform (``transform.mean``, ``transform.std``)
+and ride in the head checkpoint.
 
 **CurricularFace** (Huang et al., CVPR 2020). The target logit is ArcFace's, s·T(cos θ_y)
 with T(cos θ_y) = cos(θ_y + m) (past θ_y + m = π: cos θ_y − m·sin m, as ArcFace's fallback).
@@ -35,6 +46,45 @@ def arc_margin(cos_t: torch.Tensor, m) -> torch.Tensor:
     m = torch.as_tensor(m, dtype=c.dtype, device=c.device)
     margined = c * torch.cos(m) - torch.sqrt(1.0 - c * c) * torch.sin(m)
     return torch.where(c > torch.cos(math.pi - m), margined, c - m * torch.sin(m))
+
+
+class AdaFace(LogitTransform):
+    normalize = True
+    needs_norms = True
+
+    def __init__(self, s: float = 64.0, m: float = 0.4, h: float = 0.333, alpha: float = 0.01):
+        super().__init__()
+        if s <= 0:
+            raise ValueError(f"scale s must be > 0, got {s}")
+        if not 0 <= m < math.pi / 2:
+            raise ValueError(f"m must be in [0, pi/2), got {m}")
+        if h <= 0:
+            raise ValueError(f"h must be > 0, got {h}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.s, self.m, self.h, self.alpha = float(s), float(m), float(h), float(alpha)
+        self.mean = nn.Parameter(torch.tensor(20.0, dtype=torch.float64), requires_grad=False)
+        self.std = nn.Parameter(torch.tensor(100.0, dtype=torch.float64), requires_grad=False)
+        self._updated_at: int | None = None
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, m={self.m}, h={self.h}, alpha={self.alpha}"
+
+    def margin_logits(self, scores, target, ctx):
+        if ctx.x_norm is None:
+            raise RuntimeError("AdaFace needs the embeddings' norms: call it from a head (PartialFC / FullFC)")
+        norm = ctx.x_norm.detach().double().clamp(1e-3, 100.0)
+        if self.training and self._updated_at != ctx.step:
+            with torch.no_grad():
+                self.mean.copy_(self.alpha * norm.mean() + (1 - self.alpha) * self.mean)
+                self.std.copy_(self.alpha * norm.std() + (1 - self.alpha) * self.std)
+            self._updated_at = ctx.step
+        z = (self.h * (norm - self.mean) / (self.std + 1e-3)).clamp(-1.0, 1.0).to(scores.dtype)
+        rows, cols = target_positions(target)
+        g_angle, g_add = -self.m * z[rows], self.m * z[rows] + self.m
+        theta = torch.acos(scores[rows, cols].clamp(-1 + COS_EPS, 1 - COS_EPS))
+        new = torch.cos((theta + g_angle).clamp(COS_EPS, math.pi - COS_EPS)) - g_add
+        return scores.index_put((rows, cols), new), self.s
 
 
 class CurricularFace(LogitTransform):
@@ -106,6 +156,10 @@ class ElasticFace(LogitTransform):
         return scores.index_put((rows, cols), new), self.s
 
 
+def adaface(s: float = 64.0, m: float = 0.4, h: float = 0.333, alpha: float = 0.01) -> AdaFace:
+    return AdaFace(s=s, m=m, h=h, alpha=alpha)
+
+
 def curricularface(s: float = 64.0, m: float = 0.5, alpha: float = 0.01) -> CurricularFace:
     return CurricularFace(s=s, m=m, alpha=alpha)
 
@@ -116,4 +170,4 @@ def elasticface(s: float = 64.0, m: float = 0.5, sigma: float = 0.05, kind: Lite
     return ElasticFace(s=s, m=m, sigma=sigma, kind=kind, seed=seed)
 
 
-__all__ = ["CurricularFace", "ElasticFace", "arc_margin", "curricularface", "elasticface"]
+__all__ = ["AdaFace", "CurricularFace", "ElasticFace", "adaface", "arc_margin", "curricularface", "elasticface"]

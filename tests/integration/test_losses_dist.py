@@ -30,6 +30,7 @@ SPECS = {
     "mv_softmax": {"name": "mv_softmax", "t": 1.2, "base": {"name": "arcface", "s": 16, "m": 0.5}},
     "sv_softmax": {"name": "sv_softmax", "t": 1.5},
     "curricularface": {"name": "curricularface", "s": 16, "m": 0.5, "alpha": 0.3},
+    "adaface": {"name": "adaface", "s": 16, "m": 0.4, "alpha": 0.5},
     "elasticface_arc": {"name": "elasticface", "s": 16, "m": 0.4, "sigma": 0.1},
     "elasticface_cos": {"name": "elasticface", "s": 16, "m": 0.35, "sigma": 0.1, "kind": "cos"},
 }

@@ -1,4 +1,4 @@
-"""CurricularFace and ElasticFace against their papers' formulas, written here in float64
+"""AdaFace, CurricularFace and ElasticFace against their papers' formulas, written here in float64
 (not the modules' code): the loss and its gradients through the head, the curriculum t over
 two steps, the per-sample elastic margins, and out-of-range parameters refused at load."""
 from __future__ import annotations
@@ -79,6 +79,33 @@ def test_curricularface_moves_t_once_per_step():
     assert float(h.transform.t) == pytest.approx(0.5 * r, rel=1e-12)  # three forwards, one step
 
 
+@pytest.mark.parametrize("cls", [FullFC, PartialFC])
+def test_adaface_is_its_formula_over_two_steps(cls):
+    s, m, h, alpha = 16.0, 0.4, 0.333, 0.5
+    x, y, w = case(4)
+    x = x * torch.linspace(0.5, 8.0, B, dtype=torch.float64)[:, None]  # norms from low to high quality
+    head, got = head_loss(cls, {"name": "adaface", "s": s, "m": m, "h": h, "alpha": alpha}, x, w, y, [0, 1])
+    mu, sd = 20.0, 100.0
+    zs = []
+    for loss, grad in got:
+        xr = x.clone().requires_grad_(True)
+        norm = x.norm(dim=1)  # detached: the statistics and ẑ carry no gradient
+        mu = alpha * float(norm.mean()) + (1 - alpha) * mu
+        sd = alpha * float(norm.std()) + (1 - alpha) * sd
+        z = (h * (norm - mu) / (sd + 1e-3)).clamp(-1, 1)
+        zs.append(z)
+        c = cos_of(xr, w)
+        theta = torch.acos(c[torch.arange(B), y])
+        target = torch.cos((theta - m * z).clamp(1e-7, math.pi - 1e-7)) - (m * z + m)
+        ref = F.cross_entropy(s * c.index_put((torch.arange(B), y), target), y)
+        ref.backward()
+        assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-10)
+        torch.testing.assert_close(grad, xr.grad, rtol=1e-9, atol=1e-12)
+    assert float(head.transform.mean) == pytest.approx(mu, rel=1e-12)
+    assert float(head.transform.std) == pytest.approx(sd, rel=1e-12)
+    assert float(zs[1].min()) < 0 < float(zs[1].max())  # both kinds of margin occurred
+
+
 @pytest.mark.parametrize("kind", ["arc", "cos"])
 def test_elasticface_draws_each_samples_margin_from_its_stream(kind):
     s, m, sigma, seed, step = 16.0, 0.4, 0.1, 5, 7
@@ -102,6 +129,8 @@ def test_elasticface_draws_each_samples_margin_from_its_stream(kind):
     ("{name: elasticface, m: -0.2}", "m must be >= 0"),
     ("{name: curricularface, alpha: 0}", r"alpha must be in \(0, 1\]"),
     ("{name: curricularface, m: 4}", r"m must be in \[0, pi\)"),
+    ("{name: adaface, m: -0.1}", r"m must be in \[0, pi/2\)"),
+    ("{name: adaface, h: 0}", "h must be > 0"),
 ])
 def test_out_of_range_parameters_are_config_errors(spec, key):
     with pytest.raises(ConfigError, match=rf"head.loss.*{key}"):
