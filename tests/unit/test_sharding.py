@@ -195,3 +195,27 @@ def test_atomic_save_keeps_old_file_on_crash(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["shard.pt"]  # no temp file left
+
+
+@pytest.mark.parametrize("spec, state", [
+    ({"name": "curricularface"}, {"t": 0.37}),
+    ({"name": "adaface"}, {"mean": 23.5, "std": 4.25}),
+    ({"name": "adacos", "dynamic": True}, {"s": 11.5}),
+])
+def test_a_transforms_batch_statistics_survive_a_reshard(tmp_path, spec, state):
+    """The EMAs of the adaptive margins are replicated parameters of the transform: saved
+    with every shard, restored at any world size."""
+    old = []
+    for r in range(4):
+        head = PartialFC(D, C, build_loss(spec), rank=r, world_size=4)
+        with torch.no_grad():
+            for k, v in state.items():
+                getattr(head.transform, k).fill_(v)
+        old.append((head, torch.optim.SGD(head.parameters(), lr=0.1)))
+    files = save(old, tmp_path)
+    for world in (1, 3):
+        for r in range(world):
+            head = PartialFC(D, C, build_loss(spec), rank=r, world_size=world)
+            apply_shard_state(head, torch.optim.SGD(head.parameters(), lr=0.1),
+                              load_resharded(files, head.class_start, head.class_end))
+            assert {k: float(getattr(head.transform, k)) for k in state} == state
