@@ -86,6 +86,9 @@ class FullFC(nn.Module):
                     loss = nll.mean()
             else:
                 loss = F.cross_entropy(logits, labels)
+            reg = self.transform.regularizer(ctx)
+            if reg is not None:
+                loss = loss + reg
         with torch.no_grad():
             accuracy = (scores.argmax(1) == labels).to(logits.dtype).mean()
             dropped = (1 - keep.to(logits.dtype).mean()) if dropping else None

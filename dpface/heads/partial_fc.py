@@ -498,6 +498,13 @@ class PartialFC(nn.Module):
                                                   scores.detach().to(logits.dtype), self.group,
                                                   weight_fn,
                                                   None if sample_weight is None else sample_weight.to(logits.dtype))
+            reg = self.transform.regularizer(ctx)
+            if reg is not None:
+                # The same term on every rank over the whole global batch, whose gradient the
+                # gather's backward sums over the ranks (then × world, for DDP's average): each
+                # rank contributes 1/world of it, so value and gradient are FullFC's.
+                part = reg / self.world_size
+                loss = loss + part + (reg - part).detach()
         n = self.num_local * self.subcenters if rows is None else rows.numel()
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=n, dropped=dropped)
 

@@ -14,9 +14,11 @@ from dpface.losses.adaptive import (
     AdaFace,
     CurricularFace,
     ElasticFace,
+    MagFace,
     adaface,
     curricularface,
     elasticface,
+    magface,
 )
 from dpface.losses.center import CenterLoss
 from dpface.losses.contrastive import ContrastiveLoss
@@ -85,6 +87,7 @@ LOSSES.register("km", km)
 LOSSES.register("mv_softmax", mv_softmax)
 LOSSES.register("sv_softmax", sv_softmax)
 LOSSES.register("adaface", adaface)
+LOSSES.register("magface", magface)
 LOSSES.register("curricularface", curricularface)
 LOSSES.register("elasticface", elasticface)
 
@@ -124,4 +127,5 @@ def build_aux_loss(spec, num_classes: int, embedding_size: int, group=None, **ex
 __all__ = ["LOSSES", "AUX_LOSSES", "build_loss", "build_aux_loss", "LogitTransform",
            "HeadContext", "CombinedMargin", "Softmax", "NormFace", "SphereFace", "LSoftmax",
            "AdaCos", "KnotMagnify", "MVSoftmax", "RangeLoss", "CenterLoss", "TripletLoss",
-           "ContrastiveLoss", "SetToSetLoss", "DistillLoss", "AdaFace", "CurricularFace", "ElasticFace", "LossRegistry"]
+           "ContrastiveLoss", "SetToSetLoss", "DistillLoss", "AdaFace", "CurricularFace", "ElasticFace", "MagFace",
+           "LossRegistry"]

@@ -1,4 +1,11 @@
-"""Margins that adapt per step or per sample: AdaFace, CurricularFace and ElasticFace.
+"""Margins that adapt per step or per sample: AdaFace, MagFace, CurricularFace and ElasticFace.
+
+**MagFace** (Meng et al., CVPR 2021). The magnitude a_i = ‖z_i‖, clipped to [l_a, u_a], sets
+the sample's angular margin m(a) = l_m + (u_m − l_m)·(a − l_a)/(u_a − l_a): the target logit is
+s·cos(θ_y + m(a_i)) (past π: ArcFace's fallback), and the loss gains λ_g·mean_i g(a_i) with
+g(a) = 1/a + a/u_a², which pulls easy (well-recognised) samples to larger magnitudes.
+Gradients flow through the magnitude in both. Defaults: the paper's l_a = 10, u_a = 110,
+l_m = 0.45, u_m = 0.8, λ_g = 35, s = 64.
 
 **AdaFace** (Kim et al., CVPR 2022). The feature norm ‖z_i‖ of the embedding (before it is
 normalised) is a proxy of image quality. With μ, σ exponential moving averages of the batch's
@@ -87,6 +94,43 @@ class AdaFace(LogitTransform):
         return scores.index_put((rows, cols), new), self.s
 
 
+class MagFace(LogitTransform):
+    normalize = True
+    needs_norms = True
+
+    def __init__(self, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45,
+                 u_m: float = 0.8, lambda_g: float = 35.0):
+        super().__init__()
+        if s <= 0:
+            raise ValueError(f"scale s must be > 0, got {s}")
+        if not 0 < l_a < u_a:
+            raise ValueError(f"the norm bounds must satisfy 0 < l_a < u_a, got l_a={l_a}, u_a={u_a}")
+        if not 0 <= l_m <= u_m < math.pi:
+            raise ValueError(f"the margins must satisfy 0 <= l_m <= u_m < pi, got l_m={l_m}, u_m={u_m}")
+        if lambda_g < 0:
+            raise ValueError(f"lambda_g must be >= 0, got {lambda_g}")
+        self.s, self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = map(float, (s, l_a, u_a, l_m, u_m, lambda_g))
+        self._a: torch.Tensor | None = None  # the last forward's magnitudes, for the regulariser
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, a in [{self.l_a}, {self.u_a}], m in [{self.l_m}, {self.u_m}], lambda_g={self.lambda_g}"
+
+    def margin_logits(self, scores, target, ctx):
+        if ctx.x_norm is None:
+            raise RuntimeError("MagFace needs the embeddings' norms: call it from a head (PartialFC / FullFC)")
+        a = ctx.x_norm.clamp(self.l_a, self.u_a).to(scores.dtype)
+        self._a = a
+        rows, cols = target_positions(target)
+        m = self.l_m + (self.u_m - self.l_m) * (a[rows] - self.l_a) / (self.u_a - self.l_a)
+        return scores.index_put((rows, cols), arc_margin(scores[rows, cols], m)), self.s
+
+    def regularizer(self, ctx):
+        a, self._a = self._a, None
+        if a is None or self.lambda_g == 0:
+            return None
+        return self.lambda_g * (1.0 / a + a / self.u_a ** 2).mean()
+
+
 class CurricularFace(LogitTransform):
     normalize = True
 
@@ -160,6 +204,11 @@ def adaface(s: float = 64.0, m: float = 0.4, h: float = 0.333, alpha: float = 0.
     return AdaFace(s=s, m=m, h=h, alpha=alpha)
 
 
+def magface(s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8,
+            lambda_g: float = 35.0) -> MagFace:
+    return MagFace(s=s, l_a=l_a, u_a=u_a, l_m=l_m, u_m=u_m, lambda_g=lambda_g)
+
+
 def curricularface(s: float = 64.0, m: float = 0.5, alpha: float = 0.01) -> CurricularFace:
     return CurricularFace(s=s, m=m, alpha=alpha)
 
@@ -170,4 +219,5 @@ def elasticface(s: float = 64.0, m: float = 0.5, sigma: float = 0.05, kind: Lite
     return ElasticFace(s=s, m=m, sigma=sigma, kind=kind, seed=seed)
 
 
-__all__ = ["AdaFace", "CurricularFace", "ElasticFace", "adaface", "arc_margin", "curricularface", "elasticface"]
+__all__ = ["AdaFace", "CurricularFace", "ElasticFace", "MagFace", "adaface", "arc_margin", "curricularface",
+           "elasticface", "magface"]

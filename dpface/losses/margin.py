@@ -119,6 +119,11 @@ class LogitTransform(nn.Module):
         t = scores[rows, cols]
         return scores.index_put((rows, cols), self.target_logit(t)), self.scale
 
+    def regularizer(self, ctx: HeadContext) -> torch.Tensor | None:
+        """A term the heads add to the loss after the cross-entropy (MagFace's magnitude
+        regulariser), computed from the context of the last forward; None: nothing."""
+        return None
+
     def fused_margin(self) -> FusedMargin | None:
         """The fused op's parameters when it expresses this transform (a fixed combined
         margin, fixed-scale cosine or plain softmax); None: only the reference path does."""

@@ -31,6 +31,7 @@ SPECS = {
     "sv_softmax": {"name": "sv_softmax", "t": 1.5},
     "curricularface": {"name": "curricularface", "s": 16, "m": 0.5, "alpha": 0.3},
     "adaface": {"name": "adaface", "s": 16, "m": 0.4, "alpha": 0.5},
+    "magface": {"name": "magface", "s": 16, "l_a": 1.0, "u_a": 8.0, "lambda_g": 2.0},
     "elasticface_arc": {"name": "elasticface", "s": 16, "m": 0.4, "sigma": 0.1},
     "elasticface_cos": {"name": "elasticface", "s": 16, "m": 0.35, "sigma": 0.1, "kind": "cos"},
 }

@@ -1,4 +1,4 @@
-"""AdaFace, CurricularFace and ElasticFace against their papers' formulas, written here in float64
+"""AdaFace, MagFace, CurricularFace and ElasticFace against their papers' formulas, written here in float64
 (not the modules' code): the loss and its gradients through the head, the curriculum t over
 two steps, the per-sample elastic margins, and out-of-range parameters refused at load."""
 from __future__ import annotations
@@ -106,6 +106,26 @@ def test_adaface_is_its_formula_over_two_steps(cls):
     assert float(zs[1].min()) < 0 < float(zs[1].max())  # both kinds of margin occurred
 
 
+@pytest.mark.parametrize("cls", [FullFC, PartialFC])
+def test_magface_is_its_formula_with_the_regulariser(cls):
+    s, l_a, u_a, l_m, u_m, lam = 16.0, 2.0, 9.0, 0.3, 0.7, 3.0
+    x, y, w = case(5)
+    x = x * torch.linspace(0.3, 6.0, B, dtype=torch.float64)[:, None]  # magnitudes below, within, above
+    _, [(loss, grad)] = head_loss(cls, {"name": "magface", "s": s, "l_a": l_a, "u_a": u_a, "l_m": l_m,
+                                        "u_m": u_m, "lambda_g": lam}, x, w, y, [0])
+    xr = x.clone().requires_grad_(True)
+    a = xr.norm(dim=1).clamp(l_a, u_a)  # the gradient flows through the magnitude
+    assert bool((a == l_a).any()) and bool((a == u_a).any()) and bool(((a > l_a) & (a < u_a)).any())
+    m = l_m + (u_m - l_m) * (a - l_a) / (u_a - l_a)
+    c = cos_of(xr, w)
+    target = arc(c[torch.arange(B), y], m)
+    ce = F.cross_entropy(s * c.index_put((torch.arange(B), y), target), y)
+    ref = ce + lam * (1 / a + a / u_a ** 2).mean()
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-10)
+    torch.testing.assert_close(grad, xr.grad, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["arc", "cos"])
 def test_elasticface_draws_each_samples_margin_from_its_stream(kind):
     s, m, sigma, seed, step = 16.0, 0.4, 0.1, 5, 7
@@ -131,6 +151,8 @@ def test_elasticface_draws_each_samples_margin_from_its_stream(kind):
     ("{name: curricularface, m: 4}", r"m must be in \[0, pi\)"),
     ("{name: adaface, m: -0.1}", r"m must be in \[0, pi/2\)"),
     ("{name: adaface, h: 0}", "h must be > 0"),
+    ("{name: magface, l_a: 110, u_a: 10}", "the norm bounds must satisfy 0 < l_a < u_a"),
+    ("{name: magface, l_m: 0.9, u_m: 0.5}", "the margins must satisfy 0 <= l_m <= u_m < pi"),
 ])
 def test_out_of_range_parameters_are_config_errors(spec, key):
     with pytest.raises(ConfigError, match=rf"head.loss.*{key}"):
