@@ -108,10 +108,13 @@ class MapStream:
     def stats(self) -> dict:
         return {}
 
+    def _sampler(self):
+        """This rank's batches of dataset indices, from the current position on."""
+        return _BatchIndices(len(self.dataset), self.batch_size, self.rank, self.world_size,
+                             self.seed, self._consumed)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = _BatchIndices(len(self.dataset), self.batch_size, self.rank, self.world_size,
-                                self.seed, self._consumed)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+        loader = DataLoader(self.dataset, batch_sampler=self._sampler(), num_workers=self.num_workers,
                             worker_init_fn=ignore_stop_signals, persistent_workers=False,
                             prefetch_factor=4 if self.num_workers else None, generator=loader_generator(self.seed))
         with loader_iter(loader) as it:

@@ -21,9 +21,8 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-import torch
 
-from dpface.data.streams.map_stream import MapStream, ignore_stop_signals, loader_generator, loader_iter
+from dpface.data.streams.map_stream import MapStream
 from dpface.seeding import Stream
 from dpface.seeding import rng as stream_rng
 
@@ -102,17 +101,9 @@ class PKMapStream(MapStream):
         PKBatchSampler(self.labels, identities_per_batch, images_per_identity, rank, world_size,
                        seed)  # validate now, not in the first step
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = PKBatchSampler(self.labels, self.identities_per_batch, self.images_per_identity,
-                                 self.rank, self.world_size, self.seed, self._consumed)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-            worker_init_fn=ignore_stop_signals, persistent_workers=False,
-            prefetch_factor=4 if self.num_workers else None, generator=loader_generator(self.seed))
-        with loader_iter(loader) as it:
-            for images, labels in it:
-                self._consumed += 1
-                yield images, labels.long()
+    def _sampler(self):
+        return PKBatchSampler(self.labels, self.identities_per_batch, self.images_per_identity,
+                              self.rank, self.world_size, self.seed, self._consumed)
 
 
 __all__ = ["PKBatchSampler", "PKMapStream"]
