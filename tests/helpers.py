@@ -129,6 +129,24 @@ def write_tar(path, members) -> None:
             t.addfile(info, io.BytesIO(data))
 
 
+def take(stream, n: int) -> list:
+    """The first ``n`` batches of a new iteration of ``stream``."""
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def assert_resumes(build, batches: list, after: int) -> None:
+    """A stream from ``build()`` that yielded ``after`` batches, its state loaded into a fresh
+    ``build()``, continues with ``batches[after:]`` (an uninterrupted stream's), image for
+    image and label for label."""
+    first = build()
+    take(first, after)
+    resumed = build()
+    resumed.load_state_dict(first.state_dict())
+    for (x0, y0), (x1, y1) in zip(batches[after:], take(resumed, len(batches) - after), strict=True):
+        assert torch.equal(y0, y1) and torch.equal(x0, x1)
+
+
 # -- real gloo ranks -----------------------------------------------------------------------
 def _worker(rank, fn, world_size, tmp, args, timeout_s):
     torch.set_num_threads(1)  # the test machine's few cores are shared

@@ -109,9 +109,12 @@ class Trainer:
             self.head.kernel_choice(dev.type)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        # A new run from trained weights (a resumed one has its own, and the record in its meta).
-        self.init_from = (read_meta(self.resume_from).get("init_from") if self.resume_from is not None
-                          else self._init_from_weights() if cfg.train.init_from else None)
+        # Where the weights came from: a resumed run keeps its record (its weights are its own);
+        # a new one with train.init_from loads them now.
+        if self.resume_from is not None:
+            self.init_from = read_meta(self.resume_from).get("init_from")
+        else:
+            self.init_from = self._init_from_weights() if cfg.train.init_from else None
         if dev.type == "cuda":  # kernel=auto: our GEMMs or cuBLAS, timed on this run's shapes
             self.head.autotune(batch * ctx.world_size, dev)
         self.amp_dtype = resolve_amp(cfg.train.amp, dev)

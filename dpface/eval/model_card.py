@@ -14,7 +14,6 @@ metrics (IJB, identification) show up without changes here.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -32,14 +31,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def data_identity(cfg) -> dict:
     """What data the run saw, with a hash that changes when the data does.
 
@@ -55,21 +46,27 @@ def data_identity(cfg) -> dict:
     if d.sources:  # several data sets: each one's identity, its weight and its labels' offset
         parts, offset = [], 0
         for s in d.sources:
-            one = data_identity(dataclasses.replace(cfg, data=dataclasses.replace(
-                d, sources=[], shards=dataclasses.replace(d.shards, manifest=s["manifest"]))))
+            one = _shards_identity(d.backend, s["manifest"])
             parts.append({**one, "weight": s["weight"], "label_offset": offset})
             offset += int(one.get("num_classes") or 0)
         blob = json.dumps([[p.get("hash"), p["weight"]] for p in parts]).encode()
         return {"backend": d.backend, "sources": parts, "num_classes": offset,
                 "num_images": sum(int(p.get("num_images") or 0) for p in parts),
                 "hash": "sha256:" + hashlib.sha256(blob).hexdigest(), "hash_of": "the sources' hashes and weights"}
-    spec = d.shards.manifest
-    out = {"backend": d.backend, "shards": spec}
+    return _shards_identity(d.backend, d.shards.manifest)
+
+
+def _shards_identity(backend: str, spec: str) -> dict:
+    """A shard data set's identity: the hash of its manifest (a shard pattern without one:
+    of the sorted shard names and sizes), its image and class counts."""
+    from dpface.data.formats.shards import manifest_hash
+
+    out = {"backend": backend, "shards": spec}
     try:
         p = Path(spec)
         manifest = p / "manifest.json" if p.is_dir() else p
         if manifest.suffix == ".json" and manifest.is_file():
-            out.update(hash="sha256:" + _sha256_file(manifest), hash_of=str(manifest))
+            out.update(hash=manifest_hash(manifest), hash_of=str(manifest))
             m = json.loads(manifest.read_text())
             out.update(num_images=m.get("num_images"), num_classes=m.get("num_classes"))
         else:

@@ -42,20 +42,26 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dpface.losses.margin import COS_EPS, LogitTransform, target_positions
+from dpface.losses.margin import COS_EPS, LogitTransform, arc_margin, target_positions
 from dpface.seeding import Stream, rng
 
 
-def arc_margin(cos_t: torch.Tensor, m) -> torch.Tensor:
-    """cos(θ + m) for cos θ, m a float or a tensor like cos_t; past θ + m = π the
-    monotone fallback cos θ − m·sin m (ArcFace's)."""
-    c = cos_t.clamp(-1 + COS_EPS, 1 - COS_EPS)
-    m = torch.as_tensor(m, dtype=c.dtype, device=c.device)
-    margined = c * torch.cos(m) - torch.sqrt(1.0 - c * c) * torch.sin(m)
-    return torch.where(c > torch.cos(math.pi - m), margined, c - m * torch.sin(m))
+class _StepEMA(LogitTransform):
+    """A transform whose batch statistics move once per training step (a gradient-
+    accumulation micro-batch or a repeated forward of the same step leaves them as they are)."""
+
+    def __init__(self):
+        super().__init__()
+        self._updated_at: int | None = None
+
+    def _due(self, ctx) -> bool:
+        due = self.training and self._updated_at != ctx.step
+        if due:
+            self._updated_at = ctx.step
+        return due
 
 
-class AdaFace(LogitTransform):
+class AdaFace(_StepEMA):
     normalize = True
     needs_norms = True
 
@@ -72,7 +78,6 @@ class AdaFace(LogitTransform):
         self.s, self.m, self.h, self.alpha = float(s), float(m), float(h), float(alpha)
         self.mean = nn.Parameter(torch.tensor(20.0, dtype=torch.float64), requires_grad=False)
         self.std = nn.Parameter(torch.tensor(100.0, dtype=torch.float64), requires_grad=False)
-        self._updated_at: int | None = None
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}, h={self.h}, alpha={self.alpha}"
@@ -81,11 +86,10 @@ class AdaFace(LogitTransform):
         if ctx.x_norm is None:
             raise RuntimeError("AdaFace needs the embeddings' norms: call it from a head (PartialFC / FullFC)")
         norm = ctx.x_norm.detach().double().clamp(1e-3, 100.0)
-        if self.training and self._updated_at != ctx.step:
+        if self._due(ctx):
             with torch.no_grad():
                 self.mean.copy_(self.alpha * norm.mean() + (1 - self.alpha) * self.mean)
                 self.std.copy_(self.alpha * norm.std() + (1 - self.alpha) * self.std)
-            self._updated_at = ctx.step
         z = (self.h * (norm - self.mean) / (self.std + 1e-3)).clamp(-1.0, 1.0).to(scores.dtype)
         rows, cols = target_positions(target)
         g_angle, g_add = -self.m * z[rows], self.m * z[rows] + self.m
@@ -110,7 +114,6 @@ class MagFace(LogitTransform):
         if lambda_g < 0:
             raise ValueError(f"lambda_g must be >= 0, got {lambda_g}")
         self.s, self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = map(float, (s, l_a, u_a, l_m, u_m, lambda_g))
-        self._a: torch.Tensor | None = None  # the last forward's magnitudes, for the regulariser
 
     def extra_repr(self) -> str:
         return f"s={self.s}, a in [{self.l_a}, {self.u_a}], m in [{self.l_m}, {self.u_m}], lambda_g={self.lambda_g}"
@@ -119,19 +122,18 @@ class MagFace(LogitTransform):
         if ctx.x_norm is None:
             raise RuntimeError("MagFace needs the embeddings' norms: call it from a head (PartialFC / FullFC)")
         a = ctx.x_norm.clamp(self.l_a, self.u_a).to(scores.dtype)
-        self._a = a
         rows, cols = target_positions(target)
         m = self.l_m + (self.u_m - self.l_m) * (a[rows] - self.l_a) / (self.u_a - self.l_a)
         return scores.index_put((rows, cols), arc_margin(scores[rows, cols], m)), self.s
 
     def regularizer(self, ctx):
-        a, self._a = self._a, None
-        if a is None or self.lambda_g == 0:
+        if self.lambda_g == 0:
             return None
+        a = ctx.x_norm.clamp(self.l_a, self.u_a)
         return self.lambda_g * (1.0 / a + a / self.u_a ** 2).mean()
 
 
-class CurricularFace(LogitTransform):
+class CurricularFace(_StepEMA):
     normalize = True
 
     def __init__(self, s: float = 64.0, m: float = 0.5, alpha: float = 0.01):
@@ -144,7 +146,6 @@ class CurricularFace(LogitTransform):
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.s, self.m, self.alpha = float(s), float(m), float(alpha)
         self.t = nn.Parameter(torch.zeros((), dtype=torch.float64), requires_grad=False)
-        self._updated_at: int | None = None  # t moves once per training step
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}, alpha={self.alpha}, t={float(self.t):.4f}"
@@ -158,10 +159,9 @@ class CurricularFace(LogitTransform):
         mine = torch.zeros(2, b, dtype=torch.float64, device=scores.device)
         mine[0, rows], mine[1, rows] = cos_t.detach().double(), t_margin.detach().double()
         both = ctx.sum(mine)
-        if self.training and self._updated_at != ctx.step:
+        if self._due(ctx):
             with torch.no_grad():
                 self.t.copy_(self.alpha * both[0].mean() + (1 - self.alpha) * self.t)
-            self._updated_at = ctx.step
         threshold = both[1].to(scores.dtype)[:, None]
         t = float(self.t)
         hard = scores > threshold
@@ -219,5 +219,5 @@ def elasticface(s: float = 64.0, m: float = 0.5, sigma: float = 0.05, kind: Lite
     return ElasticFace(s=s, m=m, sigma=sigma, kind=kind, seed=seed)
 
 
-__all__ = ["AdaFace", "CurricularFace", "ElasticFace", "MagFace", "adaface", "arc_margin", "curricularface",
-           "elasticface", "magface"]
+__all__ = ["AdaFace", "CurricularFace", "ElasticFace", "MagFace", "adaface", "curricularface", "elasticface",
+           "magface"]

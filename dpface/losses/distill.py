@@ -57,8 +57,7 @@ class DistillLoss(nn.Module):
         return self._teacher[0]
 
     def teacher_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        t = self.teacher
-        t.eval()  # the trainer's train() calls do not reach it; keep it in eval mode regardless
+        t = self.teacher  # in eval mode since __init__; not a submodule, so train() never reaches it
         with torch.no_grad(), torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
                                              enabled=self.amp_dtype is not None):
             return t(images).float()

@@ -84,6 +84,19 @@ def replicated(p: torch.Tensor, ctx: "HeadContext") -> torch.Tensor:
     return _SumGradOverShards.apply(p, ctx) if ctx.world_size > 1 else p
 
 
+def arc_margin(cos_t: torch.Tensor, m) -> torch.Tensor:
+    """cos(θ + m) from cos θ (no acos), ``m`` a float or a tensor like ``cos_t``; past
+    θ + m = π the curve turns back up, so there the monotone fallback cos θ − m·sin m
+    (ArcFace's). ``cos_t`` is clamped away from ±1 first (COS_EPS)."""
+    c = cos_t.clamp(-1 + COS_EPS, 1 - COS_EPS)
+    if isinstance(m, torch.Tensor):
+        cos_m, sin_m, threshold = torch.cos(m), torch.sin(m), torch.cos(math.pi - m)
+    else:
+        cos_m, sin_m, threshold = math.cos(m), math.sin(m), math.cos(math.pi - m)
+    margined = c * cos_m - torch.sqrt(1.0 - c * c) * sin_m
+    return torch.where(c > threshold, margined, c - m * sin_m)
+
+
 def target_positions(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the samples whose true class is among these columns."""
     rows = (target >= 0).nonzero().squeeze(1)
@@ -201,18 +214,14 @@ class CombinedMargin(LogitTransform):
     def target_logit(self, cos_t: torch.Tensor) -> torch.Tensor:
         if self.m1 == 1.0 and self.m2 == 0.0:
             return cos_t - self.m3  # NormFace / CosFace: no angle needed
-        c = cos_t.clamp(-1 + COS_EPS, 1 - COS_EPS)
-        if self.m1 == 1.0:
-            # cos(θ + m) = cos θ·cos m − sin θ·sin m, no acos.
-            sin_t = torch.sqrt(1.0 - c * c)
-            margin = c * math.cos(self.m2) - sin_t * math.sin(self.m2)
-            fallback = c - self.m2 * math.sin(self.m2)
+        if self.m1 == 1.0:  # ArcFace's angle margin (its fallback past θ* = π − m2)
+            out = arc_margin(cos_t, self.m2) - self.m3
         else:
+            c = cos_t.clamp(-1 + COS_EPS, 1 - COS_EPS)
             margin = torch.cos(self.m1 * torch.acos(c) + self.m2)
-            fallback = c - (self.cos_theta_star + 1.0)
-        out = torch.where(c > self.cos_theta_star, margin, fallback) - self.m3
+            out = torch.where(c > self.cos_theta_star, margin, c - (self.cos_theta_star + 1.0)) - self.m3
         if self.easy_margin:
-            out = torch.where(c > 0, out, cos_t)
+            out = torch.where(cos_t > 0, out, cos_t)
         return out
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from dpface.data.streams.webdataset import WebDatasetStream, merge_states
+from tests.helpers import take
 
 
 @pytest.fixture
@@ -21,11 +22,6 @@ KW = dict(augment=("flip",), shuffle_buffer=5, seed=3)  # augmentation on: draws
 
 def keys(batch):
     return sorted(hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in batch[0])
-
-
-def take(stream, n):
-    it = iter(stream)
-    return [next(it) for _ in range(n)]
 
 
 def steps_at(path, world, batch, workers, n, slots, state=None):

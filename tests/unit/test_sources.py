@@ -15,6 +15,7 @@ from dpface.data.streams.mixed import split_batch
 from dpface.data.streams.position import PositionError
 from dpface.distributed import ParallelContext
 from dpface.schema import ConfigError
+from tests.helpers import assert_resumes, take
 
 CPU = ParallelContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -34,14 +35,6 @@ def data(a, b, wa=0.75, wb=0.25, batch=8, backend="webdataset"):
                               "data.shards.shuffle_buffer=6"]).data
 
 
-def take(stream, n):
-    out = []
-    for batch in stream:
-        out.append(batch)
-        if len(out) == n:
-            return out
-
-
 def test_split_batch_is_the_largest_remainder_and_names_a_source_left_out():
     assert split_batch(8, [0.75, 0.25]) == [6, 2]
     assert split_batch(10, [1, 1, 1]) == [4, 3, 3]  # ties go to the earlier source
@@ -59,7 +52,7 @@ def test_every_batch_mixes_by_weight_and_labels_never_collide(shard_set, second_
     stream = data(a, second_set, backend=backend).build(CPU, seed=3)
     assert stream.num_classes == ma["num_classes"] + mb["num_classes"]
     assert stream.num_images == ma["num_images"] + mb["num_images"]
-    n = 2 * (ma["num_images"] + mb["num_images"]) // 8  # two epochs of the mixture
+    n = 10 * mb["num_images"] // 2  # ten passes over B (2 of its images a batch), ~3 over A
     seen_a, seen_b = torch.zeros(ma["num_classes"]), torch.zeros(mb["num_classes"])
     for x, y in take(stream, n):
         assert x.shape == (8, 3, 112, 112) and y.shape == (8,)
@@ -75,13 +68,7 @@ def test_every_batch_mixes_by_weight_and_labels_never_collide(shard_set, second_
 
 def test_resume_mid_epoch_equals_the_uninterrupted_stream(shard_set, second_set):
     d = data(shard_set[0], second_set)
-    whole = take(d.build(CPU, seed=5), 6)
-    first = d.build(CPU, seed=5)
-    take(first, 3)
-    resumed = d.build(CPU, seed=5)
-    resumed.load_state_dict(first.state_dict())
-    for (x0, y0), (x1, y1) in zip(whole[3:], take(resumed, 3)):
-        assert torch.equal(y0, y1) and torch.equal(x0, x1)
+    assert_resumes(lambda: d.build(CPU, seed=5), take(d.build(CPU, seed=5), 6), after=3)
 
 
 def test_a_source_whose_manifest_changed_is_refused_by_name(shard_set, second_set, tmp_path):

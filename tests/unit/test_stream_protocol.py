@@ -11,6 +11,7 @@ from dpface.data.config import DataConfig
 from dpface.data.streams.protocol import BatchStream
 from dpface.data.streams.registry import STREAMS
 from dpface.distributed import ParallelContext
+from tests.helpers import assert_resumes, take
 
 CPU = ParallelContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -28,15 +29,6 @@ def _data(backend, manifest):
     return load_config(None, over).data
 
 
-def _take(stream, n):
-    out = []
-    for batch in stream:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
-
-
 @pytest.mark.parametrize("backend", STREAMS.names())
 def test_every_registered_stream_keeps_the_protocol(backend, manifest):
     if backend == "dali":
@@ -44,19 +36,14 @@ def test_every_registered_stream_keeps_the_protocol(backend, manifest):
     data = _data(backend, manifest)
     stream = data.build(CPU, seed=7)
     assert isinstance(stream, BatchStream)
-    batches = _take(stream, 3)
+    batches = take(stream, 3)
     for x, y in batches:  # fixed-size per-rank batches in the shared image convention
         assert x.dtype == torch.uint8 and x.shape == (4, 3, 112, 112)
         assert y.dtype == torch.int64 and y.shape == (4,)
         assert 0 <= int(y.min()) and int(y.max()) < stream.num_classes
     assert stream.epoch > 0 and isinstance(stream.stats(), dict)
     # resume: a fresh stream loaded with the position after batch 1 continues with batch 2
-    first = data.build(CPU, seed=7)
-    _take(first, 1)
-    resumed = data.build(CPU, seed=7)
-    resumed.load_state_dict(first.state_dict())
-    for (x0, y0), (x1, y1) in zip(batches[1:], _take(resumed, 2)):
-        assert torch.equal(y0, y1) and torch.equal(x0, x1)
+    assert_resumes(lambda: data.build(CPU, seed=7), batches, after=1)
 
 
 def test_the_protocol_checks_its_members():

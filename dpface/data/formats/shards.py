@@ -20,6 +20,7 @@ reports damage (empty, truncated, unreadable) instead of raising.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -509,6 +510,18 @@ def is_manifest(spec) -> bool:
     """A manifest.json (or its directory), as opposed to tar paths / a brace pattern."""
     spec = os.fspath(spec)
     return os.path.isdir(spec) or spec.endswith(".json")
+
+
+def manifest_hash(spec) -> str:
+    """``sha256:<hex>`` of a manifest.json (or of the one in a directory): what identifies a
+    converted data set (the model card, a data source's resume check)."""
+    path = os.fspath(spec)
+    path = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
 def resolve_shards(manifest_or_shards, num_classes: int | None = None) -> ShardSet:

@@ -13,12 +13,11 @@ manifest changed since the checkpoint is refused on resume, with the source name
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from dpface.data.formats.shards import manifest_hash
 from dpface.data.streams.position import PositionError
 from dpface.data.streams.protocol import batches_per_epoch, epochs
 
@@ -39,12 +38,6 @@ def split_batch(batch: int, weights: list[float]) -> list[int]:
             raise ValueError(f"data.sources[{i}]: weight {w:g} of {total:g} gives it no image of a per-rank "
                              f"batch of {batch}: raise its weight or data.batch_size")
     return out
-
-
-def manifest_hash(path: str | Path) -> str:
-    p = Path(path)
-    p = p / "manifest.json" if p.is_dir() else p
-    return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 class MixedStream:
@@ -116,4 +109,4 @@ class MixedStream:
         self._batches = int(state["batches"])
 
 
-__all__ = ["MixedStream", "split_batch", "manifest_hash"]
+__all__ = ["MixedStream", "split_batch"]

@@ -66,7 +66,7 @@ def _sources(data, ctx, seed: int, build):
     for i, (src, n) in enumerate(zip(data.sources, shares)):
         if n == 0:
             continue
-        args = {**_shard_args(data, ctx, seed_int(seed, Stream.DATA_SOURCE, i) % 2**31), "batch_size": n}
+        args = {**_shard_args(data, ctx, seed_int(seed, Stream.DATA_SOURCE, i)), "batch_size": n}
         parts.append((f"source{i}", build(src["manifest"], **args), src["manifest"], n))
         first.append(offsets[i])
     return MixedStream(parts, first, sum(s.num_classes for s in sets), ctx.world_size)
