@@ -9,11 +9,17 @@ from typing import NamedTuple
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FusedMargin:
     """What the fused op expresses: logits s·ψ(score) on the target, s·score elsewhere, with
-    ψ the combined margin cos(m1·θ + m2) − m3; ``normalize`` False means raw x·W (+ b)
-    scores with no scale or margin (plain softmax)."""
+    ψ the combined margin cos(m1·θ + m2) − m3 (past θ* its monotone fallback, or with
+    ``angle_clip`` the angle clamped to [ε, π − ε]: AdaFace's form); ``normalize`` False means
+    raw x·W (+ b) scores with no scale or margin (plain softmax).
+
+    Per sample (accumulation dtype, one row per sample of the op's batch): ``scale`` [B]
+    replaces s (no gradient), ``margin`` [B, 3] replaces (m1, m2, m3) (differentiable: MagFace's
+    margin follows the feature norm), and ``hard_threshold`` [B] with ``t`` turns a negative
+    score c above its row's threshold into c·(t + c) (CurricularFace)."""
 
     s: float = 64.0
     m1: float = 1.0
@@ -21,6 +27,16 @@ class FusedMargin:
     m3: float = 0.0
     easy_margin: bool = False
     normalize: bool = True
+    angle_clip: bool = False
+    t: float = 0.0
+    scale: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
+    hard_threshold: torch.Tensor | None = None
+
+    def args(self) -> tuple:
+        """The op's margin arguments, in schema order (kernels/OPS.md)."""
+        return (self.scale, self.margin, self.hard_threshold, float(self.s), float(self.m1), float(self.m2),
+                float(self.m3), float(self.t), bool(self.easy_margin), bool(self.angle_clip), bool(self.normalize))
 
 
 class MarginSoftmaxOut(NamedTuple):
@@ -29,7 +45,7 @@ class MarginSoftmaxOut(NamedTuple):
     target_score: torch.Tensor  # [B] no grad
     max_score: torch.Tensor  # [B] no grad
     inv_norm: torch.Tensor  # [K] no grad
-    saved: torch.Tensor  # [B, n_keep] logits kept for backward, no grad
+    saved: torch.Tensor  # [B, n_keep] scores kept for backward, no grad
 
 
 __all__ = ["FusedMargin", "MarginSoftmaxOut"]

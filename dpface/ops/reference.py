@@ -16,25 +16,49 @@ COS_EPS = 1e-7
 DIST_EPS = 1e-12
 
 
-def psi_reference(c: torch.Tensor, s: float, m1: float, m2: float, m3: float,
-                  easy_margin: bool) -> torch.Tensor:
-    """s-free combined margin cos(m1·θ + m2) − m3 with the θ* fallback (margin_math.h)."""
-    if m1 == 1.0 and m2 == 0.0:
-        return c - m3
+def psi_reference(c: torch.Tensor, m1, m2, m3, easy_margin: bool, angle_clip: bool = False) -> torch.Tensor:
+    """s-free margin on the target score (margin_math.h): cos(m1·θ + m2) − m3 with the θ*
+    fallback, or with ``angle_clip`` the angle clamped to [ε, π − ε]. m1, m2, m3: floats, or
+    tensors like ``c`` (one sample's parameters each; differentiable)."""
+    if not any(map(torch.is_tensor, (m1, m2, m3))):
+        if m1 == 1.0 and m2 == 0.0 and not angle_clip:
+            return c - m3
+        cc = c.clamp(-1 + COS_EPS, 1 - COS_EPS)
+        if angle_clip:
+            out = torch.cos((m1 * torch.acos(cc) + m2).clamp(COS_EPS, math.pi - COS_EPS)) - m3
+            return torch.where(cc > 0, out, c) if easy_margin else out
+        theta_star = min(math.pi, (math.pi - m2) / m1)
+        if m1 == 1.0:
+            margin = torch.cos(torch.acos(cc) + m2)
+            fallback = cc - m2 * math.sin(m2)
+        else:
+            margin = torch.cos(m1 * torch.acos(cc) + m2)
+            fallback = cc - (math.cos(theta_star) + 1.0)
+        out = torch.where(cc > math.cos(theta_star), margin, fallback) - m3
+        return torch.where(cc > 0, out, c) if easy_margin else out
+    m1, m2, m3 = (torch.as_tensor(m, dtype=c.dtype, device=c.device) for m in (m1, m2, m3))
     cc = c.clamp(-1 + COS_EPS, 1 - COS_EPS)
-    theta_star = min(math.pi, (math.pi - m2) / m1)
-    if m1 == 1.0:
-        margin = torch.cos(torch.acos(cc) + m2)
-        fallback = cc - m2 * math.sin(m2)
+    angle = m1 * torch.acos(cc) + m2
+    if angle_clip:
+        out = torch.cos(angle.clamp(COS_EPS, math.pi - COS_EPS))
     else:
-        margin = torch.cos(m1 * torch.acos(cc) + m2)
-        fallback = cc - (math.cos(theta_star) + 1.0)
-    out = torch.where(cc > math.cos(theta_star), margin, fallback) - m3
+        cos_star = torch.cos(((math.pi - m2) / m1).clamp(max=math.pi))
+        fallback = torch.where(m1 == 1, cc - m2 * torch.sin(m2), cc - (cos_star + 1.0))
+        out = torch.where(cc > cos_star, torch.cos(angle), fallback)
+        out = torch.where((m1 == 1) & (m2 == 0), c, out)  # plain: no clamp
+    out = out - m3
     return torch.where(cc > 0, out, c) if easy_margin else out
 
 
-def margin_softmax_reference(x, w, idx, target, bias, w_rows_sink, bias_rows_sink, s, m1, m2,
-                             m3, easy_margin, normalize, bf16, keep_cols) -> MarginSoftmaxOut:
+def negative_reference(scores: torch.Tensor, hard: torch.Tensor | None, t: float) -> torch.Tensor:
+    """CurricularFace's negatives: a score above its row's threshold becomes c·(t + c)."""
+    if hard is None:
+        return scores
+    return torch.where(scores > hard[:, None], scores * (t + scores), scores)
+
+
+def margin_softmax_reference(x, w, idx, target, bias, w_rows_sink, bias_rows_sink, scale, margin, hard, s, m1, m2,
+                             m3, t, easy_margin, angle_clip, normalize, bf16, keep_cols) -> MarginSoftmaxOut:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows = w if idx is None else w[idx]
     if w_rows_sink is not None:  # route the rows' gradient to the sink (adds exactly 0)
@@ -62,16 +86,35 @@ def margin_softmax_reference(x, w, idx, target, bias, w_rows_sink, bias_rows_sin
         t_score = torch.where(has, scores[rows_b, col.clamp(max=k - 1)], 0.0)
     else:
         t_score = torch.zeros(x.shape[0], dtype=acc, device=x.device)
-    t_logit = s * psi_reference(t_score, s, m1, m2, m3, easy_margin)
+    s_row = s if scale is None else scale
+    ms = (m1, m2, m3) if margin is None else margin.unbind(1)
+    t_logit = s_row * psi_reference(t_score, *ms, easy_margin, angle_clip)
     onehot = F.one_hot(col, k).to(torch.bool) & has[:, None] if k else \
         torch.zeros_like(scores, dtype=torch.bool)
-    z = torch.where(onehot, t_logit[:, None], s * scores)
+    neg = negative_reference(scores, hard, t)
+    z = torch.where(onehot, t_logit[:, None], (s if scale is None else scale[:, None]) * neg)
     lse = torch.logsumexp(z, dim=1) if k else torch.full_like(t_score, -math.inf)
     t_logit = torch.where(has, t_logit, 0.0)
     max_score = scores.detach().amax(1) if k else torch.full_like(t_score, -math.inf)
     n_keep = min(k, keep_cols)
     return MarginSoftmaxOut(lse, t_logit, t_score.detach(), max_score, inv.detach(),
-                            z.detach()[:, :n_keep].contiguous())
+                            scores.detach()[:, :n_keep].contiguous())
+
+
+def sample_margin_grad(grad_lse, grad_target, lse, target_logit, target_score, target, scale, margin, s, easy_margin,
+                       angle_clip) -> torch.Tensor:
+    """d loss / d sample_margin [B, 3] for the compiled paths: only a row's target logit
+    s_i·ψ(c; m1, m2, m3) depends on its margins, with weight G = grad_lse·p_target +
+    grad_target (p_target = exp(target logit − lse)); ∂ψ/∂m by autograd through
+    psi_reference at the forward's target score."""
+    has = target >= 0
+    G = torch.where(has, grad_lse * torch.exp(target_logit - lse) + grad_target, 0.0)
+    with torch.enable_grad():
+        m = margin.detach().requires_grad_(True)
+        psi = psi_reference(target_score.detach(), *m.unbind(1), easy_margin, angle_clip)
+        s_row = s if scale is None else scale
+        (grad,) = torch.autograd.grad((s_row * psi * G.detach()).sum(), m)
+    return grad
 
 
 def range_loss_terms_reference(x: torch.Tensor, labels: torch.Tensor, k: int,
@@ -97,4 +140,5 @@ def range_loss_terms_reference(x: torch.Tensor, labels: torch.Tensor, k: int,
     return intra, inter
 
 
-__all__ = ["psi_reference", "margin_softmax_reference", "range_loss_terms_reference"]
+__all__ = ["psi_reference", "negative_reference", "margin_softmax_reference", "range_loss_terms_reference",
+           "sample_margin_grad"]

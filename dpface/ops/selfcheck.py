@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpface.ops.contract import FusedMargin
+
 # (forward outputs, gradients), of the largest reference magnitude of each. fp32: the
 # kernels' sums in another order, amplified by s = 64 (measured ≤ 2e-5 here). bf16:
 # operands rounded to 8 bits, and on CPUs with bf16 GEMMs their outputs too: the
@@ -19,7 +21,7 @@ import torch
 # (measured ≤ 1.2e-2). A real kernel bug is off by 1e-2 to 1.
 TOL = {"fp32": (5e-4, 5e-4), "bf16": (5e-3, 5e-2)}
 B, C, K, D, KEEP = 37, 300, 150, 40, 50
-MARGIN = dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=False, normalize=True)  # ArcFace
+MARGIN = FusedMargin(s=64.0, m2=0.5)  # ArcFace
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,7 @@ def _margin_outputs(fn, x, w, idx, target, cw, bf16: bool):
     """(forward outputs, (grad x, grad of the scored rows)) of ``fn`` (the op's signature)."""
     x = x.clone().requires_grad_(True)
     w_sink = torch.zeros((), dtype=w.dtype, device=w.device).expand(K, D).requires_grad_(True)
-    out = fn(x, w, idx, target, None, w_sink, None, MARGIN["s"], MARGIN["m1"], MARGIN["m2"], MARGIN["m3"],
-             MARGIN["easy_margin"], MARGIN["normalize"], bf16, KEEP)
+    out = fn(x, w, idx, target, None, w_sink, None, *MARGIN.args(), bf16, KEEP)
     loss = (out[0] * cw.to(out[0])).sum() - (out[1] * cw.flip(0).to(out[1])).sum()
     gx, grows = torch.autograd.grad(loss, [x, w_sink])
     return out, (gx, grows)
@@ -95,7 +96,7 @@ def check_margin_softmax(impl: str, device: torch.device | str, precision: str =
     ref_out, ref_grads = _margin_outputs(margin_softmax_reference, x, w, idx, target, cw, bf16)
     dev = [t.to(device) for t in (x.float(), w.float(), idx, target)]
     out, grads = _margin_outputs(_impl_fn(impl), *dev, cw.to(device), bf16)
-    names = ("lse", "target logit", "target score", "max score", "inv norm", "kept logits", "grad x",
+    names = ("lse", "target logit", "target score", "max score", "inv norm", "kept scores", "grad x",
              "grad rows")
     errs = [_rel_err(g, r) for g, r in zip((*out, *grads), (*ref_out, *ref_grads))]
     tols = [TOL[precision][0]] * len(out) + [TOL[precision][1]] * len(grads)

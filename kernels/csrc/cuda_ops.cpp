@@ -47,13 +47,18 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 template <class T>
 T* ptr(const at::Tensor& t) { return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr; }
 
-dpface_margin_params params(double s, double m1, double m2, double m3, bool easy, bool normalize,
-                            bool bf16) {
+// The C interface's margin: scalars and the per-sample arrays (binding.cpp checked them:
+// float32, [B] / [B, 3], contiguous, on x's device).
+dpface_margin_params params(const MarginArgs& m, bool bf16) {
   dpface_margin_params p;
-  p.s = s; p.m1 = m1; p.m2 = m2; p.m3 = m3;
-  p.easy_margin = easy ? 1 : 0;
-  p.normalize = normalize ? 1 : 0;
+  p.s = m.s; p.m1 = m.m1; p.m2 = m.m2; p.m3 = m.m3; p.t = m.t;
+  p.easy_margin = m.easy ? 1 : 0;
+  p.angle_clip = m.clip ? 1 : 0;
+  p.normalize = m.normalize ? 1 : 0;
   p.bf16 = bf16 ? 1 : 0;
+  p.sample_scale = m.scale.has_value() ? static_cast<const float*>(m.scale->data_ptr()) : nullptr;
+  p.sample_margin = m.margin.has_value() ? static_cast<const float*>(m.margin->data_ptr()) : nullptr;
+  p.hard_threshold = m.hard.has_value() ? static_cast<const float*>(m.hard->data_ptr()) : nullptr;
   return p;
 }
 
@@ -61,8 +66,7 @@ dpface_margin_params params(double s, double m1, double m2, double m3, bool easy
 
 Tensors6 margin_softmax_fwd_cuda(const at::Tensor& x, const at::Tensor& w,
                                  const std::optional<at::Tensor>& idx, const at::Tensor& target,
-                                 const std::optional<at::Tensor>& bias, double s, double m1,
-                                 double m2, double m3, bool easy_margin, bool normalize, bool bf16,
+                                 const std::optional<at::Tensor>& bias, const MarginArgs& m, bool bf16,
                                  int64_t keep_cols) {
   const char* op = "margin_softmax_fwd";
   const at::Device dev = x.device();
@@ -92,7 +96,7 @@ Tensors6 margin_softmax_fwd_cuda(const at::Tensor& x, const at::Tensor& w,
   size_t bytes = 0;
   check_rc(op, dpface_margin_softmax_fwd_workspace(B, K, D, &bytes));
   at::Tensor ws = workspace(bytes, xc);
-  const dpface_margin_params p = params(s, m1, m2, m3, easy_margin, normalize, bf16);
+  const dpface_margin_params p = params(m, bf16);
   int rc;
   if (io == at::kFloat) {
     rc = dpface_margin_softmax_fwd_f32(ptr<const float>(xc), ptr<const float>(wc), ptr<const int64_t>(ic),
@@ -115,8 +119,7 @@ Tensors3 margin_softmax_bwd_cuda(const at::Tensor& grad_lse, const at::Tensor& g
                                  const at::Tensor& lse, const at::Tensor& x, const at::Tensor& w,
                                  const std::optional<at::Tensor>& idx, const at::Tensor& target,
                                  const std::optional<at::Tensor>& bias,
-                                 const at::Tensor& inv_norm, const at::Tensor& saved, double s,
-                                 double m1, double m2, double m3, bool easy_margin, bool normalize,
+                                 const at::Tensor& inv_norm, const at::Tensor& saved, const MarginArgs& m,
                                  bool bf16) {
   const char* op = "margin_softmax_bwd";
   const at::Device dev = x.device();
@@ -155,7 +158,7 @@ Tensors3 margin_softmax_bwd_cuda(const at::Tensor& grad_lse, const at::Tensor& g
   size_t bytes = 0;
   check_rc(op, dpface_margin_softmax_bwd_workspace(B, K, D, io == at::kBFloat16 ? 1 : 0, &bytes));
   at::Tensor ws = workspace(bytes, xc);
-  const dpface_margin_params p = params(s, m1, m2, m3, easy_margin, normalize, bf16);
+  const dpface_margin_params p = params(m, bf16);
   float* gb = bias.has_value() ? ptr<float>(grad_bias) : nullptr;
   int rc;
   if (io == at::kFloat) {
@@ -254,8 +257,8 @@ void check_rows(const char* op, const char* name, const at::Tensor& t, const at:
 }  // namespace
 
 void chunk_fwd_epilogue_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& inv,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& target, int64_t c0, double s,
-                             double m1, double m2, double m3, bool easy_margin, bool normalize, at::Tensor& saved,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& target, int64_t c0,
+                             const MarginArgs& m, at::Tensor& saved,
                              at::Tensor& run_max, at::Tensor& run_sum, at::Tensor& max_score,
                              at::Tensor& target_logit, at::Tensor& target_score) {
   const char* op = "chunk_fwd_epilogue_";
@@ -273,7 +276,7 @@ void chunk_fwd_epilogue_cuda(const at::Tensor& scores, const std::optional<at::T
   TORCH_CHECK(saved.scalar_type() == at::kFloat && saved.is_contiguous() && saved.dim() == 2 && saved.size(0) == B,
               "dpface::", op, ": argument 'saved' must be a contiguous float32 [", B, ", n_keep] tensor");
   const c10::cuda::CUDAGuard guard(dev);
-  const dpface_margin_params p = params(s, m1, m2, m3, easy_margin, normalize, false);
+  const dpface_margin_params p = params(m, false);
   check_rc(op, dpface_chunk_fwd_epilogue(ptr<const float>(scores), B, n, c0, inv ? ptr<const float>(*inv) : nullptr,
                                          bias ? ptr<const float>(*bias) : nullptr, ptr<const int64_t>(target), &p,
                                          ptr<float>(saved), saved.size(1), ptr<float>(run_max), ptr<float>(run_sum),
@@ -284,8 +287,7 @@ void chunk_fwd_epilogue_cuda(const at::Tensor& scores, const std::optional<at::T
 void chunk_bwd_epilogue_cuda(const at::Tensor& src, bool from_saved, const std::optional<at::Tensor>& inv,
                              const std::optional<at::Tensor>& bias, const at::Tensor& target,
                              const at::Tensor& target_score, const at::Tensor& lse, const at::Tensor& grad_lse,
-                             const at::Tensor& grad_target, int64_t c0, double s, double m1, double m2, double m3,
-                             bool easy_margin, bool normalize, at::Tensor& da) {
+                             const at::Tensor& grad_target, int64_t c0, const MarginArgs& m, at::Tensor& da) {
   const char* op = "chunk_bwd_epilogue_";
   const at::Device dev = src.device();
   const int64_t B = src.size(0), n = src.dim() == 2 ? src.size(1) : 0;
@@ -300,7 +302,7 @@ void chunk_bwd_epilogue_cuda(const at::Tensor& src, bool from_saved, const std::
   if (bias.has_value()) f32_vec(op, "bias", *bias, dev, n);
   for (auto* t : {&target_score, &lse, &grad_lse, &grad_target}) f32_vec(op, "row vectors", *t, dev, B);
   const c10::cuda::CUDAGuard guard(dev);
-  const dpface_margin_params p = params(s, m1, m2, m3, easy_margin, normalize, false);
+  const dpface_margin_params p = params(m, false);
   check_rc(op, dpface_chunk_bwd_epilogue(ptr<const float>(src), src.stride(0), from_saved ? 1 : 0, B, n, c0,
                                          inv ? ptr<const float>(*inv) : nullptr,
                                          bias ? ptr<const float>(*bias) : nullptr, ptr<const int64_t>(target),

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -72,20 +74,22 @@ def make_case(b, d, c, k, dtype, seed, bias=False, near=True):
 
 
 def run(fn, x, w, idx, target, bias, m: FusedMargin, keep, bf16=False, impl="fused"):
+    """Outputs and the gradients of x, w (bias, per-sample margins where given) of an
+    arbitrary weighting of both differentiable outputs."""
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
     bias = None if bias is None else bias.clone().requires_grad_(True)
+    margin = None if m.margin is None else m.margin.detach().clone().requires_grad_(True)
+    m = replace(m, margin=margin)
     if fn is None:
         out = margin_softmax(x, w, idx, target, m, bias=bias, keep_cols=keep, bf16=bf16, impl=impl)
     else:
-        out = fn(x, w, idx, target, bias, None, None, m.s, m.m1, m.m2, m.m3, m.easy_margin,
-                 m.normalize, bf16, keep)
+        out = fn(x, w, idx, target, bias, None, None, *m.args(), bf16, keep)
     b = x.shape[0]
-    # arbitrary upstream weights on both differentiable outputs
     cw = torch.linspace(0.2, 1.0, b, dtype=out.lse.dtype)
     loss = (out.lse * cw).sum() - (out.target_logit * cw.flip(0)).sum()
-    grads = torch.autograd.grad(loss, [x, w] + ([bias] if bias is not None else []))
-    return out, grads
+    wrt = [x, w] + [t for t in (bias, margin) if t is not None]
+    return out, torch.autograd.grad(loss, wrt)
 
 
 def assert_match(a, b, rtol, atol):
@@ -121,6 +125,134 @@ def test_fused_matches_reference_float32(name, impl):
     ref = run(margin_softmax_reference, x, w, idx, t, bias, m, 50)
     got = run(None, x, w, idx, t, bias, m, 50, impl=impl)
     assert_match(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def per_sample(name: str, b: int, dtype, seed: int = 0) -> FusedMargin:
+    """Per-sample margins as the adaptive losses hand them to the op (AdaFace's clipped angle
+    and negative m2, MagFace's and ElasticFace's per-sample margins, CurricularFace's hard
+    negatives, per-sample scales), with arbitrary values in their ranges."""
+    g = torch.Generator().manual_seed(seed)
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(b, generator=g, dtype=dtype)
+
+    one, zero = torch.ones(b, dtype=dtype), torch.zeros(b, dtype=dtype)
+    if name == "adaface":
+        z = u(-1, 1)
+        return FusedMargin(s=64.0, angle_clip=True, margin=torch.stack([one, -0.4 * z, 0.4 * z + 0.4], 1))
+    if name == "magface":
+        return FusedMargin(s=64.0, margin=torch.stack([one, u(0.45, 0.8), zero], 1))
+    if name == "elastic_arc":
+        return FusedMargin(s=64.0, margin=torch.stack([one, 0.5 + 0.05 * torch.randn(b, generator=g, dtype=dtype),
+                                                       zero], 1))
+    if name == "elastic_cos":
+        return FusedMargin(s=64.0, margin=torch.stack([one, zero, 0.35 + 0.05 * torch.randn(b, generator=g,
+                                                                                             dtype=dtype)], 1))
+    if name == "curricular":
+        return FusedMargin(s=64.0, m2=0.5, hard_threshold=u(-0.3, 0.6), t=0.3)
+    if name == "scaled_combined":
+        return FusedMargin(s=1.0, scale=u(8, 64), margin=torch.stack([u(1, 2), u(0, 0.4), u(0, 0.3)], 1))
+    if name == "scaled_curricular_clip":
+        return FusedMargin(s=1.0, angle_clip=True, scale=u(16, 64), margin=torch.stack([one, u(-0.4, 0.4), zero], 1),
+                           hard_threshold=u(-0.2, 0.5), t=0.7)
+    raise KeyError(name)
+
+
+PER_SAMPLE = ["adaface", "magface", "elastic_arc", "elastic_cos", "curricular", "scaled_combined",
+              "scaled_curricular_clip"]
+
+
+@needs_ext
+@pytest.mark.parametrize("name", PER_SAMPLE)
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_per_sample_margins_match_reference_float64(name, impl, sampled):
+    """The adaptive margins' form of the op (per-sample scale and margins, the clipped angle,
+    CurricularFace's hard negatives): values and gradients (x, rows, the margins) equal the
+    autograd reference to 1e-10, logits kept for none, part or all of the columns."""
+    x, w, idx, t, _ = make_case(600 if impl == "fused" else 50, 12, 1000 if impl == "fused" else 300,
+                                (700 if impl == "fused" else 200) if sampled else None, torch.float64, seed=11)
+    m = per_sample(name, x.shape[0], torch.float64)
+    for keep in (0, 100, 10**6):
+        ref = run(margin_softmax_reference, x, w, idx, t, None, m, keep)
+        got = run(None, x, w, idx, t, None, m, keep, impl=impl)
+        assert_match(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", PER_SAMPLE)
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_per_sample_margins_float32(name, impl):
+    x, w, idx, t, _ = make_case(37, 16, 300, 130, torch.float32, seed=3)
+    m = per_sample(name, 37, torch.float32)
+    ref = run(margin_softmax_reference, x, w, idx, t, None, m, 50)
+    got = run(None, x, w, idx, t, None, m, 50, impl=impl)
+    assert_match(got, ref, rtol=1e-4, atol=2e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["arcface", "cosface", "combined_m1"])
+def test_constant_per_sample_margins_equal_the_scalar_op(name):
+    """A per-sample margin that is the same for every row is the scalar margin: the two
+    paths through the op agree (and with them the reference's two forms of psi)."""
+    m = MARGINS[name]
+    x, w, idx, t, _ = make_case(80, 12, 400, 300, torch.float64, seed=5)
+    rows = torch.tensor([[m.m1, m.m2, m.m3]], dtype=torch.float64).expand(80, 3).contiguous()
+    m_rows = replace(m, s=1.0, m1=1.0, m2=0.0, m3=0.0, scale=torch.full((80,), m.s, dtype=torch.float64),
+                     margin=rows)
+    for fn in (None, margin_softmax_reference):
+        a = run(fn, x, w, idx, t, None, m, 40)
+        b = run(fn, x, w, idx, t, None, m_rows, 40)
+        assert_match((a[0], a[1][:2]), (b[0], b[1][:2]), rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["adaface", "magface", "scaled_combined", "scaled_curricular_clip"])
+def test_per_sample_margin_gradient_by_finite_differences(name):
+    """The margins' gradient (computed outside the kernels from the forward's target logits)
+    against finite differences of the op itself."""
+    x, w, _, t, _ = make_case(12, 6, 9, None, torch.float64, seed=2)
+    m = per_sample(name, 12, torch.float64)
+    # m1 = 1 exactly is where the fallback past θ* changes form (ArcFace's cos θ − m2·sin m2
+    # for m1 = 1, the shifted cosine above): no derivative in m1 there, so m1 stays fixed.
+    free = slice(0, 3) if name == "scaled_combined" else slice(1, 3)
+
+    def f(part):
+        margin = torch.cat([m.margin[:, :free.start], part], 1)
+        out = margin_softmax(x, w, None, t, replace(m, margin=margin))
+        return (out.lse * torch.linspace(0.2, 1, 12, dtype=torch.float64)).sum() - out.target_logit.sum()
+
+    assert torch.autograd.gradcheck(f, (m.margin[:, free].clone().requires_grad_(True),), eps=1e-7, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("case, message", [
+    ("margin_shape", "argument 'sample_margin' must be [6, 3]"),
+    ("scale_dtype", "argument 'sample_scale' must be a contiguous Float tensor"),
+    ("hard_shape", "argument 'hard_threshold' must be [6]"),
+    ("raw", "and no per-sample parameters"),
+])
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_bad_per_sample_input_names_the_argument(case, message, impl):
+    x, w, idx, t, _ = make_case(6, 8, 50, 30, torch.float32, seed=7)
+    m = per_sample("scaled_combined", 6, torch.float32)
+    if case == "margin_shape":
+        m = replace(m, margin=m.margin[:, :2].contiguous())
+    elif case == "scale_dtype":
+        m = replace(m, scale=m.scale.double())
+    elif case == "hard_shape":
+        m = replace(m, hard_threshold=torch.zeros(5))
+    else:
+        m = replace(m, s=1.0, scale=None, margin=None, normalize=False, hard_threshold=torch.zeros(6))
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        margin_softmax(x, w, idx, t, m, impl=impl)
+
+
+def test_a_per_sample_scale_with_gradient_is_refused():
+    x, w, idx, t, _ = make_case(6, 8, 50, 30, torch.float32, seed=7)
+    m = per_sample("scaled_combined", 6, torch.float32)
+    with pytest.raises(ValueError, match="per-sample scale takes no gradient"):
+        margin_softmax(x, w, idx, t, replace(m, scale=m.scale.requires_grad_(True)))
 
 
 @needs_ext
@@ -194,8 +326,7 @@ def test_sinks_receive_the_scored_rows_gradient():
     out = margin_softmax(x, w, idx, t, m, bias=bias, w_rows_sink=ws, bias_rows_sink=bs)
     (out.lse - out.target_logit).sum().backward()
     wr, br = w.clone().requires_grad_(True), bias.clone().requires_grad_(True)
-    ref = margin_softmax_reference(x, wr, idx, t, br, None, None, 1.0, 1.0, 0.0, 0.0, False,
-                                   False, False, 0)
+    ref = margin_softmax_reference(x, wr, idx, t, br, None, None, *m.args(), False, 0)
     (ref.lse - ref.target_logit).sum().backward()
     torch.testing.assert_close(ws.grad, wr.grad[idx])
     torch.testing.assert_close(bs.grad, br.grad[idx])
@@ -241,13 +372,12 @@ def test_opcheck_margin_ops():
     x, w, idx, t, bias = make_case(20, 8, 50, 30, torch.float64, seed=5, bias=True)
     for m, b, ix in ((MARGINS["arcface"], None, idx), (MARGINS["softmax"], bias, None)):
         args = (x.clone().requires_grad_(True), w.clone().requires_grad_(True), ix, t, b, None,
-                None, m.s, m.m1, m.m2, m.m3, m.easy_margin, m.normalize, False, 10)
+                None, *m.args(), False, 10)
         torch.library.opcheck(torch.ops.dpface.margin_softmax_fwd.default, args)
         out = torch.ops.dpface.margin_softmax_fwd(*[a.detach() if torch.is_tensor(a) else a
                                                     for a in args])
         bargs = (torch.rand(20, dtype=torch.float64), torch.rand(20, dtype=torch.float64),
-                 out[0], x, w, ix, t, b, out[4], out[5], m.s, m.m1, m.m2, m.m3, m.easy_margin,
-                 m.normalize, False)
+                 out[0], x, w, ix, t, b, out[4], out[5], *m.args(), False)
         torch.library.opcheck(torch.ops.dpface.margin_softmax_bwd.default, bargs)
 
 

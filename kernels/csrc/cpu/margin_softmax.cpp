@@ -218,11 +218,28 @@ DPFACE_SIMD_CLONES T dot_bf16(const T* x, const at::BFloat16* r, int64_t n) {
   return s;
 }
 
+// Row i's scaled logits in place: z_j = s_i * negative(c_j) (CurricularFace's hard
+// negatives; plain s_i * c_j otherwise); returns their max.
+template <typename T>
+DPFACE_SIMD_CLONES T logits_max(T* row, T s, const SampleParams<T>& sp, int64_t i, int64_t n) {
+  if (sp.hard == nullptr) return scale_max(row, s, n);
+  const T thr = sp.hard[i], t = sp.t;
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const T c = row[j];
+    const T v = (c > thr ? c * (t + c) : c) * s;
+    row[j] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
 // exact_x / exact_rows (bf16 GEMMs, whose outputs are rounded to bf16): the target's
 // dot product is recomputed from the same bf16 operands with fp32 sums, as the GPU does.
 template <typename T>
-void forward_tile(const Margin<T>& g, bool normalize, int64_t B, int64_t n, int64_t t0,
-                  T* a, const T* inv, const T* bias, const int64_t* target, T* run_max,
+void forward_tile(const Margin<T>& g, const SampleParams<T>& sp, bool normalize, int64_t B, int64_t n,
+                  int64_t t0, T* a, const T* inv, const T* bias, const int64_t* target, T* run_max,
                   T* run_sum, T* tlogit, T* tscore, T* mscore, T* saved, int64_t n_keep,
                   at::Tensor& tile_buf, const T* exact_x, const at::BFloat16* exact_rows, int64_t D) {
   const int64_t keep = std::clamp<int64_t>(n_keep - t0, 0, n);
@@ -234,10 +251,12 @@ void forward_tile(const Margin<T>& g, bool normalize, int64_t B, int64_t n, int6
       const bool has = tj >= 0 && tj < n;
       if (has && exact_rows != nullptr) row[tj] = dot_bf16(exact_x + i * D, exact_rows + tj * D, D);
       mscore[i] = std::max(mscore[i], fold_cols_max(row, normalize ? inv : nullptr, bias, n));
+      if (keep > 0) std::copy(row, row + keep, saved + i * n_keep + t0);  // scores: backward's input
       const T ts = has ? row[tj] : T(0);
-      T zmax = scale_max(row, g.s, n);
+      T zmax = logits_max(row, row_scale(g, sp, i), sp, i, n);
       if (has) {
-        const T zt = g.s * psi(g, ts);
+        const Margin<T> gi = row_margin(g, sp, i);
+        const T zt = gi.s * psi(gi, ts);
         // The margin lowers the target's logit: if it held the max, find the new one
         // (a stale, larger max could underflow every exp of the row).
         const bool was_max = row[tj] >= zmax;
@@ -246,7 +265,6 @@ void forward_tile(const Margin<T>& g, bool normalize, int64_t B, int64_t n, int6
         tscore[i] = ts;
         tlogit[i] = zt;
       }
-      if (keep > 0) std::copy(row, row + keep, saved + i * n_keep + t0);
       const T m_new = std::max(run_max[i], zmax);
       run_sum[i] = run_max[i] == -std::numeric_limits<T>::infinity()
                        ? T(0) : run_sum[i] * std::exp(run_max[i] - m_new);
@@ -262,13 +280,30 @@ void forward_tile(const Margin<T>& g, bool normalize, int64_t B, int64_t n, int6
   });
 }
 
+template <typename T>
+SampleParams<T> sample_params(const MarginArgs& m) {
+  SampleParams<T> sp;
+  sp.scale = m.scale.has_value() ? m.scale->data_ptr<T>() : nullptr;
+  sp.margin = m.margin.has_value() ? m.margin->data_ptr<T>() : nullptr;
+  sp.hard = m.hard.has_value() ? m.hard->data_ptr<T>() : nullptr;
+  sp.t = (T)m.t;
+  return sp;
+}
+
+MarginParams margin_params(const MarginArgs& m) {
+  MarginParams p;
+  p.s = m.s; p.m1 = m.m1; p.m2 = m.m2; p.m3 = m.m3;
+  p.easy_margin = m.easy; p.normalize = m.normalize; p.clip = m.clip;
+  return p;
+}
+
 }  // namespace
 
 Tensors6 margin_softmax_fwd_cpu(const at::Tensor& x, const at::Tensor& w,
                                 const std::optional<at::Tensor>& idx, const at::Tensor& target,
-                                const std::optional<at::Tensor>& bias, double s, double m1,
-                                double m2, double m3, bool easy_margin, bool normalize, bool bf16,
+                                const std::optional<at::Tensor>& bias, const MarginArgs& m, bool bf16,
                                 int64_t keep_cols) {
+  const bool normalize = m.normalize;
   const auto acc = acc_type(x);
   const bool round_bf16 = bf16 || x.scalar_type() == at::kBFloat16;
   const int64_t B = x.size(0), D = x.size(1);
@@ -296,10 +331,11 @@ Tensors6 margin_softmax_fwd_cpu(const at::Tensor& x, const at::Tensor& w,
     bias_acc = idx.has_value() ? bias->index_select(0, *idx).to(acc) : bias->to(acc);
   }
   const int64_t* tgt = target.data_ptr<int64_t>();
-  MarginParams p{s, m1, m2, m3, easy_margin, normalize};
+  const MarginParams p = margin_params(m);
 
   AT_DISPATCH_FLOATING_TYPES(acc, "margin_softmax_fwd_cpu", [&] {
     const Margin<scalar_t> g = make_margin<scalar_t>(p);
+    const SampleParams<scalar_t> sp = sample_params<scalar_t>(m);
     for (int64_t t0 = 0; t0 < K; t0 += T) {
       const int64_t n = std::min(T, K - t0);
       Tile tile = ctx.load(t0, n);
@@ -307,7 +343,7 @@ Tensors6 margin_softmax_fwd_cpu(const at::Tensor& x, const at::Tensor& w,
       ctx.scores(a, xg, xb, tile, bbuf);
       if (normalize) inv_norm.narrow(0, t0, n).copy_(tile.inv);
       forward_tile<scalar_t>(
-          g, normalize, B, n, t0, a.data_ptr<scalar_t>(),
+          g, sp, normalize, B, n, t0, a.data_ptr<scalar_t>(),
           normalize ? tile.inv.data_ptr<scalar_t>() : nullptr,
           bias_acc.defined() ? bias_acc.data_ptr<scalar_t>() + t0 : nullptr, tgt,
           run_max.data_ptr<scalar_t>(), run_sum.data_ptr<scalar_t>(),
@@ -325,8 +361,8 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
                                 const at::Tensor& lse, const at::Tensor& x, const at::Tensor& w,
                                 const std::optional<at::Tensor>& idx, const at::Tensor& target,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& inv_norm,
-                                const at::Tensor& saved, double s, double m1, double m2, double m3,
-                                bool easy_margin, bool normalize, bool bf16) {
+                                const at::Tensor& saved, const MarginArgs& m, bool bf16) {
+  const bool normalize = m.normalize;
   const auto acc = acc_type(x);
   const bool round_bf16 = bf16 || x.scalar_type() == at::kBFloat16;
   const int64_t B = x.size(0), D = x.size(1);
@@ -352,10 +388,13 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
   at::Tensor g_lse = grad_lse.to(acc).contiguous(), g_t = grad_target.to(acc).contiguous();
   at::Tensor lse_c = lse.to(acc).contiguous();
   const int64_t* tgt = target.data_ptr<int64_t>();
-  MarginParams p{s, m1, m2, m3, easy_margin, normalize};
+  const MarginParams p = margin_params(m);
+  // CurricularFace: d logit / d score differs per column (kept in `fac` between the passes).
+  at::Tensor fac = m.hard.has_value() ? at::empty({buf_elems}, opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(acc, "margin_softmax_bwd_cpu", [&] {
     const Margin<scalar_t> g = make_margin<scalar_t>(p);
+    const SampleParams<scalar_t> sp = sample_params<scalar_t>(m);
     const scalar_t* gl = g_lse.data_ptr<scalar_t>();
     const scalar_t* gt = g_t.data_ptr<scalar_t>();
     const scalar_t* ls = lse_c.data_ptr<scalar_t>();
@@ -373,39 +412,57 @@ Tensors3 margin_softmax_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& gr
       const bool from_saved = t0 < n_keep;
       if (!from_saved) ctx.scores(e, xg, xb, tile, bbuf);
       scalar_t* ep = e.data_ptr<scalar_t>();
+      scalar_t* fp = fac.defined() ? fac.data_ptr<scalar_t>() : nullptr;
       const scalar_t* sv = saved.data_ptr<scalar_t>();
       const scalar_t* rp = ctx.native ? nullptr : tile.gemm_rows.data_ptr<scalar_t>();
       const at::BFloat16* rb = ctx.native ? tile.gemm_rows_b.data_ptr<at::BFloat16>() : nullptr;
-      // z - lse, with the target's score kept aside in tsp for dpsi (recomputed as one
-      // dot product from the same operands as the GEMM; read only where written).
+      // z - lse from the scores (kept by the forward, or recomputed), with the target's
+      // score kept aside in tsp for dpsi (recomputed as one dot product from the same
+      // operands as the GEMM; read only where written).
       at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
         for (int64_t i = b0; i < b1; ++i) {
           scalar_t* row = ep + i * n;
           const int64_t tj = tgt[i] - t0;
+          const scalar_t si = row_scale(g, sp, i);
           if (tj >= 0 && tj < n) {
             const scalar_t d = rb ? dot_bf16(xp + i * D, rb + tj * D, D) : dot(xp + i * D, rp + tj * D, D);
             tsp[i] = normalize ? d * inv[tj] : d + (bp ? bp[tj] : scalar_t(0));
           }
-          if (from_saved) {
-            affine_cols<scalar_t>(row, sv + i * n_keep + t0, nullptr, nullptr, 1, -ls[i], n);
+          const scalar_t* src = from_saved ? sv + i * n_keep + t0 : row;
+          if (fp == nullptr) {  // z - lse = s_i * score - lse in one pass
+            affine_cols<scalar_t>(row, src, from_saved ? nullptr : inv, from_saved ? nullptr : bp, si, -ls[i], n);
           } else {
-            affine_cols<scalar_t>(row, row, inv, bp, g.s, -ls[i], n);
-            if (tj >= 0 && tj < n) row[tj] = g.s * psi(g, tsp[i]) - ls[i];
+            affine_cols<scalar_t>(row, src, from_saved ? nullptr : inv, from_saved ? nullptr : bp, 1, 0, n);
+            scalar_t* f = fp + i * n;
+            for (int64_t j = 0; j < n; ++j) {
+              f[j] = dnegative(sp, i, row[j]);
+              row[j] = negative(sp, i, row[j]) * si - ls[i];
+            }
+          }
+          if (tj >= 0 && tj < n) {
+            const Margin<scalar_t> gi = row_margin(g, sp, i);
+            row[tj] = gi.s * psi(gi, tsp[i]) - ls[i];
           }
         }
       });
       e.exp_();
-      // G = grad_lse * p + grad_target * onehot; dscore = s * G (* dpsi at the target);
-      // da = dscore * inv (normalised scores).
+      // G = grad_lse * p + grad_target * onehot; dscore = s * G (* dpsi at the target,
+      // * d negative / d score elsewhere); da = dscore * inv (normalised scores).
       at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
         for (int64_t i = b0; i < b1; ++i) {
           scalar_t* row = ep + i * n;
           const int64_t tj = tgt[i] - t0;
           const bool has = tj >= 0 && tj < n;
           const scalar_t pt = has ? row[tj] : scalar_t(0);
-          scale_cols(row, inv, gl[i] * g.s, n);
+          const scalar_t si = row_scale(g, sp, i);
+          if (fp != nullptr) {
+            const scalar_t* f = fp + i * n;
+            for (int64_t j = 0; j < n; ++j) row[j] *= f[j];
+          }
+          scale_cols(row, inv, gl[i] * si, n);
           if (has) {
-            row[tj] = (pt * gl[i] + gt[i]) * g.s * dpsi(g, tsp[i]);
+            const Margin<scalar_t> gi = row_margin(g, sp, i);
+            row[tj] = (pt * gl[i] + gt[i]) * si * dpsi(gi, tsp[i]);
             if (normalize) row[tj] *= inv[tj];
           }
         }

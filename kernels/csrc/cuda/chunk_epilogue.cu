@@ -39,9 +39,11 @@ struct FwdArgs {
   float* saved; float* run_max; float* run_sum; float* max_score; float* target_logit; float* target_score;
 };
 
-__global__ void __launch_bounds__(kRowThreads) chunk_fwd_kernel(FwdArgs a, Margin<float> g, int normalize) {
+__global__ void __launch_bounds__(kRowThreads) chunk_fwd_kernel(FwdArgs a, Margin<float> g, dpface::SampleParams<float> sp,
+                                                                int normalize) {
   __shared__ float sm[kRowThreads], ss[kRowThreads], sx[kRowThreads];
   const int64_t i = blockIdx.x;
+  const Margin<float> gi = dpface::row_margin(g, sp, i);
   const int64_t t = a.target[i];
   const float* row = a.scores + i * a.n;
   float m = -INFINITY, s = 0.f, mx = -INFINITY;
@@ -50,10 +52,10 @@ __global__ void __launch_bounds__(kRowThreads) chunk_fwd_kernel(FwdArgs a, Margi
     if (normalize) score *= a.inv[j];
     else if (a.bias) score += a.bias[j];
     const int64_t jg = a.c0 + j;
-    const float z = column_logit(g, score, jg == t, &a.target_logit[i], &a.target_score[i]);
+    const float z = column_logit(gi, sp, i, score, jg == t, &a.target_logit[i], &a.target_score[i]);
     mx = nanmax(mx, score);
     lse_push(m, s, z);
-    if (jg < a.n_keep) a.saved[i * a.n_keep + jg] = z;
+    if (jg < a.n_keep) a.saved[i * a.n_keep + jg] = score;
   }
   sm[threadIdx.x] = m;
   ss[threadIdx.x] = s;
@@ -78,22 +80,24 @@ struct BwdArgs {
   const float* lse; const float* grad_lse; const float* grad_target; float* da;
 };
 
-// da[i, j] = d loss / d (x_i . row_j): G = grad_lse p + grad_target [j = t], times s, the
-// margin's derivative at the target (from the forward's target score), and inv_j.
-__global__ void __launch_bounds__(kEltThreads) chunk_bwd_kernel(BwdArgs a, Margin<float> g, int normalize) {
+// da[i, j] = d loss / d (x_i . row_j): G = grad_lse p + grad_target [j = t], times the
+// logit's slope in the score (s, the margin's derivative at the target from the forward's
+// target score, CurricularFace's at a hard negative), and inv_j.
+__global__ void __launch_bounds__(kEltThreads) chunk_bwd_kernel(BwdArgs a, Margin<float> g, dpface::SampleParams<float> sp,
+                                                                int normalize) {
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= a.B * a.n) return;
   const int64_t i = e / a.n, j = e % a.n;
   const bool is_t = a.c0 + j == a.target[i];
   const float v = a.src[i * a.ld_src + j];
-  float z;
-  if (a.from_saved) z = v;  // the kept logit, margin included
-  else if (is_t) z = g.s * dpface::psi(g, a.target_score[i]);
-  else z = g.s * (normalize ? v * a.inv[j] : (a.bias ? v + a.bias[j] : v));
+  float score;
+  if (is_t) score = a.target_score[i];
+  else if (a.from_saved) score = v;  // the kept score (inv / bias folded in)
+  else score = normalize ? v * a.inv[j] : (a.bias ? v + a.bias[j] : v);
+  const float z = column_logit_at(g, sp, i, score, is_t);
   float G = a.grad_lse[i] * expf(z - a.lse[i]);
   if (is_t) G += a.grad_target[i];
-  float dscore = g.s * G;
-  if (is_t) dscore *= dpface::dpsi(g, a.target_score[i]);
+  const float dscore = column_slope(g, sp, i, score, is_t) * G;
   a.da[i * a.n + j] = normalize ? dscore * a.inv[j] : dscore;
 }
 
@@ -116,7 +120,7 @@ int dpface_chunk_fwd_epilogue(const float* scores, int64_t B, int64_t n, int64_t
     return DPFACE_CUDA_EINVAL;
   const FwdArgs a{scores, B, n, c0, n_keep, inv, bias, target, saved, run_max, run_sum, max_score, target_logit,
                   target_score};
-  DPFACE_LAUNCH(unsigned(B), kRowThreads, 0, stream, chunk_fwd_kernel)(a, margin_of(p), p->normalize != 0);
+  DPFACE_LAUNCH(unsigned(B), kRowThreads, 0, stream, chunk_fwd_kernel)(a, margin_of(p), samples_of(p), p->normalize != 0);
   return cuda_code(cudaGetLastError());
 }
 
@@ -131,7 +135,7 @@ int dpface_chunk_bwd_epilogue(const float* src, int64_t ld_src, int from_saved, 
   const BwdArgs a{src, ld_src, from_saved, B, n, c0, inv, bias, target, target_score, lse, grad_lse, grad_target, da};
   const int64_t blocks = (B * n + kEltThreads - 1) / kEltThreads;
   if (blocks > INT_MAX) return DPFACE_CUDA_EINVAL;
-  DPFACE_LAUNCH(unsigned(blocks), kEltThreads, 0, stream, chunk_bwd_kernel)(a, margin_of(p), p->normalize != 0);
+  DPFACE_LAUNCH(unsigned(blocks), kEltThreads, 0, stream, chunk_bwd_kernel)(a, margin_of(p), samples_of(p), p->normalize != 0);
   return cuda_code(cudaGetLastError());
 }
 

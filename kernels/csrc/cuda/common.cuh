@@ -26,23 +26,46 @@ __device__ __forceinline__ void lse_push(float& m, float& s, float z) {
   }
 }
 
-// The logit of one column's score: s·psi(score) on the target column (recording its logit
-// and score, the margin in fp32 on that column only), s·score elsewhere.
-__device__ __forceinline__ float column_logit(const dpface::Margin<float>& g, float score, bool is_target,
-                                              float* target_logit, float* target_score) {
-  if (!is_target) return g.s * score;
-  const float z = g.s * dpface::psi(g, score);
+// The logit of one column's score in row i, gi = the row's margin (row_margin): s_i·psi(score)
+// on the target column (recording its logit and score, the margin in fp32 on that column
+// only), s_i·negative(score) elsewhere (CurricularFace's hard negatives, else the score).
+__device__ __forceinline__ float column_logit(const dpface::Margin<float>& gi, const dpface::SampleParams<float>& sp,
+                                              int64_t i, float score, bool is_target, float* target_logit,
+                                              float* target_score) {
+  if (!is_target) return gi.s * dpface::negative(sp, i, score);
+  const float z = gi.s * dpface::psi(gi, score);
   *target_logit = z;
   *target_score = score;
   return z;
 }
 
+// d logit / d score of one column in row i (the softmax gradient's factor before inv_j).
+__device__ __forceinline__ float column_slope(const dpface::Margin<float>& g, const dpface::SampleParams<float>& sp,
+                                              int64_t i, float score, bool is_target) {
+  if (!is_target) return dpface::row_scale(g, sp, i) * dpface::dnegative(sp, i, score);
+  const dpface::Margin<float> gi = dpface::row_margin(g, sp, i);
+  return gi.s * dpface::dpsi(gi, score);
+}
+
+// The logit of one column for backward (the target's margin built only where it is).
+__device__ __forceinline__ float column_logit_at(const dpface::Margin<float>& g, const dpface::SampleParams<float>& sp,
+                                                 int64_t i, float score, bool is_target) {
+  if (!is_target) return dpface::row_scale(g, sp, i) * dpface::negative(sp, i, score);
+  const dpface::Margin<float> gi = dpface::row_margin(g, sp, i);
+  return gi.s * dpface::psi(gi, score);
+}
+
 inline dpface::Margin<float> margin_of(const dpface_margin_params* p) {
-  dpface::MarginParams mp;
-  mp.s = p->s; mp.m1 = p->m1; mp.m2 = p->m2; mp.m3 = p->m3;
-  mp.easy_margin = p->easy_margin != 0;
-  mp.normalize = p->normalize != 0;
-  return dpface::make_margin<float>(mp);
+  return dpface::make_margin<float>(p->s, p->m1, p->m2, p->m3, p->easy_margin != 0, p->angle_clip != 0);
+}
+
+inline dpface::SampleParams<float> samples_of(const dpface_margin_params* p) {
+  dpface::SampleParams<float> sp;
+  sp.scale = p->sample_scale;
+  sp.margin = p->sample_margin;
+  sp.hard = p->hard_threshold;
+  sp.t = float(p->t);
+  return sp;
 }
 
 inline int cuda_code(cudaError_t e) { return e == cudaSuccess ? DPFACE_CUDA_OK : DPFACE_CUDA_ECUDA_BASE + int(e); }

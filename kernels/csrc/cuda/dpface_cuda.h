@@ -29,11 +29,18 @@ const char* dpface_cuda_error_string(int code);
 
 // Margin parameters (see margin_math.h). bf16: round the fp32 GEMM operands to
 // bfloat16 (tensor cores, fp32 accumulation); implied for the *_bf16 entry points.
+// Per-sample arrays (device pointers, float32, or NULL): sample_scale [B] replaces s,
+// sample_margin [B, 3] replaces (m1, m2, m3) of each row; hard_threshold [B] with t turns a
+// negative score c above the row's threshold into c (t + c) (CurricularFace).
 typedef struct {
-  double s, m1, m2, m3;
+  double s, m1, m2, m3, t;
   int easy_margin;
+  int angle_clip;
   int normalize;
   int bf16;
+  const float* sample_scale;
+  const float* sample_margin;
+  const float* hard_threshold;
 } dpface_margin_params;
 
 // ---- margin softmax ------------------------------------------------------------------
@@ -41,7 +48,8 @@ typedef struct {
 // idx [K] int64 or NULL (column j is row j), target [B] int64 in [-1, K),
 // bias [C] fp32 or NULL (normalize == 0 only). bf16 tensors are passed as raw uint16_t
 // bits. All outputs are fp32: lse, target_logit, target_score, max_score [B],
-// inv_norm [K], saved [B, n_keep] (n_keep <= K; may be NULL when n_keep == 0).
+// inv_norm [K], saved [B, n_keep] (n_keep <= K; may be NULL when n_keep == 0): the scores of the
+// first n_keep columns, which backward reads instead of recomputing them.
 
 // Bytes of scratch the forward needs for (B, K, D); the same for fp32 and bf16.
 int dpface_margin_softmax_fwd_workspace(int64_t B, int64_t K, int64_t D, size_t* bytes);
@@ -115,7 +123,7 @@ int dpface_range_loss_bwd_f64(const double* grad_intra, const double* grad_inter
 // dot products x . row (read only); inv [n] (normalize) or bias [n] (optional) of the
 // chunk; target [B] in [-1, K). Updates, per row, run_max / run_sum (the online
 // log-sum-exp of the logits: start at -inf / 0), max_score (start at -inf), and where the
-// target is in the chunk target_logit / target_score; writes the chunk's logits of
+// target is in the chunk target_logit / target_score; writes the chunk's scores of
 // columns < n_keep into saved [B, n_keep].
 int dpface_chunk_fwd_epilogue(const float* scores, int64_t B, int64_t n, int64_t c0, const float* inv,
                               const float* bias, const int64_t* target, const dpface_margin_params* p,
@@ -124,7 +132,7 @@ int dpface_chunk_fwd_epilogue(const float* scores, int64_t B, int64_t n, int64_t
                               cudaStream_t stream);
 
 // Backward: src [B, ld_src] holds the chunk's raw dot products (from_saved = 0) or its kept
-// logits (from_saved = 1: saved + c0, ld_src = n_keep); writes da [B, n] = d loss /
+// scores (from_saved = 1: saved + c0, ld_src = n_keep); writes da [B, n] = d loss /
 // d (x . row) (may alias src when ld_src == n). target_score [B] is the forward's (dpsi),
 // lse, grad_lse, grad_target [B].
 int dpface_chunk_bwd_epilogue(const float* src, int64_t ld_src, int from_saved, int64_t B, int64_t n,

@@ -87,11 +87,6 @@ __device__ __forceinline__ float to_f(bf16_t v) { return __bfloat162float(v); }
 template <class T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ bf16_t from_f<bf16_t>(float v) { return __float2bfloat16_rn(v); }
-// A GEMM operand as the GEMM sees it: rounded to bf16 in the tensor-core path.
-template <bool kRound> __device__ __forceinline__ float op_round(float v) {
-  return kRound ? __bfloat162float(__float2bfloat16_rn(v)) : v;
-}
-
 
 // Operand views: element (m, k) of a logical [rows, kdim] operand, 0 outside.
 // RowsK: k is the contiguous index (p[map(m) * ld + k]); ColsK: m is (p[map(k) * ld + m]).
@@ -239,12 +234,13 @@ struct FwdArgs {
 // Thread (r, h) owns row r of the block and the tile columns of parity h, keeping an
 // online (max, sum of exp) over all of them; the two halves merge through a shuffle.
 template <bool kWmma, class T>
-__global__ void __launch_bounds__(NT) fwd_tiles_kernel(FwdArgs<T> a, Margin<float> g) {
+__global__ void __launch_bounds__(NT) fwd_tiles_kernel(FwdArgs<T> a, Margin<float> g, dpface::SampleParams<float> sp) {
   __shared__ __align__(128) TileSmem<kWmma> sm;
   const int m0 = blockIdx.x * BM;
   const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
   const int i = m0 + r;
   const bool row_ok = i < a.B;
+  const Margin<float> gi = row_ok ? dpface::row_margin(g, sp, i) : g;
   const int64_t ti = row_ok ? a.target[i] : -1;
   float run_m = -INFINITY, run_s = 0.f, run_max = -INFINITY;
   const RowsK<T> sx{a.x, nullptr, 0, a.D, a.B, a.D};
@@ -261,10 +257,10 @@ __global__ void __launch_bounds__(NT) fwd_tiles_kernel(FwdArgs<T> a, Margin<floa
         float score;
         if (a.normalize) score = dot * a.inv[j];
         else score = a.bias ? dot + a.bias[a.idx ? a.idx[j] : j] : dot;
-        const float z = column_logit(g, score, j == ti, &a.target_logit[i], &a.target_score[i]);
+        const float z = column_logit(gi, sp, i, score, j == ti, &a.target_logit[i], &a.target_score[i]);
         run_max = nanmax(run_max, score);
         lse_push(run_m, run_s, z);
-        if (j < a.n_keep) a.saved[int64_t(i) * a.n_keep + j] = z;
+        if (j < a.n_keep) a.saved[int64_t(i) * a.n_keep + j] = score;
       }
     }
     __syncthreads();  // sm.c is overwritten by the next tile's k-slices
@@ -313,30 +309,11 @@ struct BwdArgs {
   int B, K, D, n_keep, normalize;
 };
 
-// Target score of each row (for dpsi where the target column's tile is read from
-// `saved` rather than recomputed). One warp per row; operands rounded as the GEMM does.
-template <bool kRound, class T>
-__global__ void target_score_kernel(BwdArgs<T> a, float* tscore) {
-  const int lane = threadIdx.x % 32;
-  const int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (i >= a.B) return;
-  const int64_t t = a.target[i];
-  if (t < 0) { if (lane == 0) tscore[i] = 0.f; return; }
-  const int64_t c = a.idx ? a.idx[t] : t;
-  const T* xr = a.x + int64_t(i) * a.D;
-  const T* wr = a.w + c * a.D;
-  float dot = 0.f;
-  for (int d = lane; d < a.D; d += 32) dot = fmaf(op_round<kRound>(to_f(xr[d])), op_round<kRound>(to_f(wr[d])), dot);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-  if (lane == 0) tscore[i] = a.normalize ? dot * a.inv[t] : (a.bias ? dot + a.bias[c] : dot);
-}
-
 // da[i, j - k0] for the chunk's columns: grid (column tiles of the chunk, row blocks).
 // Tiles entirely inside `saved` skip the GEMM.
 template <bool kWmma, class T>
-__global__ void __launch_bounds__(NT) bwd_da_kernel(BwdArgs<T> a, Margin<float> g, int k0,
-                                                    const float* tscore, float* da, int ld_da) {
+__global__ void __launch_bounds__(NT) bwd_da_kernel(BwdArgs<T> a, Margin<float> g, dpface::SampleParams<float> sp, int k0,
+                                                    float* da, int ld_da) {
   __shared__ __align__(128) TileSmem<kWmma> sm;
   const int n0 = k0 + blockIdx.x * BN;
   const int m0 = blockIdx.y * BM;
@@ -352,21 +329,18 @@ __global__ void __launch_bounds__(NT) bwd_da_kernel(BwdArgs<T> a, Margin<float> 
     if (i >= a.B || j >= n_end) continue;
     const int64_t t = a.target[i];
     const bool is_t = j == t;
-    float z, dps = 1.f;
+    float score;
     if (j < a.n_keep) {
-      z = a.saved[int64_t(i) * a.n_keep + j];
-      if (is_t) dps = dpface::dpsi(g, tscore[i]);
+      score = a.saved[int64_t(i) * a.n_keep + j];  // the forward's score, bit for bit
     } else {
       const float dot = sm.c[r * LDC + jj];
-      float score;
       if (a.normalize) score = dot * a.inv[j];
       else score = a.bias ? dot + a.bias[a.idx ? a.idx[j] : j] : dot;
-      if (is_t) { z = g.s * dpface::psi(g, score); dps = dpface::dpsi(g, score); }
-      else z = g.s * score;
     }
+    const float z = column_logit_at(g, sp, i, score, is_t);
     float G = a.grad_lse[i] * expf(z - a.lse[i]);
     if (is_t) G += a.grad_target[i];
-    const float dscore = g.s * dps * G;
+    const float dscore = column_slope(g, sp, i, score, is_t) * G;
     da[int64_t(i) * ld_da + (j - k0)] = a.normalize ? dscore * a.inv[j] : dscore;
   }
 }
@@ -505,15 +479,14 @@ int x_splits(int64_t B, int64_t D, int64_t kc) {
 int x_span(int64_t kc, int splits) { return int(ceil_div(ceil_div(kc, splits), BK) * BK); }
 
 struct BwdLayout {
-  size_t tscore, da, mbuf, gx, xpart, total;
+  size_t da, mbuf, gx, xpart, total;
   int splits;
 };
 BwdLayout bwd_layout(int64_t B, int64_t K, int64_t D, bool io_bf16) {
   const int64_t kc = bwd_chunk(B, K, D);
   BwdLayout l;
   l.splits = x_splits(B, D, kc);
-  l.tscore = 0;
-  l.da = align_up(sizeof(float) * size_t(B));
+  l.da = 0;
   l.mbuf = l.da + align_up(sizeof(float) * size_t(B) * size_t(kc));
   l.gx = l.mbuf + (io_bf16 ? align_up(sizeof(float) * size_t(kc) * size_t(D)) : 0);
   l.xpart = l.gx + (io_bf16 ? align_up(sizeof(float) * size_t(B) * size_t(D)) : 0);
@@ -555,7 +528,7 @@ int fwd_impl(const T* x, const T* w, const int64_t* idx, const int64_t* target, 
     FwdArgs<T> a{x, w, idx, target, bias, inv_norm, int(B), int(K), int(D), int(n_keep), normalize,
                  target_logit, target_score, saved, part, part + stride, part + 2 * stride};
     const dim3 grid(unsigned(ceil_div(B, BM)), unsigned(nb));
-    DPFACE_LAUNCH(grid, NT, 0, stream, fwd_tiles_kernel<kWmma, T>)(a, g);
+    DPFACE_LAUNCH(grid, NT, 0, stream, fwd_tiles_kernel<kWmma, T>)(a, g, samples_of(p));
     if (int rc = last_launch()) return rc;
   }
   DPFACE_LAUNCH(unsigned(ceil_div(B, 256)), 256, 0, stream, fwd_combine_kernel)(
@@ -579,7 +552,6 @@ int bwd_impl(const float* grad_lse, const float* grad_target, const float* lse, 
   const Margin<float> g = margin_of(p);
   const int normalize = p->normalize != 0;
   char* ws = static_cast<char*>(workspace);
-  float* tscore = reinterpret_cast<float*>(ws + L.tscore);
   float* da = reinterpret_cast<float*>(ws + L.da);
   // fp32 inputs accumulate straight into the outputs; bf16 ones go through fp32 scratch.
   float* gx = io_bf16 ? reinterpret_cast<float*>(ws + L.gx) : reinterpret_cast<float*>(grad_x);
@@ -596,15 +568,11 @@ int bwd_impl(const float* grad_lse, const float* grad_target, const float* lse, 
   if (B > 0 && K > 0) {
     const BwdArgs<T> a{grad_lse, grad_target, lse, x, w, idx, target, bias, inv_norm, saved,
                        int(B), int(K), int(D), int(n_keep), normalize};
-    if (n_keep > 0) {
-      DPFACE_LAUNCH(unsigned(ceil_div(B, 8)), 256, 0, stream, target_score_kernel<kWmma, T>)(a, tscore);
-      if (int rc = last_launch()) return rc;
-    }
     const int ld_da = int(kc_max);
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int kc = int(K - k0 < kc_max ? K - k0 : kc_max);
       const dim3 da_grid(unsigned(ceil_div(kc, BN)), unsigned(ceil_div(B, BM)));
-      DPFACE_LAUNCH(da_grid, NT, 0, stream, bwd_da_kernel<kWmma, T>)(a, g, int(k0), tscore, da, ld_da);
+      DPFACE_LAUNCH(da_grid, NT, 0, stream, bwd_da_kernel<kWmma, T>)(a, g, samples_of(p), int(k0), da, ld_da);
       if (int rc = last_launch()) return rc;
       if (D == 0) {  // only the bias gradient is non-empty
         if (grad_bias) {
