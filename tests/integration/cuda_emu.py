@@ -133,8 +133,19 @@ def run_cases(lib: Path, cases: list[str], *, small_lib: Path | None = None, san
 
 class Params(ctypes.Structure):
     _fields_ = [("s", ctypes.c_double), ("m1", ctypes.c_double), ("m2", ctypes.c_double),
-                ("m3", ctypes.c_double), ("easy_margin", ctypes.c_int), ("normalize", ctypes.c_int),
-                ("bf16", ctypes.c_int)]
+                ("m3", ctypes.c_double), ("t", ctypes.c_double), ("easy_margin", ctypes.c_int),
+                ("angle_clip", ctypes.c_int), ("normalize", ctypes.c_int), ("bf16", ctypes.c_int),
+                ("sample_scale", ctypes.c_void_p), ("sample_margin", ctypes.c_void_p),
+                ("hard_threshold", ctypes.c_void_p)]
+
+
+def params(dev: "Device", p: dict, bf16: int) -> Params:
+    """The C struct of margin ``p``, its per-sample arrays copied to the device."""
+    def arr(key):
+        return dev.put(None if p.get(key) is None else np.asarray(p[key], np.float32)) or None
+
+    return Params(p["s"], p["m1"], p["m2"], p["m3"], p.get("t", 0.0), int(p["easy_margin"]),
+                  int(p.get("clip", 0)), int(p["normalize"]), bf16, arr("scale"), arr("margin"), arr("hard"))
 
 
 class Device:
@@ -219,34 +230,57 @@ def round_bf16(a: np.ndarray) -> np.ndarray:
 COS_EPS = 1e-7
 
 
-def psi64(c, m1, m2, m3, easy):
+def psi64(c, m1, m2, m3, easy, clip=False):
     """cos(m1·θ + m2) − m3 on the target cosine (LOSSES.md), with the clamp to [−1+ε, 1−ε],
-    the monotone fallback once m1·θ + m2 passes π, and easy margin."""
-    if m1 == 1.0 and m2 == 0.0:
-        return c - m3
+    the monotone fallback once m1·θ + m2 passes π (or, with ``clip``, AdaFace's angle clamped
+    to [ε, π − ε]), and easy margin. m1, m2, m3: scalars or one value per element of c."""
+    m1, m2, m3 = (np.broadcast_to(np.asarray(m, np.float64), np.shape(c)) for m in (m1, m2, m3))
     cc = np.clip(c, -1 + COS_EPS, 1 - COS_EPS)
     theta = np.arccos(cc)
-    theta_star = min(math.pi, (math.pi - m2) / m1)
-    if m1 == 1.0:
-        fallback = cc - m2 * math.sin(m2)  # ArcFace's CosFace-like penalty past π − m
+    if clip:
+        out = np.cos(np.clip(m1 * theta + m2, COS_EPS, math.pi - COS_EPS)) - m3
     else:
-        fallback = cc - (math.cos(theta_star) + 1.0)
-    out = np.where(theta < theta_star, np.cos(m1 * theta + m2), fallback) - m3
+        theta_star = np.minimum(math.pi, (math.pi - m2) / m1)
+        # ArcFace's CosFace-like penalty past π − m for m1 = 1, else meeting −1 − m3 at θ*
+        fallback = np.where(m1 == 1.0, cc - m2 * np.sin(m2), cc - (np.cos(theta_star) + 1.0))
+        out = np.where(theta < theta_star, np.cos(m1 * theta + m2), fallback) - m3
+        out = np.where((m1 == 1.0) & (m2 == 0.0), c - m3, out)
     return np.where(cc > 0, out, c) if easy else out
 
 
-def dpsi64(c, m1, m2, m3, easy):
+def dpsi64(c, m1, m2, m3, easy, clip=False):
     """d psi / d c: the derivative of the expression above, branch by branch."""
-    if m1 == 1.0 and m2 == 0.0:
-        return np.ones_like(c)
+    m1, m2 = (np.broadcast_to(np.asarray(m, np.float64), np.shape(c)) for m in (m1, m2))
     lo, hi = -1 + COS_EPS, 1 - COS_EPS
     cc = np.clip(c, lo, hi)
     inside = ((c >= lo) & (c <= hi)).astype(np.float64)
     theta = np.arccos(cc)
-    theta_star = min(math.pi, (math.pi - m2) / m1)
-    slope = np.where(theta < theta_star, m1 * np.sin(m1 * theta + m2) / np.sqrt(1 - cc * cc), 1.0)
-    d = inside * slope
+    angle = m1 * theta + m2
+    if clip:
+        d = np.where((angle < COS_EPS) | (angle > math.pi - COS_EPS), 0.0, inside * m1 * np.sin(angle) / np.sin(theta))
+    else:
+        theta_star = np.minimum(math.pi, (math.pi - m2) / m1)
+        d = inside * np.where(theta < theta_star, m1 * np.sin(angle) / np.sqrt(1 - cc * cc), 1.0)
+        d = np.where((m1 == 1.0) & (m2 == 0.0), 1.0, d)
     return np.where(cc > 0, d, 1.0) if easy else d
+
+
+def rows_of(p, B):
+    """Each row's (s, m1, m2, m3): the per-sample arrays where given, else the scalars."""
+    s = np.asarray(p["scale"], np.float64) if p.get("scale") is not None else np.full(B, p["s"])
+    m = np.asarray(p["margin"], np.float64) if p.get("margin") is not None else \
+        np.tile([p["m1"], p["m2"], p["m3"]], (B, 1))
+    return s, m
+
+
+def negatives64(scores, p):
+    """CurricularFace's hard negatives (c above the row's threshold: c·(t + c)) and d/dc."""
+    if p.get("hard") is None:
+        return scores, np.ones_like(scores)
+    hard = np.asarray(p["hard"], np.float64)[:, None]
+    t = p["t"]
+    above = scores > hard
+    return np.where(above, scores * (t + scores), scores), np.where(above, t + 2 * scores, 1.0)
 
 
 def margin_ref(x, w, idx, target, bias, p, keep, bf16):
@@ -264,10 +298,12 @@ def margin_ref(x, w, idx, target, bias, p, keep, bf16):
         scores = xg @ rg.T + (0 if bias is None else (bias if idx is None else bias[idx]).astype(np.float64))
     has = target >= 0
     t = np.where(has, target, 0)
-    z = p["s"] * scores
+    s_row, m_row = rows_of(p, B)
+    neg, dneg = negatives64(scores, p)
+    z = s_row[:, None] * neg
     ts = np.where(has, scores[np.arange(B), np.minimum(t, max(K - 1, 0))] if K else 0.0, 0.0)
-    args = (p["m1"], p["m2"], p["m3"], bool(p["easy_margin"]))
-    tl = p["s"] * psi64(ts, *args)
+    args = (m_row[:, 0], m_row[:, 1], m_row[:, 2], bool(p["easy_margin"]), bool(p.get("clip", 0)))
+    tl = s_row * psi64(ts, *args)
     if K:
         z[has, t[has]] = tl[has]
         mx = z.max(1, keepdims=True)
@@ -277,7 +313,8 @@ def margin_ref(x, w, idx, target, bias, p, keep, bf16):
         lse = np.full(B, -np.inf)
         max_score = np.full(B, -np.inf)
     return dict(lse=lse, target_logit=np.where(has, tl, 0.0), target_score=ts, max_score=max_score,
-                inv_norm=inv, saved=z[:, :keep], z=z, scores=scores, xg=xg, rg=rg, rows64=rows64, has=has, t=t)
+                inv_norm=inv, saved=scores[:, :keep], z=z, dneg=dneg, scores=scores, xg=xg, rg=rg, rows64=rows64,
+                has=has, t=t, s_row=s_row, args=args)
 
 
 def margin_grad_ref(ref, g_lse, g_t, p, bf16):
@@ -285,11 +322,12 @@ def margin_grad_ref(ref, g_lse, g_t, p, bf16):
     has, t = ref["has"], ref["t"]
     prob = np.exp(z - ref["lse"][:, None]) if K else z
     G = g_lse[:, None] * prob
-    args = (p["m1"], p["m2"], p["m3"], bool(p["easy_margin"]))
-    dscore = p["s"] * G
+    s_row = ref["s_row"]
+    dscore = s_row[:, None] * G * ref["dneg"]
     if K:
         G_t = G[has, t[has]] + g_t[has]
-        dscore[has, t[has]] = p["s"] * dpsi64(ref["target_score"][has], *args) * G_t
+        args = tuple(a[has] if isinstance(a, np.ndarray) else a for a in ref["args"])
+        dscore[has, t[has]] = s_row[has] * dpsi64(ref["target_score"][has], *args) * G_t
     if p["normalize"]:
         da = dscore * ref["inv_norm"]
         if bf16:
@@ -360,8 +398,7 @@ def margin_call(dev: Device, x, w, idx, target, bias, p, keep, mode, g_lse, g_t)
     K = len(idx) if idx is not None else w.shape[0]
     n_keep = min(K, keep)
     io_bf16 = mode == "bf16"
-    prm = Params(p["s"], p["m1"], p["m2"], p["m3"], int(p["easy_margin"]), int(p["normalize"]),
-                 int(mode != "f32"))
+    prm = params(dev, p, int(mode != "f32"))
     xs = to_bf16_bits(x) if io_bf16 else x.astype(np.float32)
     ws = to_bf16_bits(w) if io_bf16 else w.astype(np.float32)
     dx, dw = dev.put(xs), dev.put(ws)
@@ -410,7 +447,7 @@ def chunked_call(dev: Device, x, w, idx, target, bias, p, keep, mode, g_lse, g_t
     K = rows_all.shape[0]
     n_keep = min(K, keep)
     rnd = mode != "f32"
-    prm = Params(p["s"], p["m1"], p["m2"], p["m3"], int(p["easy_margin"]), int(p["normalize"]), 0)
+    prm = params(dev, p, 0)
 
     def op(a):
         return round_bf16(a).astype(np.float32) if rnd else a.astype(np.float32)
@@ -505,6 +542,29 @@ MARGINS = {
 }
 
 
+def per_sample(name, B, seed):
+    """The adaptive margins' per-sample parameters (as dpface.losses.adaptive hands them to
+    the op), arbitrary values in their ranges: AdaFace's clipped angle with m2 of either sign,
+    MagFace's / ElasticFace's per-sample margins, CurricularFace's hard negatives, scales."""
+    rng = np.random.default_rng(seed + 1000)
+    one, zero = np.ones(B), np.zeros(B)
+    base = dict(s=64.0, m1=1.0, m2=0.0, m3=0.0, easy_margin=0, normalize=1)
+    if name == "adaface":
+        z = rng.uniform(-1, 1, B)
+        return dict(base, clip=1, margin=np.stack([one, -0.4 * z, 0.4 * z + 0.4], 1))
+    if name == "magface":
+        return dict(base, margin=np.stack([one, rng.uniform(0.45, 0.8, B), zero], 1))
+    if name == "elastic_cos":
+        return dict(base, margin=np.stack([one, zero, rng.normal(0.35, 0.05, B)], 1))
+    if name == "curricular":
+        return dict(base, m2=0.5, hard=rng.uniform(-0.3, 0.6, B), t=0.3)
+    if name == "scaled_all":
+        return dict(base, s=1.0, clip=1, scale=rng.uniform(16, 64, B),
+                    margin=np.stack([one, rng.uniform(-0.4, 0.4, B), rng.uniform(0, 0.3, B)], 1),
+                    hard=rng.uniform(-0.2, 0.5, B), t=0.7)
+    raise KeyError(name)
+
+
 def margin_problem(seed, B, K, D, C=None, margin="arcface", sampled=False, bias=False, minus_one=0.2,
                    obtuse=False):
     """x unit rows, w raw rows; targets in [-1, K) with repeats; with ``obtuse`` half the
@@ -581,6 +641,18 @@ CASES = {
                                                keep=70),
     "chunked_arcface_easy": margin_case(40, 90, 20, margin="arcface_easy", obtuse=True, chunked=64),
     "chunked_k_zero": margin_case(10, 0, 16, chunked=64),
+    # per-sample margins (the adaptive losses), CurricularFace's hard negatives
+    "adaface_f32": margin_case(70, 150, 40, per_sample="adaface", keep=60),
+    "adaface_wmma": margin_case(70, 150, 40, per_sample="adaface", mode="f32_bf16"),
+    "magface_obtuse_f32": margin_case(40, 90, 20, per_sample="magface", obtuse=True, keep=30),
+    "elastic_cos_bf16io": margin_case(48, 120, 40, per_sample="elastic_cos", sampled=True, C=300, mode="bf16"),
+    "curricular_f32": margin_case(65, 129, 33, per_sample="curricular", keep=70),
+    "curricular_wmma": margin_case(65, 129, 33, per_sample="curricular", mode="f32_bf16"),
+    "scaled_all_many_tiles_f32": margin_case(130, 700, 24, per_sample="scaled_all", keep=100, small=True),
+    "chunked_adaface": margin_case(70, 150, 40, per_sample="adaface", chunked=64, keep=100),
+    "chunked_curricular": margin_case(65, 129, 33, per_sample="curricular", chunked=32, keep=40),
+    "chunked_scaled_all_bf16": margin_case(48, 120, 40, per_sample="scaled_all", sampled=True, C=300,
+                                           mode="f32_bf16", chunked=50),
     # range loss
     "range_f32": ("range", dict(N=24, D=6, ids=5, k=2, margin=2.0, f64=False)),
     "range_f64": ("range", dict(N=24, D=6, ids=5, k=2, margin=2.0, f64=True)),
@@ -610,7 +682,7 @@ def compare(got, ref, tol, name, errs, scale=0.0):
 
 
 def run_margin(dev, spec, *, seed=0):
-    p = MARGINS[spec["margin"]]
+    p = per_sample(spec["per_sample"], spec["B"], seed) if spec.get("per_sample") else MARGINS[spec["margin"]]
     x, w, idx, target, bias, g_lse, g_t = margin_problem(
         seed, spec["B"], spec["K"], spec["D"], C=spec.get("C"), margin=spec["margin"],
         sampled=spec.get("sampled", False), bias=spec.get("bias", False),

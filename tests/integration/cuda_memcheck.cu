@@ -57,8 +57,10 @@ uint16_t bf16_bits(float f) {
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-void margin(int64_t B, int64_t C, int64_t K, int64_t D, int64_t n_keep, bool sampled, bool bias, int mode) {
-  // mode 0: fp32 SIMT, 1: fp32 inputs with bf16 tensor cores, 2: bf16 inputs
+void margin(int64_t B, int64_t C, int64_t K, int64_t D, int64_t n_keep, bool sampled, bool bias, int mode,
+            bool per_sample = false) {
+  // mode 0: fp32 SIMT, 1: fp32 inputs with bf16 tensor cores, 2: bf16 inputs; per_sample:
+  // per-row scale and margins, AdaFace's clipped angle, CurricularFace's hard negatives
   std::vector<float> x(static_cast<size_t>(B * D)), w(static_cast<size_t>(C * D)), b(static_cast<size_t>(C));
   for (auto& v : x) v = rnd();
   for (auto& v : w) v = rnd();
@@ -66,7 +68,25 @@ void margin(int64_t B, int64_t C, int64_t K, int64_t D, int64_t n_keep, bool sam
   std::vector<int64_t> idx, target(static_cast<size_t>(B));
   for (int64_t j = 0; j < K; ++j) idx.push_back(sampled ? (j * C) / K : j);
   for (int64_t i = 0; i < B; ++i) target[size_t(i)] = K ? ((i % 5 == 4) ? -1 : (i * 7) % K) : -1;
-  dpface_margin_params p{bias ? 1.0 : 64.0, 1.0, bias ? 0.0 : 0.5, 0.0, 0, bias ? 0 : 1, mode == 1};
+  dpface_margin_params p{};
+  p.s = bias ? 1.0 : 64.0;
+  p.m1 = 1.0;
+  p.m2 = bias ? 0.0 : 0.5;
+  p.normalize = bias ? 0 : 1;
+  p.bf16 = mode == 1;
+  if (per_sample && !bias) {
+    std::vector<float> scale, m3, hard;
+    for (int64_t i = 0; i < B; ++i) {
+      scale.push_back(32.f + 32.f * rnd());
+      m3.insert(m3.end(), {1.f, 0.8f * rnd(), 0.2f + 0.2f * rnd()});
+      hard.push_back(rnd());
+    }
+    p.sample_scale = dev(scale);
+    p.sample_margin = dev(m3);
+    p.hard_threshold = dev(hard);
+    p.t = 0.4;
+    p.angle_clip = 1;
+  }
   std::vector<uint16_t> xb, wb;
   for (float v : x) xb.push_back(bf16_bits(v));
   for (float v : w) wb.push_back(bf16_bits(v));
@@ -151,6 +171,7 @@ int main() {
     margin(33, 300, 97, 24, 40, true, false, mode);   // sampled rows, part kept
     margin(65, 129, 129, 33, 129, false, true, mode);  // raw scores + bias, all kept
     margin(9, 11, 0, 16, 0, false, false, mode);       // K = 0
+    margin(33, 300, 97, 24, 40, true, false, mode, true);  // per-sample margins, hard negatives
   }
   margin(64, 700, 600, 64, 0, false, false, 0);  // split grad_x reduction
   range<float>(24, 6, 2, 5);

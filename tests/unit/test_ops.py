@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
