@@ -5,9 +5,11 @@ op's per-row statistics (``fused_softmax_ce``)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dpface import ops
 from dpface.distributed.collectives import all_reduce_max, all_reduce_sum
+from dpface.losses.margin import HeadContext
 
 
 def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -131,6 +133,26 @@ class DistSoftmaxCE(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def fused_context(transform, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None, target: torch.Tensor, *,
+                  step: int, group=None, world_size: int = 1) -> HeadContext:
+    """The transform's context on the fused path (``x`` the un-normalised embeddings of the
+    op's batch, ``w`` the shard, ``idx`` / ``target`` as the op takes them): the norms
+    (``needs_norms``) and each sample's target score on this shard (``needs_target_score``),
+    which the op itself meets only inside its tiles, after it needed them."""
+    ctx = HeadContext(step=step, group=group, world_size=world_size, has_target=target >= 0)
+    if transform.needs_norms:
+        ctx.x_norm = x.norm(dim=1)
+    if transform.needs_target_score:
+        with torch.no_grad():
+            acc = compute_dtype(w.dtype)
+            k = w.shape[0] if idx is None else idx.numel()
+            col = target.clamp(0, max(k - 1, 0))
+            rows = (w[col if idx is None else idx[col]] if k else w.new_zeros(len(target), w.shape[1])).to(acc)
+            cos = (F.normalize(x.detach().to(acc), dim=1) * rows).sum(1) / rows.norm(dim=1).clamp_min(1e-12)
+            ctx.target_score = torch.where(ctx.has_target, cos, 0.0)
+    return ctx
+
+
 def fused_softmax_ce(out: ops.MarginSoftmaxOut, group, weight_fn=None):
     """(loss, accuracy) from the fused op's per-row statistics, combined across ranks.
 
@@ -157,4 +179,5 @@ def fused_softmax_ce(out: ops.MarginSoftmaxOut, group, weight_fn=None):
     return loss, accuracy
 
 
-__all__ = ["CosineScores", "DistSoftmaxCE", "compute_dtype", "fused_softmax_ce", "weight_and_grad_factor"]
+__all__ = ["CosineScores", "DistSoftmaxCE", "compute_dtype", "fused_context", "fused_softmax_ce",
+           "weight_and_grad_factor"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpface import ops
-from dpface.heads.dist_ce import compute_dtype
+from dpface.heads.dist_ce import compute_dtype, fused_context
 from dpface.heads.partial_fc import HeadOutput
 from dpface.heads.rows import init_rows
 from dpface.heads.subcenters import check_subcenter_args
@@ -54,7 +54,7 @@ class FullFC(nn.Module):
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         labels = labels.long()
         if self.kernel == "fused":
-            return self._forward_fused(embeddings, labels)
+            return self._forward_fused(embeddings, labels, step)
         dtype = compute_dtype(self.weight.dtype)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x, w = embeddings.to(dtype), self.weight.to(dtype)
@@ -95,10 +95,11 @@ class FullFC(nn.Module):
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=self.num_classes * self.subcenters,
                           dropped=dropped)
 
-    def _forward_fused(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
-        margin = self.transform.fused_margin()
+    def _forward_fused(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> HeadOutput:
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x = embeddings.to(self.weight.dtype)
+            ctx = fused_context(self.transform, x, self.weight, None, labels, step=step)
+            margin = self.transform.fused_step(ctx, compute_dtype(self.weight.dtype))
             if margin.normalize:
                 x = F.normalize(x, dim=1)
             out = ops.margin_softmax(x.contiguous(), self.weight, None, labels, margin,
@@ -108,6 +109,9 @@ class FullFC(nn.Module):
                 loss = (self.transform.loss_weight(torch.exp(-nll)) * nll).mean()
             else:
                 loss = nll.mean()
+            reg = self.transform.regularizer(ctx)
+            if reg is not None:
+                loss = loss + reg
             accuracy = (out.target_score >= out.max_score).to(nll.dtype).mean()
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=self.num_classes)
 

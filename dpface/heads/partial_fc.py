@@ -21,7 +21,7 @@ from dpface import ops
 from dpface.distributed import get_rank, get_world_size
 from dpface.distributed.collectives import all_gather, all_gather_with_grad, all_reduce_sum
 from dpface.distributed.partition import check_sample_rate, class_range, sample_count
-from dpface.heads.dist_ce import CosineScores, DistSoftmaxCE, compute_dtype, fused_softmax_ce
+from dpface.heads.dist_ce import CosineScores, DistSoftmaxCE, compute_dtype, fused_context, fused_softmax_ce
 from dpface.heads.rows import init_rows
 from dpface.heads.sampling import hardness, top_rows, uniform_keys
 from dpface.heads.subcenters import check_subcenter_args, drop_weights
@@ -456,7 +456,7 @@ class PartialFC(nn.Module):
             target = torch.where(mine, col, -1)
         impl = self.kernel_choice(x.device.type)[0]
         if impl:
-            return self._forward_fused(x, idx, target, impl)
+            return self._forward_fused(x, idx, target, step, impl)
 
         rows = self._rows_of(idx)
         if self.update == "sampled":
@@ -498,18 +498,21 @@ class PartialFC(nn.Module):
                                                   scores.detach().to(logits.dtype), self.group,
                                                   weight_fn,
                                                   None if sample_weight is None else sample_weight.to(logits.dtype))
-            reg = self.transform.regularizer(ctx)
-            if reg is not None:
-                # The same term on every rank over the whole global batch, whose gradient the
-                # gather's backward sums over the ranks (then × world, for DDP's average): each
-                # rank contributes 1/world of it, so value and gradient are FullFC's.
-                part = reg / self.world_size
-                loss = loss + part + (reg - part).detach()
+            loss = self._add_regularizer(loss, ctx)
         n = self.num_local * self.subcenters if rows is None else rows.numel()
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=n, dropped=dropped)
 
-    def _forward_fused(self, x: torch.Tensor, idx, target: torch.Tensor, impl: str = "fused") -> HeadOutput:
-        margin = self.transform.fused_margin()
+    def _add_regularizer(self, loss: torch.Tensor, ctx: HeadContext) -> torch.Tensor:
+        reg = self.transform.regularizer(ctx)
+        if reg is None:
+            return loss
+        # The same term on every rank over the whole global batch, whose gradient the
+        # gather's backward sums over the ranks (then × world, for DDP's average): each
+        # rank contributes 1/world of it, so value and gradient are FullFC's.
+        part = reg / self.world_size
+        return loss + part + (reg - part).detach()
+
+    def _forward_fused(self, x: torch.Tensor, idx, target: torch.Tensor, step: int, impl: str = "fused") -> HeadOutput:
         w, b = self.weight, self.bias
         k = self.num_local if idx is None else idx.numel()
         w_sink = b_sink = None
@@ -517,6 +520,9 @@ class PartialFC(nn.Module):
             (w, b), (w_sink, b_sink) = self._sampled_leaves(idx, sinks=True)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(w.dtype)
+            ctx = fused_context(self.transform, xf, w, idx, target, step=step, group=self.group,
+                                world_size=self.world_size)
+            margin = self.transform.fused_step(ctx, compute_dtype(w.dtype))
             if margin.normalize:
                 xf = F.normalize(xf, dim=1)
             elem = torch.finfo(compute_dtype(w.dtype)).bits // 8
@@ -526,6 +532,7 @@ class PartialFC(nn.Module):
                                      bf16=self.precision == "bf16", keep_cols=keep, impl=impl)
             weight_fn = self.transform.loss_weight if self.transform.weighted else None
             loss, accuracy = fused_softmax_ce(out, self.group, weight_fn)
+            loss = self._add_regularizer(loss, ctx)
         return HeadOutput(loss=loss, accuracy=accuracy, num_sampled=k)
 
 

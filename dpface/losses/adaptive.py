@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from dpface.losses.margin import COS_EPS, LogitTransform, arc_margin, target_positions
+from dpface.ops import FusedMargin
 from dpface.seeding import Stream, rng
 
 
@@ -82,7 +83,8 @@ class AdaFace(_StepEMA):
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}, h={self.h}, alpha={self.alpha}"
 
-    def margin_logits(self, scores, target, ctx):
+    def _margins(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g_angle, g_add) [B] float64 of the step (the EMAs moved first, once per step)."""
         if ctx.x_norm is None:
             raise RuntimeError("AdaFace needs the embeddings' norms: call it from a head (PartialFC / FullFC)")
         norm = ctx.x_norm.detach().double().clamp(1e-3, 100.0)
@@ -90,12 +92,23 @@ class AdaFace(_StepEMA):
             with torch.no_grad():
                 self.mean.copy_(self.alpha * norm.mean() + (1 - self.alpha) * self.mean)
                 self.std.copy_(self.alpha * norm.std() + (1 - self.alpha) * self.std)
-        z = (self.h * (norm - self.mean) / (self.std + 1e-3)).clamp(-1.0, 1.0).to(scores.dtype)
+        z = (self.h * (norm - self.mean) / (self.std + 1e-3)).clamp(-1.0, 1.0)
+        return -self.m * z, self.m * z + self.m
+
+    def margin_logits(self, scores, target, ctx):
+        g_angle, g_add = (g.to(scores.dtype) for g in self._margins(ctx))
         rows, cols = target_positions(target)
-        g_angle, g_add = -self.m * z[rows], self.m * z[rows] + self.m
         theta = torch.acos(scores[rows, cols].clamp(-1 + COS_EPS, 1 - COS_EPS))
-        new = torch.cos((theta + g_angle).clamp(COS_EPS, math.pi - COS_EPS)) - g_add
+        new = torch.cos((theta + g_angle[rows]).clamp(COS_EPS, math.pi - COS_EPS)) - g_add[rows]
         return scores.index_put((rows, cols), new), self.s
+
+    def fused_margin(self) -> FusedMargin:
+        return FusedMargin(s=self.s, angle_clip=True)
+
+    def fused_step(self, ctx, dtype):
+        g_angle, g_add = self._margins(ctx)
+        margin = torch.stack([torch.ones_like(g_angle), g_angle, g_add], 1).to(dtype).contiguous()
+        return FusedMargin(s=self.s, angle_clip=True, margin=margin)
 
 
 class MagFace(LogitTransform):
@@ -118,13 +131,24 @@ class MagFace(LogitTransform):
     def extra_repr(self) -> str:
         return f"s={self.s}, a in [{self.l_a}, {self.u_a}], m in [{self.l_m}, {self.u_m}], lambda_g={self.lambda_g}"
 
-    def margin_logits(self, scores, target, ctx):
+    def _margins(self, ctx) -> torch.Tensor:
+        """m(a_i) [B] of the step, differentiable in the magnitudes."""
         if ctx.x_norm is None:
             raise RuntimeError("MagFace needs the embeddings' norms: call it from a head (PartialFC / FullFC)")
-        a = ctx.x_norm.clamp(self.l_a, self.u_a).to(scores.dtype)
+        a = ctx.x_norm.clamp(self.l_a, self.u_a)
+        return self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
+
+    def margin_logits(self, scores, target, ctx):
+        m = self._margins(ctx).to(scores.dtype)
         rows, cols = target_positions(target)
-        m = self.l_m + (self.u_m - self.l_m) * (a[rows] - self.l_a) / (self.u_a - self.l_a)
-        return scores.index_put((rows, cols), arc_margin(scores[rows, cols], m)), self.s
+        return scores.index_put((rows, cols), arc_margin(scores[rows, cols], m[rows])), self.s
+
+    def fused_margin(self) -> FusedMargin:
+        return FusedMargin(s=self.s)
+
+    def fused_step(self, ctx, dtype):
+        m = self._margins(ctx).to(dtype)
+        return FusedMargin(s=self.s, margin=torch.stack([torch.ones_like(m), m, torch.zeros_like(m)], 1))
 
     def regularizer(self, ctx):
         if self.lambda_g == 0:
@@ -135,6 +159,7 @@ class MagFace(LogitTransform):
 
 class CurricularFace(_StepEMA):
     normalize = True
+    needs_target_score = True
 
     def __init__(self, s: float = 64.0, m: float = 0.5, alpha: float = 0.01):
         super().__init__()
@@ -150,23 +175,36 @@ class CurricularFace(_StepEMA):
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}, alpha={self.alpha}, t={float(self.t):.4f}"
 
-    def margin_logits(self, scores, target, ctx):
-        rows, cols = target_positions(target)
-        cos_t = scores[rows, cols]
-        t_margin = arc_margin(cos_t, self.m)
-        # Every rank: each sample's target cosine and margined cosine (owner rank only, else 0).
-        b = scores.shape[0]
-        mine = torch.zeros(2, b, dtype=torch.float64, device=scores.device)
-        mine[0, rows], mine[1, rows] = cos_t.detach().double(), t_margin.detach().double()
+    def _threshold(self, cos_t: torch.Tensor, has: torch.Tensor, ctx) -> torch.Tensor:
+        """The hard-negative threshold T(cos θ_y) [B] float64 of every sample, from the
+        target cosines on this shard ([B], any value where ``has`` is False), after moving t
+        (once per step). One all-reduce of the B target values and their margined form
+        (non-zero on the owner rank only) gives every rank the same thresholds and t."""
+        c = cos_t.detach().double()
+        mine = torch.stack([torch.where(has, c, 0.0), torch.where(has, arc_margin(c, self.m), 0.0)])
         both = ctx.sum(mine)
         if self._due(ctx):
             with torch.no_grad():
                 self.t.copy_(self.alpha * both[0].mean() + (1 - self.alpha) * self.t)
-        threshold = both[1].to(scores.dtype)[:, None]
+        return both[1]
+
+    def margin_logits(self, scores, target, ctx):
+        rows, cols = target_positions(target)
+        cos_t = scores[rows, cols]
+        local = scores.new_zeros(scores.shape[0]).index_put((rows,), cos_t.detach())
+        threshold = self._threshold(local, target >= 0, ctx).to(scores.dtype)[:, None]
         t = float(self.t)
-        hard = scores > threshold
-        z = torch.where(hard, scores * (t + scores), scores)
-        return z.index_put((rows, cols), t_margin.to(z.dtype)), self.s
+        z = torch.where(scores > threshold, scores * (t + scores), scores)
+        return z.index_put((rows, cols), arc_margin(cos_t, self.m)), self.s
+
+    def fused_margin(self) -> FusedMargin:
+        return FusedMargin(s=self.s, m2=self.m)
+
+    def fused_step(self, ctx, dtype):
+        if ctx.target_score is None:
+            raise RuntimeError("CurricularFace's fused form needs the target scores: call it from a head")
+        threshold = self._threshold(ctx.target_score, ctx.has_target, ctx).to(dtype).contiguous()
+        return FusedMargin(s=self.s, m2=self.m, hard_threshold=threshold, t=float(self.t))
 
 
 class ElasticFace(LogitTransform):
@@ -198,6 +236,14 @@ class ElasticFace(LogitTransform):
         cos_t = scores[rows, cols]
         new = arc_margin(cos_t, m) if self.kind == "arc" else cos_t - m
         return scores.index_put((rows, cols), new), self.s
+
+    def fused_margin(self) -> FusedMargin:
+        return FusedMargin(s=self.s)
+
+    def fused_step(self, ctx, dtype):
+        m = self.margins(ctx.step, ctx.has_target.numel()).to(ctx.has_target.device, dtype)
+        one, zero = torch.ones_like(m), torch.zeros_like(m)
+        return FusedMargin(s=self.s, margin=torch.stack([one, m, zero] if self.kind == "arc" else [one, zero, m], 1))
 
 
 def adaface(s: float = 64.0, m: float = 0.4, h: float = 0.333, alpha: float = 0.01) -> AdaFace:

@@ -50,6 +50,10 @@ class HeadContext:
     world_size: int = 1
     x_norm: torch.Tensor | None = None  # [B] ‖x_i‖ (with grad), when transform.needs_norms
     w_norm: torch.Tensor | None = None  # [K] ‖W_j‖ of the scored rows, when needs_norms
+    # The fused path, for transforms with needs_target_score: [B] each sample's target score
+    # on this shard (no grad; 0 where the class is elsewhere) and the mask of those here.
+    target_score: torch.Tensor | None = None
+    has_target: torch.Tensor | None = None
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over the head's shards (no autograd)."""
@@ -89,10 +93,11 @@ def arc_margin(cos_t: torch.Tensor, m) -> torch.Tensor:
     θ + m = π the curve turns back up, so there the monotone fallback cos θ − m·sin m
     (ArcFace's). ``cos_t`` is clamped away from ±1 first (COS_EPS)."""
     c = cos_t.clamp(-1 + COS_EPS, 1 - COS_EPS)
+    # A negative margin (an ElasticFace draw) never passes π: no fallback (θ* capped at π).
     if isinstance(m, torch.Tensor):
-        cos_m, sin_m, threshold = torch.cos(m), torch.sin(m), torch.cos(math.pi - m)
+        cos_m, sin_m, threshold = torch.cos(m), torch.sin(m), torch.cos(math.pi - m.clamp_min(0))
     else:
-        cos_m, sin_m, threshold = math.cos(m), math.sin(m), math.cos(math.pi - m)
+        cos_m, sin_m, threshold = math.cos(m), math.sin(m), math.cos(math.pi - max(m, 0.0))
     margined = c * cos_m - torch.sqrt(1.0 - c * c) * sin_m
     return torch.where(c > threshold, margined, c - m * sin_m)
 
@@ -114,6 +119,7 @@ class LogitTransform(nn.Module):
     normalize: bool = True
     bias: bool = False
     needs_norms: bool = False
+    needs_target_score: bool = False  # the fused path hands the context each target's score
 
     def bind_head(self, num_classes: int) -> None:
         """Called once by the head that owns this transform, with the total class count."""
@@ -139,8 +145,15 @@ class LogitTransform(nn.Module):
 
     def fused_margin(self) -> FusedMargin | None:
         """The fused op's parameters when it expresses this transform (a fixed combined
-        margin, fixed-scale cosine or plain softmax); None: only the reference path does."""
+        margin, fixed-scale cosine or plain softmax; for per-sample margins, their fixed
+        part); None: only the reference path does."""
         return None
+
+    def fused_step(self, ctx: HeadContext, dtype: torch.dtype) -> FusedMargin:
+        """This step's fused parameters, per-sample tensors (``dtype``, over the context's
+        batch) included; called once per head forward on the fused path, where the
+        reference path calls :meth:`margin_logits`."""
+        return self.fused_margin()
 
     @property
     def weighted(self) -> bool:

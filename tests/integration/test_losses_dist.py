@@ -35,7 +35,16 @@ SPECS = {
     "elasticface_arc": {"name": "elasticface", "s": 16, "m": 0.4, "sigma": 0.1},
     "elasticface_cos": {"name": "elasticface", "s": 16, "m": 0.35, "sigma": 0.1, "kind": "cos"},
 }
+# The adaptive margins run in the fused op (per-sample margins) where it is built: each also
+# on the reference path, both against the single-process reference.
+CASES = [*SPECS, *(f"{n}/reference" for n in ("curricularface", "adaface", "magface", "elasticface_arc",
+                                              "elasticface_cos"))]
 C_HARD, RATE = 40, 0.3
+
+
+def spec_of(case: str) -> tuple[dict, str]:
+    name, _, kernel = case.partition("/")
+    return SPECS[name], kernel or "auto"
 
 
 def tol(ref):
@@ -64,12 +73,13 @@ def run_rank(head, x, y, rank, step):
 
 def checks(rank: int, world: int) -> dict:
     out = {"eq": {}}
-    for i, (name, spec) in enumerate(SPECS.items()):
-        x, y, w = make_case(C_EQ, seed=i)
-        head = PartialFC(D, C_EQ, build_loss(spec))
+    for case in CASES:
+        spec, kernel = spec_of(case)
+        x, y, w = make_case(C_EQ, seed=list(SPECS).index(case.partition("/")[0]))
+        head = PartialFC(D, C_EQ, build_loss(spec), kernel=kernel)
         with torch.no_grad():
             head.weight.copy_(w[head.class_start:head.class_end])
-        out["eq"][name] = run_rank(head, x, y, rank, STEP)
+        out["eq"][case] = run_rank(head, x, y, rank, STEP)
     # Hard negatives at rate 0.3.
     x, y, w = make_case(C_HARD, seed=100)
     head = PartialFC(D, C_HARD, build_loss({"name": "arcface", "s": 16, "m": 0.5}),
@@ -99,8 +109,9 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("name", list(SPECS))
-def test_r1_equals_full_fc(results, name):
+@pytest.mark.parametrize("case", CASES)
+def test_r1_equals_full_fc(results, case):
+    name = case.partition("/")[0]
     x, y, w = make_case(C_EQ, seed=list(SPECS).index(name))
     full = FullFC(D, C_EQ, build_loss(SPECS[name]))
     with torch.no_grad():
@@ -108,7 +119,7 @@ def test_r1_equals_full_fc(results, name):
     xr = x.clone().requires_grad_(True)
     ref = full(xr, y, STEP)
     ref.loss.backward()
-    ranks = [r["eq"][name] for r in results]
+    ranks = [r["eq"][case] for r in results]
     for r in ranks:
         torch.testing.assert_close(r["loss"], ref.loss.detach(), **tol(ref.loss))
     assert ranks[0]["loss"] == ranks[1]["loss"], "the loss must be identical on every rank"

@@ -1,6 +1,7 @@
 """AdaFace, MagFace, CurricularFace and ElasticFace against their papers' formulas, written here in float64
-(not the modules' code): the loss and its gradients through the head, the curriculum t over
-two steps, the per-sample elastic margins, and out-of-range parameters refused at load."""
+(not the modules' code): the loss and its gradients through every path of both heads (reference,
+fused op, chunked op), the curriculum t over two steps, the per-sample elastic margins, and
+out-of-range parameters refused at load."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dpface import ops
 from dpface.config import ConfigError, load_config
 from dpface.heads import FullFC, PartialFC
 from dpface.losses import build_loss
@@ -25,8 +27,21 @@ def case(seed=0):
     return x, y, w
 
 
+# Every path a head can take: the reference (autograd over [B, C] logits), the fused op and
+# the chunked one (compiled kernels, per-sample margins), for both heads.
+HEADS = {
+    "FullFC": lambda t: FullFC(D, C, t),
+    "FullFC-fused": lambda t: FullFC(D, C, t, kernel="fused"),
+    "PartialFC-reference": lambda t: PartialFC(D, C, t, kernel="reference"),
+    "PartialFC-fused": lambda t: PartialFC(D, C, t, kernel="fused"),
+    "PartialFC-chunked": lambda t: PartialFC(D, C, t, kernel="chunked"),
+}
+needs_ext = pytest.mark.skipif(not ops.available("cpu"), reason="dpface._kernels not built")
+PATHS = [pytest.param(k, marks=needs_ext) if k.endswith(("fused", "chunked")) else k for k in HEADS]
+
+
 def head_loss(cls, spec, x, w, y, steps):
-    h = cls(D, C, build_loss(spec)).double()
+    h = HEADS[cls](build_loss(spec)).double()
     with torch.no_grad():
         h.weight.copy_(w)
     out = []
@@ -49,7 +64,7 @@ def arc(c, m):
     return torch.cos(theta + m)
 
 
-@pytest.mark.parametrize("cls", [FullFC, PartialFC])
+@pytest.mark.parametrize("cls", PATHS)
 def test_curricularface_is_its_formula_over_two_steps(cls):
     s, m, alpha = 16.0, 0.5, 0.3
     x, y, w = case(1)
@@ -74,12 +89,12 @@ def test_curricularface_is_its_formula_over_two_steps(cls):
 
 def test_curricularface_moves_t_once_per_step():
     x, y, w = case(2)
-    h, _ = head_loss(FullFC, {"name": "curricularface", "alpha": 0.5}, x, w, y, [3, 3, 3])
+    h, _ = head_loss("FullFC", {"name": "curricularface", "alpha": 0.5}, x, w, y, [3, 3, 3])
     r = float(cos_of(x, w)[torch.arange(B), y].mean())
     assert float(h.transform.t) == pytest.approx(0.5 * r, rel=1e-12)  # three forwards, one step
 
 
-@pytest.mark.parametrize("cls", [FullFC, PartialFC])
+@pytest.mark.parametrize("cls", PATHS)
 def test_adaface_is_its_formula_over_two_steps(cls):
     s, m, h, alpha = 16.0, 0.4, 0.333, 0.5
     x, y, w = case(4)
@@ -106,7 +121,7 @@ def test_adaface_is_its_formula_over_two_steps(cls):
     assert float(zs[1].min()) < 0 < float(zs[1].max())  # both kinds of margin occurred
 
 
-@pytest.mark.parametrize("cls", [FullFC, PartialFC])
+@pytest.mark.parametrize("cls", PATHS)
 def test_magface_is_its_formula_with_the_regulariser(cls):
     s, l_a, u_a, l_m, u_m, lam = 16.0, 2.0, 9.0, 0.3, 0.7, 3.0
     x, y, w = case(5)
@@ -126,11 +141,12 @@ def test_magface_is_its_formula_with_the_regulariser(cls):
     torch.testing.assert_close(grad, xr.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", PATHS)
 @pytest.mark.parametrize("kind", ["arc", "cos"])
-def test_elasticface_draws_each_samples_margin_from_its_stream(kind):
+def test_elasticface_draws_each_samples_margin_from_its_stream(kind, cls):
     s, m, sigma, seed, step = 16.0, 0.4, 0.1, 5, 7
     x, y, w = case(3)
-    _, [(loss, grad)] = head_loss(PartialFC, {"name": "elasticface", "s": s, "m": m, "sigma": sigma,
+    _, [(loss, grad)] = head_loss(cls, {"name": "elasticface", "s": s, "m": m, "sigma": sigma,
                                                "kind": kind, "seed": seed}, x, w, y, [step])
     margins = torch.from_numpy(rng(seed, Stream.ELASTIC_MARGIN, step).normal(m, sigma, B))
     assert margins.std() > 0.03  # really per sample
