@@ -33,6 +33,12 @@ transform (``transform.t``): the head checkpoint carries it, at any world size.
 N(m, σ) every step: ElasticFace-Arc s·cos(θ_y + m_i), ElasticFace-Cos s·(cos θ_y − m_i).
 The draws come from the named stream (seed, ELASTIC_MARGIN, step) over the global batch,
 so every rank (and a resumed run) draws the same margins for the same sample.
+
+**In the fused op.** ``fused_step`` hands the op the step's per-sample parameters
+(kernels/OPS.md): AdaFace's (1, g_angle, g_add) with the angle clipped rather than ArcFace's
+fallback; MagFace's and ElasticFace's (1, m_i, 0) or (1, 0, m_i), MagFace's differentiable
+in the magnitudes; CurricularFace's thresholds T(cos θ_y) and t for the op's hard-negative
+mode, computed from the target scores the head hands over before the op runs.
 """
 from __future__ import annotations
 

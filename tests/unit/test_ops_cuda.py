@@ -114,7 +114,7 @@ def margin_ref(x, w, idx, target, bias, s, m1, m2, m3, easy, normalize, round_bf
     tl = torch.where(has, z[ar, col], zero) if K else torch.zeros(B, dtype=torch.float64, device=x.device)
     ts = torch.where(has, score[ar, col], zero) if K else torch.zeros(B, dtype=torch.float64, device=x.device)
     ms = score.max(1).values if K else torch.full((B,), -math.inf, dtype=torch.float64, device=x.device)
-    return dict(lse=lse, tl=tl, ts=ts, ms=ms, inv=inv, z=z, leaves=(xl, rows, bl))
+    return dict(lse=lse, tl=tl, ts=ts, ms=ms, inv=inv, z=z, score=score, leaves=(xl, rows, bl))
 
 
 def make_case(B, C, D, K=None, dtype=torch.float32, seed=0, near_minus_one=True, off_shard=True):
@@ -169,7 +169,7 @@ def run_margin(case, cfg, keep_cols, bf16):
     m1, m2, m3 = cfg["m"]
     bias = case["bias"] if cfg["bias"] else None
     common = dict(x=case["x"], w=case["w"], idx=case["idx"], target=case["target"], bias=bias,
-                  s=cfg["s"], m1=m1, m2=m2, m3=m3, easy_margin=cfg["easy"],
+                  s=cfg["s"], m1=m1, m2=m2, m3=m3, t=0.0, easy_margin=cfg["easy"], angle_clip=False,
                   normalize=cfg["normalize"], bf16=bf16)
     lse, tl, ts, ms, inv, saved = call("margin_softmax_fwd", keep_cols=keep_cols, **common)
     gx, grows, gbias = call("margin_softmax_bwd", grad_lse=case["grad_lse"], grad_target=case["grad_t"],
@@ -189,7 +189,7 @@ def check_margin(case, cfg, keep_cols, bf16, tol):
     K = ref["z"].shape[1]
     n_keep = min(K, keep_cols)
     assert got["saved"].shape == (case["x"].shape[0], n_keep)
-    close(got["saved"], ref["z"][:, :n_keep], tol, "saved")
+    close(got["saved"], ref["score"][:, :n_keep], tol, "saved")
     xl, rows, bl = ref["leaves"]
     loss = (case["grad_lse"].double() * ref["lse"]).sum() + (case["grad_t"].double() * ref["tl"]).sum()
     leaves = [xl, rows] + ([bl] if bl is not None else [])
@@ -258,12 +258,45 @@ def test_margin_cuda_matches_cpu_op():
         close(got[key], want[key], F32_TOL, key)
 
 
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_per_sample_margins_match_the_cpu_op(impl):
+    """The adaptive margins' form (per-sample scale and margins with AdaFace's clipped angle,
+    CurricularFace's hard negatives) on the GPU against the CPU op in float64 (itself equal
+    to the reference to 1e-10: tests/unit/test_ops.py), gradients of the margins included."""
+    from dataclasses import replace
+
+    from dpface.ops import FusedMargin, margin_softmax
+
+    case = make_case(B=130, C=700, D=40, K=500, seed=8)
+    g = torch.Generator().manual_seed(8)
+    B = 130
+    u = torch.rand(B, 3, generator=g, dtype=torch.float64)
+    base = FusedMargin(s=1.0, angle_clip=True, scale=16 + 48 * u[:, 0],
+                       margin=torch.stack([torch.ones(B, dtype=torch.float64), 0.8 * u[:, 1] - 0.4, 0.3 * u[:, 2]], 1),
+                       hard_threshold=torch.rand(B, generator=g, dtype=torch.float64) - 0.3, t=0.5)
+    outs = []
+    for dev, dtype in ((DEV, torch.float32), ("cpu", torch.float64)):
+        x = case["x"].to(dev, dtype).requires_grad_(True)
+        w = case["w"].to(dev, dtype).requires_grad_(True)
+        margin = base.margin.to(dev, dtype).requires_grad_(True)
+        m = replace(base, scale=base.scale.to(dev, dtype), margin=margin,
+                    hard_threshold=base.hard_threshold.to(dev, dtype))
+        out = margin_softmax(x, w, case["idx"].to(dev), case["target"].to(dev), m, keep_cols=100,
+                             impl=impl if dev != "cpu" else "fused")
+        ((out.lse * case["grad_lse"].to(dev, dtype)).sum()
+         + (out.target_logit * case["grad_t"].to(dev, dtype)).sum()).backward()
+        outs.append((out.lse, out.target_logit, out.target_score, out.saved, x.grad, w.grad, margin.grad))
+    for a, b, what in zip(*outs, ("lse", "target_logit", "target_score", "saved", "grad_x", "grad_w",
+                                  "grad_margin")):
+        close(a, b, F32_TOL, what)
+
+
 def test_margin_float64_is_cpu_only():
     case = make_case(B=4, C=8, D=8, seed=7)
     with pytest.raises(RuntimeError, match="float64"):
         call("margin_softmax_fwd", x=case["x"].double(), w=case["w"].double(), idx=None,
-             target=case["target"], bias=None, s=30.0, m1=1.0, m2=0.0, m3=0.0, easy_margin=False,
-             normalize=True, bf16=False, keep_cols=0)
+             target=case["target"], bias=None, s=30.0, m1=1.0, m2=0.0, m3=0.0, t=0.0, easy_margin=False,
+             angle_clip=False, normalize=True, bf16=False, keep_cols=0)
 
 
 # ---- range loss reference ----------------------------------------------------------------
