@@ -250,3 +250,24 @@ def test_pairs_bad_arguments(kwargs):
     args.update(kwargs)
     with pytest.raises(ValueError):
         make_verification_pairs(**args)
+
+
+def test_nuisance_is_what_render_applies():
+    """The reported degradations are the ones in the pixels: noisy renders carry more
+    high-frequency energy than clean ones of the same blur, blurred renders less (at a
+    difficulty where the blur reaches ~2 px)."""
+    faces = SyntheticFaces(seed=3, image_size=112, difficulty=3)
+
+    def high_freq(img):
+        f = img.astype(np.float64).mean(2)
+        return float(np.abs(f[1:, 1:] - (f[:-1, 1:] + f[1:, :-1]) / 2).mean())
+
+    rows = [(faces.nuisance(i % 7, k), high_freq(faces.render(i % 7, k))) for i, k in
+            zip(range(240), range(1000, 1240))]
+    noisy = [h for n, h in rows if n["noise"] > 0.7 and n["blur"] < 0.3]
+    quiet = [h for n, h in rows if n["noise"] < 0.1 and n["blur"] < 0.3]
+    blurred = [h for n, h in rows if n["noise"] < 0.1 and n["blur"] > 0.7]
+    assert min(len(noisy), len(quiet), len(blurred)) >= 5
+    assert np.mean(noisy) > 2 * np.mean(quiet) and np.mean(blurred) < 0.85 * np.mean(quiet)
+    assert faces.degradation(2, 1001) == pytest.approx(sum(faces.nuisance(2, 1001).values()))
+    assert {n["occluded"] for n, _ in rows} == {0.0, 1.0}

@@ -319,6 +319,24 @@ class SyntheticFaces:
         return entry
 
     # ------------------------------------------------------------------ one image
+    def _draws(self, identity: int, sample: int):
+        """(generator, normal draws, uniform draws) of one image: every nuisance has its slot."""
+        rng = stream_rng(self.seed, Stream.SYNTH_SAMPLE, identity, sample)
+        return rng, rng.standard_normal(16), rng.random(16)
+
+    def nuisance(self, identity: int, sample: int) -> dict[str, float]:
+        """The degradations :meth:`render` (identity, sample) applies: its blur and its noise,
+        each as a fraction of their largest amount at this difficulty, and whether an
+        occluder covers part of the face (1.0 or 0.0)."""
+        _, _, r = self._draws(_check_int("identity", identity, 0), _check_int("sample", sample, 0))
+        d = self.difficulty * NUISANCE_AT_DIFFICULTY_1
+        return {"blur": float(r[1]), "noise": float(r[4]), "occluded": float(r[0] < 0.4 * min(d, 1.5))}
+
+    def degradation(self, identity: int, sample: int) -> float:
+        """One number in [0, 3]: the sum of :meth:`nuisance`'s (the quality axis of the
+        adaptive-margin benchmark)."""
+        return sum(self.nuisance(identity, sample).values())
+
     def render(self, identity: int, sample: int) -> np.ndarray:
         """uint8 [H, W, 3] RGB; a pure function of (seed, identity, sample, difficulty,
         image_size)."""
@@ -327,9 +345,7 @@ class SyntheticFaces:
         face, eye_y = self._canonical(identity)
         d = self.difficulty * NUISANCE_AT_DIFFICULTY_1
         s = self.image_size
-        rng = stream_rng(self.seed, Stream.SYNTH_SAMPLE, identity, sample)
-        n = rng.standard_normal(16)  # fixed draw count: every nuisance has its own slot
-        r = rng.random(16)
+        rng, n, r = self._draws(identity, sample)
 
         # Pose: rotate/scale/squash about the image centre, then shift. Spreads are per
         # unit of internal strength d (d = 0.45 at difficulty 1: rotation sd ≈ 4°).

@@ -20,6 +20,8 @@ class PairSet:
     fold: np.ndarray         # int64 [P], in [0, num_folds)
     identities_a: np.ndarray  # int64 [P], global identity indices
     identities_b: np.ndarray  # int64 [P]
+    degradation_a: np.ndarray  # float64 [P], SyntheticFaces.degradation of each image
+    degradation_b: np.ndarray  # float64 [P]
 
     def __len__(self) -> int:
         return int(self.issame.shape[0])
@@ -69,16 +71,19 @@ def make_verification_pairs(num_pairs: int, identity_offset: int, num_identities
     ids_b = np.asarray(ids_b, np.int64) + offset
     next_sample: dict[int, int] = {}
 
-    def fresh(identity: int) -> np.ndarray:
+    def fresh(identity: int) -> tuple[np.ndarray, float]:
         k = next_sample.get(identity, 0)
         next_sample[identity] = k + 1
-        return faces.render(identity, sample_index("verification", k))
+        sample = sample_index("verification", k)
+        return faces.render(identity, sample), faces.degradation(identity, sample)
 
     size = faces.image_size
     images_a = np.empty((num_pairs, size, size, 3), np.uint8)
     images_b = np.empty_like(images_a)
+    deg = np.empty((2, num_pairs))
     for i in range(num_pairs):
-        images_a[i] = fresh(int(ids_a[i]))
-        images_b[i] = fresh(int(ids_b[i]))
+        images_a[i], deg[0, i] = fresh(int(ids_a[i]))
+        images_b[i], deg[1, i] = fresh(int(ids_b[i]))
     return PairSet(images_a=images_a, images_b=images_b, issame=np.asarray(same, bool),
-                   fold=np.asarray(fold, np.int64), identities_a=ids_a, identities_b=ids_b)
+                   fold=np.asarray(fold, np.int64), identities_a=ids_a, identities_b=ids_b,
+                   degradation_a=deg[0], degradation_b=deg[1])
