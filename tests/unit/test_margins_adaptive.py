@@ -173,3 +173,40 @@ def test_elasticface_draws_each_samples_margin_from_its_stream(kind, cls):
 def test_out_of_range_parameters_are_config_errors(spec, key):
     with pytest.raises(ConfigError, match=rf"head.loss.*{key}"):
         load_config(None, [f"head.loss={spec}"])
+
+
+@needs_ext
+@pytest.mark.parametrize("update", ["dense", "sampled"])
+@pytest.mark.parametrize("name", ["adaface", "magface", "curricularface", "elasticface"])
+def test_fused_equals_reference_at_a_sample_rate(name, update):
+    """PartialFC at sample rate 0.5 (the same rows either way: sampling does not depend on the
+    kernel): the fused and chunked heads' loss, embedding gradient, row gradients and the
+    transform's state equal the reference head's in float64, over two steps."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) * torch.linspace(0.5, 8, B, dtype=torch.float64)[:, None]
+    y = torch.randint(0, 40, (B,), generator=g)
+    results = {}
+    for kernel in ("reference", "fused", "chunked"):
+        head = PartialFC(D, 40, build_loss({"name": name, "s": 16}), sample_rate=0.5, kernel=kernel,
+                         update=update).double()
+        steps = []
+        for step in (0, 1):
+            xr = x.clone().requires_grad_(True)
+            out = head(xr, y, step)
+            out.loss.backward()
+            rows = head.sampled_rows()
+            wg = rows.leaves["weight"].grad if update == "sampled" else head.weight.grad
+            steps.append((out.loss.detach(), xr.grad, wg.clone(), out.num_sampled))
+            head.clear_sampled()
+            head.weight.grad = None
+        results[kernel] = (steps, {k: v.clone() for k, v in head.transform.state_dict().items()})
+    ref_steps, ref_state = results["reference"]
+    for kernel in ("fused", "chunked"):
+        steps, state = results[kernel]
+        for (l, gx, gw, n), (rl, rgx, rgw, rn) in zip(steps, ref_steps):
+            assert n == rn < 40
+            torch.testing.assert_close(l, rl, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(gx, rgx, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(gw, rgw, rtol=1e-9, atol=1e-12)
+        for k, v in state.items():
+            torch.testing.assert_close(v, ref_state[k], rtol=1e-12, atol=0)
