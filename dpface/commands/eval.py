@@ -7,19 +7,21 @@ import sys
 
 from dpface.commands.errors import InputError, json_metrics
 
-PROTOCOLS = ("verification", "ijb", "identification", "sets")
+PROTOCOLS = ("verification", "ijb", "ijb-1n", "identification", "sets")
 
 
 def add_protocol_arguments(e) -> None:
     """The protocol options of `dpface eval`."""
     e.add_argument("--protocol", choices=PROTOCOLS, default="verification",
                    help="verification: 10-fold pairs (default); ijb: 1:1 templates of an IJB-format "
-                        "set (--ijb-dir); identification: 1:N gallery/probe search; sets: "
+                        "set (--ijb-dir); ijb-1n: its 1:N protocol (galleries G1/G2, mixed-media "
+                        "probes); identification: 1:N gallery/probe search; sets: "
                         "mixed-quality synthetic templates pooled by mean, norm and quality")
     g = e.add_argument_group("ijb")
     g.add_argument("--ijb-dir", action="append", default=[],
                    help="IJB-format set: meta/*_face_tid_mid.txt, *_template_pair_label.txt, "
-                        "*_name_5pts_score.txt + loose_crop/ (repeatable)")
+                        "*_name_5pts_score.txt (1:N: *_1N_gallery_*.csv, *_1N_probe_mixed.csv) + "
+                        "loose_crop/ (repeatable)")
     g.add_argument("--no-flip", action="store_true", help="ijb: features of the image alone "
                    "(default: image + mirror summed)")
     g.add_argument("--no-norm-score", action="store_true", help="ijb: L2-normalise each face "

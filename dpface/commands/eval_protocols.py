@@ -94,6 +94,37 @@ def run_ijb(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[di
     return metrics, plots
 
 
+def run_ijb_1n(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[dict, list]:
+    from dpface.eval.ijb_1n import evaluate_ijb_1n_features, load_ijb_1n
+
+    if not args.ijb_dir:
+        raise InputError("--protocol ijb-1n needs --ijb-dir DIR (an IJB-format set with its 1:N lists; "
+                         "`dpface convert synthetic-ijb DIR` writes a synthetic one)")
+    modes = _ijb_modes(args)
+    metrics, plots = {}, []
+    for d in args.ijb_dir:
+        s = load_ijb_1n(d)
+        err(f"dpface eval: ijb-1n {s.name}: {len(s.faces)} faces; galleries "
+            + ", ".join(f"{k} ({v[0].size} templates)" for k, v in s.galleries.items())
+            + f"; {s.probes[0].size} probe templates")
+        feats, flipped = face_features(backbone, s.faces, batch_size=cfg.eval.batch_size, device=device,
+                                       size=cfg.data.image_size, flip=any(m[0] for m in modes))
+        for flip, norm, det in modes:
+            r = evaluate_ijb_1n_features(s, feats, flipped, flip=flip, norm_score=norm, detector_score=det)
+            key = f"ijb-1n/{s.name}" + (f"/{r['mode']}" if len(modes) > 1 else "")
+            for gallery in (*s.galleries, "mean"):
+                for k, v in r[gallery].items():
+                    metrics[f"{key}/{gallery}/{k}"] = v
+        try:
+            from dpface.eval.plots import cmc_plot
+
+            plots.append(cmc_plot(r["cmc"], plots_dir / f"ijb-1n-{s.name}-cmc-step{step:08d}.png",
+                                  title=f"IJB 1:N {s.name} ({r['mode']}), step {step}"))
+        except ImportError:
+            err("dpface eval: matplotlib not installed, no plots")
+    return metrics, plots
+
+
 # ----------------------------------------------------------------------------- identification
 
 
@@ -245,9 +276,9 @@ def run_sets(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[d
 
 
 def run_protocol(args, backbone, cfg, device, ckpt: Path, step: int) -> dict:
-    """`dpface eval --protocol ijb|identification|sets`: metrics (plots written, W&B when enabled)."""
+    """`dpface eval --protocol ijb|ijb-1n|identification|sets`: metrics (plots written, W&B when enabled)."""
     plots_dir = RunDir.of_checkpoint(ckpt).plots
-    fn = {"ijb": run_ijb, "identification": run_identification, "sets": run_sets}[args.protocol]
+    fn = {"ijb": run_ijb, "ijb-1n": run_ijb_1n, "identification": run_identification, "sets": run_sets}[args.protocol]
     metrics, plots = fn(args, backbone, cfg, device, plots_dir, step)
     for p in plots:
         err(f"dpface eval: wrote {p}")

@@ -101,12 +101,14 @@ def _num(path: Path, i: int, value: str, kind, what: str):
     return x
 
 
-def load_ijb(root) -> IJBSet:
-    """Read and cross-check the three meta files of an IJB-format set directory."""
+def load_ijb(root, pairs: bool = True) -> IJBSet:
+    """Read and cross-check the three meta files of an IJB-format set directory (without the
+    template pairs when ``pairs`` is False: the 1:N protocol needs only the faces)."""
     root = Path(root)
     if not root.is_dir():
         raise ProtocolError(f"{root}: no IJB set directory there")
-    tm_path, pair_path, lm_path = (_find_meta(root, k) for k in ("tid_mid", "pairs", "landmarks"))
+    tm_path, lm_path = (_find_meta(root, k) for k in ("tid_mid", "landmarks"))
+    pair_path = _find_meta(root, "pairs") if pairs else None
     image_dir = root / "loose_crop" if (root / "loose_crop").is_dir() else root
 
     lm: dict[str, tuple[int, np.ndarray, float]] = {}
@@ -134,7 +136,7 @@ def load_ijb(root) -> IJBSet:
         raise ProtocolError(f"{tm_path}: no faces listed")
     have = set(tids)
     pairs, same = [], []
-    for i, f in _rows(pair_path, 3, "TEMPLATE_1 TEMPLATE_2 LABEL"):
+    for i, f in _rows(pair_path, 3, "TEMPLATE_1 TEMPLATE_2 LABEL") if pair_path else ():
         a = _num(pair_path, i, f[0], int, "a template id")
         b = _num(pair_path, i, f[1], int, "a template id")
         y = _num(pair_path, i, f[2], int, "the label")
@@ -145,13 +147,13 @@ def load_ijb(root) -> IJBSet:
                 raise ProtocolError(f"{pair_path}:{i}: template {t} has no faces in {tm_path}")
         pairs.append((a, b))
         same.append(bool(y))
-    if not pairs:
+    if pair_path and not pairs:
         raise ProtocolError(f"{pair_path}: no template pairs listed")
     prefix = tm_path.name[: -len(META_SUFFIXES["tid_mid"])] or root.name
     return IJBSet(name=prefix, image_dir=image_dir, images=images,
                   landmarks=np.asarray(pts, np.float64), det_scores=np.asarray(scores, np.float64),
                   templates=np.asarray(tids, np.int64), medias=np.asarray(mids, np.int64),
-                  pairs=np.asarray(pairs, np.int64), issame=np.asarray(same, bool), where=where)
+                  pairs=np.asarray(pairs, np.int64).reshape(-1, 2), issame=np.asarray(same, bool), where=where)
 
 
 def read_aligned(s: IJBSet, f: int, size: int = 112) -> np.ndarray:

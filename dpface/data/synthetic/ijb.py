@@ -1,6 +1,6 @@
-"""A synthetic IJB-style 1:1 template set on disk, in the meta-file layout eval/ijb.py
-reads: mixed-quality faces placed into loose crops, with noisy landmarks and detector
-scores (``dpface convert synthetic-ijb``)."""
+"""A synthetic IJB-style template set on disk, in the meta-file layout eval/ijb.py (1:1) and
+eval/ijb_1n.py (1:N: galleries G1 and G2, mixed probes) read: mixed-quality faces placed into
+loose crops, with noisy landmarks and detector scores (``dpface convert synthetic-ijb``)."""
 from __future__ import annotations
 
 import math
@@ -46,7 +46,7 @@ def make_synthetic_ijb(out, num_identities: int = 30, templates_per_identity: in
     s = image_size
     big = int(round(1.5 * s))
     tmpl = template_points(s)
-    lines_tm, lines_lm, template_ident = [], [], []
+    lines_tm, lines_lm, template_ident, template_faces = [], [], [], []
     tid = mid = face = 0
     for ident in range(num_identities):
         g = identity_offset + ident
@@ -54,6 +54,7 @@ def make_synthetic_ijb(out, num_identities: int = 30, templates_per_identity: in
         for _ in range(templates_per_identity):
             tid += 1
             template_ident.append(ident)
+            template_faces.append([])
             for _ in range(int(rng.integers(1, max_media + 1))):
                 mid += 1
                 for _ in range(int(rng.integers(1, max_faces_per_media + 1))):
@@ -83,6 +84,7 @@ def make_synthetic_ijb(out, num_identities: int = 30, templates_per_identity: in
                     pts = np.clip(pts, 0, big - 1)
                     det = float(np.clip(0.5 + 0.45 * q + rng.normal(0, 0.03), 0.05, 1.0))
                     lines_tm.append(f"{name} {tid} {mid}")
+                    template_faces[-1].append(name)
                     lines_lm.append(name + " " + " ".join(f"{v:.2f}" for v in pts.reshape(-1))
                                     + f" {det:.4f}")
     ident_of = np.asarray(template_ident)
@@ -97,6 +99,19 @@ def make_synthetic_ijb(out, num_identities: int = 30, templates_per_identity: in
     (meta / f"{prefix}_face_tid_mid.txt").write_text("\n".join(lines_tm) + "\n")
     (meta / f"{prefix}_name_5pts_score.txt").write_text("\n".join(lines_lm) + "\n")
     (meta / f"{prefix}_template_pair_label.txt").write_text("\n".join(lines_pair) + "\n")
+    # 1:N: the identities split in two galleries (G1, G2) of each one's first template; every
+    # other template is a probe (mated in one gallery, non-mated in the other).
+    first = {}
+    for t, ident in enumerate(template_ident):
+        first.setdefault(int(ident), t)
+    half = (num_identities + 1) // 2
+    lists = {"gallery_G1": [t for i, t in first.items() if i < half],
+             "gallery_G2": [t for i, t in first.items() if i >= half],
+             "probe_mixed": [t for t in range(tid) if t not in set(first.values())]}
+    for kind, ts in lists.items():
+        rows = ["TEMPLATE_ID,SUBJECT_ID,FILENAME"]
+        rows += [f"{t + 1},{identity_offset + template_ident[t]},{f}" for t in ts for f in template_faces[t]]
+        (meta / f"{prefix}_1N_{kind}.csv").write_text("\n".join(rows) + "\n")
     return {"dir": str(out), "identities": num_identities, "templates": tid, "media": mid,
             "faces": face, "pairs": len(lines_pair), "genuine": n_pos,
             "impostor": len(lines_pair) - n_pos}
