@@ -17,6 +17,11 @@ def add_protocol_arguments(e) -> None:
                         "set (--ijb-dir); ijb-1n: its 1:N protocol (galleries G1/G2, mixed-media "
                         "probes); identification: 1:N gallery/probe search; sets: "
                         "mixed-quality synthetic templates pooled by mean, norm and quality")
+    e.add_argument("--tar-convention", choices=("strict", "nearest"), default=None,
+                   help="how TAR@FAR is read (eval.tar_convention): strict = at most floor(FAR*N) "
+                        "impostors accepted, none below 1/N; nearest = insightface's ROC point with the "
+                        "FPR nearest the target, for comparison with published tables "
+                        "(keys nearest_tar@far=...)")
     g = e.add_argument_group("ijb")
     g.add_argument("--ijb-dir", action="append", default=[],
                    help="IJB-format set: meta/*_face_tid_mid.txt, *_template_pair_label.txt, "
@@ -74,6 +79,8 @@ def run(args) -> int:
     backbone, cfg, meta, ckpt = load_backbone(args.checkpoint, args.overrides, cfg=own)
     if args.bin:
         cfg.eval.bin_sets = list(args.bin)
+    if args.tar_convention:
+        cfg.eval.tar_convention = args.tar_convention
     device = dist.pick_device(cfg.experiment.device)
     backbone.to(device)
     if args.protocol != "verification":  # ijb | identification | sets (eval_protocols.py)

@@ -11,7 +11,7 @@ import numpy as np
 from dpface.commands.errors import InputError, err
 from dpface.eval.identification import cmc, search, tpir_at_fpir
 from dpface.eval.ijb import IJB_FARS, ProtocolError, evaluate_ijb_features, face_features, load_ijb
-from dpface.eval.verification import auc
+from dpface.eval.verification import auc, tar_key
 from dpface.rundir import RunDir
 
 FPIRS = (0.01, 0.1)
@@ -76,10 +76,10 @@ def run_ijb(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[di
         rocs = {}
         for flip, norm, det in modes:
             r = evaluate_ijb_features(s, feats, flipped, flip=flip, norm_score=norm,
-                                      detector_score=det, fars=IJB_FARS)
+                                      detector_score=det, fars=IJB_FARS, tar_convention=cfg.eval.tar_convention)
             key = f"ijb/{s.name}" + (f"/{r['mode']}" if len(modes) > 1 else "")
             for far, tar in r["tar_at_far"].items():
-                metrics[f"{key}/tar@far={far:g}"] = tar
+                metrics[f"{key}/{tar_key(far, cfg.eval.tar_convention)}"] = tar
             metrics[f"{key}/auc"] = auc(*r["roc"][:2])
             rocs[r["mode"]] = r["roc"][:2]
         try:
@@ -263,14 +263,14 @@ def run_sets(args, backbone, cfg, device, plots_dir: Path, step: int) -> tuple[d
     except ValueError as e:
         raise ProtocolError(f"--protocol sets: {e}") from None
     r = evaluate_set_poolings(backbone, templates, fars=tuple(cfg.eval.fars), batch_size=cfg.eval.batch_size,
-                              device=device)
+                              device=device, tar_convention=cfg.eval.tar_convention)
     metrics = {}
     for how, v in r.items():
         if how == "quality":
             metrics["sets/quality/spearman_vs_degradation"] = v["spearman_vs_degradation"]
             continue
         for far, tar in v["tar_at_far"].items():
-            metrics[f"sets/{how}/tar@far={far:g}"] = tar
+            metrics[f"sets/{how}/{tar_key(far, cfg.eval.tar_convention)}"] = tar
         metrics[f"sets/{how}/rank1"] = v["rank1"]
     return metrics, []
 

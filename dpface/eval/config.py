@@ -20,6 +20,9 @@ class EvalConfig:
     batch_size: int = positive(128)
     fars: list = rule(default_factory=lambda: [0.1, 0.01], check=_fars_ok, why="a list of numbers in (0, 1]")
     bin_sets: list = field(default_factory=list)  # insightface-format .bin files
+    # strict: at most floor(FAR·N) impostors accepted (NaN below 1/N); nearest: insightface's
+    # reporting, the ROC point with the FPR nearest the target (eval/verification.tar_at_far)
+    tar_convention: str = rule("strict", lambda v: v in ("strict", "nearest"), "strict or nearest")
 
     def has_sets(self, data) -> bool:
         """The same answer on every rank (only rank 0 builds the sets): evaluation is a
@@ -49,19 +52,19 @@ class EvalConfig:
 
     def run(self, backbone, sets: dict, device, rocs: dict | None = None) -> dict:
         """Scalar metrics per set; ``rocs``, when given, receives name → (fpr, tpr)."""
-        from dpface.eval.verification import evaluate_pairs
+        from dpface.eval.verification import evaluate_pairs, tar_key
 
         metrics = {}
         for name, (a, b, same, folds) in sets.items():
             # num_folds: sets without fold ids (.bin) are split into eval.folds consecutive parts
             r = evaluate_pairs(backbone, a, b, same, folds=folds, batch_size=self.batch_size,
                                device=device, flip=self.flip, num_folds=self.folds,
-                               fars=tuple(self.fars))
+                               fars=tuple(self.fars), tar_convention=self.tar_convention)
             if rocs is not None:
                 rocs[name] = r.roc[:2]
             metrics[f"{name}/acc"] = r.accuracy
             metrics[f"{name}/acc_std"] = r.accuracy_std
             metrics[f"{name}/auc"] = r.auc
             for far, tar in r.tar_at_far.items():
-                metrics[f"{name}/tar@far={far:g}"] = tar
+                metrics[f"{name}/{tar_key(far, self.tar_convention)}"] = tar
         return metrics

@@ -16,8 +16,9 @@ summed), optionally L2-normalised (``norm_score=False``: the feature norm is dro
 optionally multiplied by the detector score; within a template, faces of one media (the
 frames of one video, or one still) are averaged, media features are summed, and the sum is
 L2-normalised. A pair's score is the cosine of its two templates. TAR at FAR 1e-6 … 1e-1
-uses ``tar_at_far`` (accept when score > t; NaN where there are fewer than 1/FAR impostor
-pairs) instead of insightface's nearest ROC point, which can report a FAR it did not reach.
+uses ``tar_at_far``: strict by default (accept when score > t; NaN where there are fewer than
+1/FAR impostor pairs), or with ``eval.tar_convention: nearest`` insightface's nearest ROC point
+(which can report a FAR it did not reach) for comparison with published tables.
 
 Bad input raises :class:`ProtocolError` with the file and line it comes from.
 """
@@ -258,7 +259,7 @@ def template_pair_scores(tids, tfeats, pairs) -> np.ndarray:
 
 
 def evaluate_ijb_features(s: IJBSet, feats, flipped=None, flip: bool = True, norm_score: bool = True,
-                          detector_score: bool = True, fars=IJB_FARS) -> dict:
+                          detector_score: bool = True, fars=IJB_FARS, tar_convention: str = "strict") -> dict:
     """One test mode on precomputed features → {"scores", "tar_at_far", "roc", "mode"}."""
     if flip and flipped is None:
         raise ValueError("flip=True needs the flipped features")
@@ -267,7 +268,7 @@ def evaluate_ijb_features(s: IJBSet, feats, flipped=None, flip: bool = True, nor
     tids, tf = template_features(x, s.templates, s.medias)
     scores = template_pair_scores(tids, tf, s.pairs)
     return {"mode": mode_name(flip, norm_score, detector_score), "scores": scores,
-            "tar_at_far": tar_at_far(scores, s.issame, fars), "roc": roc_curve(scores, s.issame)}
+            "tar_at_far": tar_at_far(scores, s.issame, fars, tar_convention), "roc": roc_curve(scores, s.issame)}
 
 
 def mode_name(flip: bool, norm_score: bool, detector_score: bool) -> str:

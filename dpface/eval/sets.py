@@ -79,7 +79,7 @@ def template_scores(feats: torch.Tensor, pairs) -> np.ndarray:
     return template_pair_scores(np.arange(f.shape[0]), f, pairs)
 
 
-def evaluate_pooled(feats, templates, fars=(1e-2, 1e-1)) -> dict:
+def evaluate_pooled(feats, templates, fars=(1e-2, 1e-1), tar_convention: str = "strict") -> dict:
     """Verification TAR@FAR and rank-1 identification of pooled template features [T, D]
     on a ``TemplateSet``."""
     from .identification import identification_rates
@@ -92,7 +92,7 @@ def evaluate_pooled(feats, templates, fars=(1e-2, 1e-1)) -> dict:
     g = templates.gallery
     rank1 = identification_rates(feats[g], templates.template_identity[g], feats[~g],
                                  templates.template_identity[~g], ranks=(1,))[1]
-    return {"tar_at_far": tar_at_far(scores, templates.issame, fars), "rank1": rank1,
+    return {"tar_at_far": tar_at_far(scores, templates.issame, fars, tar_convention), "rank1": rank1,
             "scores": scores}
 
 
@@ -112,7 +112,8 @@ def spearman(a, b) -> float:
 
 def evaluate_set_poolings(backbone: torch.nn.Module, templates, poolings=POOLINGS,
                           fars=(1e-2, 1e-1), batch_size: int = 128, device="cpu",
-                          extra_weights: Mapping[str, np.ndarray] | None = None) -> dict:
+                          extra_weights: Mapping[str, np.ndarray] | None = None,
+                          tar_convention: str = "strict") -> dict:
     """Every pooling of ``poolings`` on one backbone's embeddings of a ``TemplateSet``
     (``dpface.data.templates.make_templates``) → {pooling: {"tar_at_far": {far: tar},
     "rank1": r}}, plus "quality": {"spearman_vs_degradation": ρ} for a qan backbone.
@@ -127,11 +128,11 @@ def evaluate_set_poolings(backbone: torch.nn.Module, templates, poolings=POOLING
         if how == "qan" and q is None:
             continue
         feats = pool(emb, how, index=index, quality=q)
-        r = evaluate_pooled(feats, templates, fars)
+        r = evaluate_pooled(feats, templates, fars, tar_convention)
         out[how] = {"tar_at_far": r["tar_at_far"], "rank1": r["rank1"]}
     for name, w in (extra_weights or {}).items():
         r = evaluate_pooled(quality_pool(emb, torch.as_tensor(np.asarray(w), dtype=torch.float32),
-                                         index=index), templates, fars)
+                                         index=index), templates, fars, tar_convention)
         out[name] = {"tar_at_far": r["tar_at_far"], "rank1": r["rank1"]}
     if q is not None:
         # constant scores (an untrained branch): no ranking, so no correlation

@@ -28,12 +28,14 @@ class VerificationResult:
     tar_at_far: dict[float, float]  # NaN where there are too few negatives to resolve that FAR
     auc: float
     roc: tuple[np.ndarray, np.ndarray, np.ndarray] = field(repr=False)  # (fpr, tpr, thresholds)
+    tar_convention: str = "strict"  # how tar_at_far was read (``tar_at_far``)
 
     def as_dict(self) -> dict:
         """Plain JSON-safe values, without the ROC arrays.
 
         Non-finite numbers (an infinite threshold, an unresolvable TAR) become ``None`` because
-        strict JSON has no NaN/Infinity; TAR keys become strings such as ``"tar@far=0.001"``.
+        strict JSON has no NaN/Infinity; TAR keys become strings such as ``"tar@far=0.001"``
+        (``"nearest_tar@far=0.001"`` under the nearest convention: ``tar_key``).
         """
 
         def clean(x: float):
@@ -48,7 +50,7 @@ class VerificationResult:
             "auc": clean(self.auc),
         }
         for far, tar in self.tar_at_far.items():
-            out[f"tar@far={far:g}"] = clean(tar)
+            out[tar_key(far, self.tar_convention)] = clean(tar)
         return out
 
 
@@ -194,25 +196,46 @@ def kfold_accuracy(scores, issame, folds: np.ndarray | None = None, num_folds: i
 # ----------------------------------------------------------------------------- TAR@FAR, ROC
 
 
-def tar_at_far(scores, issame, fars=DEFAULT_FARS) -> dict[float, float]:
+TAR_CONVENTIONS = ("strict", "nearest")
+
+
+def tar_key(far: float, convention: str = "strict") -> str:
+    """The metric name of a TAR at ``far``: ``tar@far=0.01`` (strict) or ``nearest_tar@far=0.01``,
+    so every table says which convention produced it."""
+    return f"{'nearest_' if convention == 'nearest' else ''}tar@far={far:g}"
+
+
+def tar_at_far(scores, issame, fars=DEFAULT_FARS, convention: str = "strict") -> dict[float, float]:
     """True-accept rate at a fixed false-accept rate, for each target FAR.
 
-    Definition (accept when ``score > t``): with N negative pairs, at most ``k = floor(FAR·N)``
+    ``strict`` (accept when ``score > t``): with N negative pairs, at most ``k = floor(FAR·N)``
     negatives may be accepted. The threshold is the smallest t with #{neg > t} <= k, which is
     exactly the (k+1)-th largest negative score; TAR = #{pos > t} / #positives.
     Ties: negatives tied at t are rejected (so the achieved FAR may fall below the target when
     several negatives share that score), and positives tied at t are rejected too.
     If k < 1 — fewer than 1/FAR negatives — the FAR cannot be resolved and the result is NaN,
     as it is when there are no positive pairs.
+
+    ``nearest`` is how insightface's IJB script reports (for comparison with published tables):
+    the TPR of the ROC point whose FPR is nearest the target (the first such point, thresholds
+    descending), on the ROC with collinear intermediate points dropped (scikit-learn's
+    ``roc_curve`` default, which that script uses). It can read higher than ``strict`` (the
+    nearest point may lie above the target FAR) and reports a value below 1/N negatives.
     """
     s, y = _check_scores_labels(scores, issame)
+    if convention not in TAR_CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(TAR_CONVENTIONS)}, got {convention!r}")
     neg_desc = np.sort(s[~y])[::-1]
     pos = s[y]
+    roc = _nearest_roc(s, y) if convention == "nearest" and pos.size and neg_desc.size else None
     out: dict[float, float] = {}
     for far in fars:
         far = float(far)
         if not 0.0 < far <= 1.0:
             raise ValueError(f"FAR must be in (0, 1], got {far}")
+        if convention == "nearest":
+            out[far] = float("nan") if roc is None else float(roc[1][int(np.argmin(np.abs(roc[0] - far)))])
+            continue
         # small slack so that e.g. 1e-3 * 1000 counts as 1 despite float rounding
         k = int(math.floor(far * neg_desc.size + 1e-9))
         if k < 1 or pos.size == 0:
@@ -221,6 +244,18 @@ def tar_at_far(scores, issame, fars=DEFAULT_FARS) -> dict[float, float]:
         t = neg_desc[k] if k < neg_desc.size else -np.inf
         out[far] = float(np.mean(pos > t))
     return out
+
+
+def _nearest_roc(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of the ROC as insightface's reporting sees it: one point per distinct score
+    (descending) after the origin, minus the points in the middle of a straight run (where
+    both cumulative counts have zero second difference; the first and last are kept)."""
+    fpr, tpr, _ = roc_curve(s, y)
+    f, t = fpr[1:], tpr[1:]
+    if f.size > 2:
+        keep = np.r_[True, (np.diff(f, 2) != 0) | (np.diff(t, 2) != 0), True]
+        f, t = f[keep], t[keep]
+    return np.r_[0.0, f], np.r_[0.0, t]
 
 
 def roc_curve(scores, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -264,7 +299,7 @@ def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
 
 
 def evaluate_scores(scores, issame, folds=None, num_folds: int = 10,
-                    fars=DEFAULT_FARS) -> VerificationResult:
+                    fars=DEFAULT_FARS, tar_convention: str = "strict") -> VerificationResult:
     """All verification metrics from precomputed pair scores."""
     s, y = _check_scores_labels(scores, issame)
     accs, thresholds = kfold_accuracy(s, y, folds=folds, num_folds=num_folds)
@@ -274,15 +309,16 @@ def evaluate_scores(scores, issame, folds=None, num_folds: int = 10,
         accuracy_std=float(np.std(accs)),
         fold_accuracies=accs,
         thresholds=thresholds,
-        tar_at_far=tar_at_far(s, y, fars),
+        tar_at_far=tar_at_far(s, y, fars, tar_convention),
         auc=auc(fpr, tpr),
         roc=(fpr, tpr, thr),
+        tar_convention=tar_convention,
     )
 
 
 def evaluate_pairs(model, images_a, images_b, issame, folds=None, batch_size: int = 128,
                    device="cpu", flip: bool = True, num_folds: int = 10,
-                   fars=DEFAULT_FARS) -> VerificationResult:
+                   fars=DEFAULT_FARS, tar_convention: str = "strict") -> VerificationResult:
     """Embed both sides of every pair with ``model`` and run the verification protocol.
 
     ``images_a[i]``/``images_b[i]`` form pair i; images are uint8 (see ``extract_embeddings``).
@@ -297,4 +333,5 @@ def evaluate_pairs(model, images_a, images_b, issame, folds=None, batch_size: in
         raise ValueError(
             f"embedding sizes differ: side a gave D={emb_a.shape[1]}, side b D={emb_b.shape[1]}")
     scores = pair_scores(emb_a, emb_b)
-    return evaluate_scores(scores, issame, folds=folds, num_folds=num_folds, fars=fars)
+    return evaluate_scores(scores, issame, folds=folds, num_folds=num_folds, fars=fars,
+                           tar_convention=tar_convention)

@@ -157,3 +157,21 @@ def test_cli_ijb_1n_on_the_synthetic_set(checkpoint, tmp_path, capsys):  # noqa:
     assert main(["eval", "--checkpoint", str(checkpoint), "--protocol", "ijb-1n", "--ijb-dir", str(d)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dpface: error: ") and "synth_1N_probe_mixed.csv:2: template 4242 has no faces" in err
+
+
+def test_cli_tar_convention(checkpoint, tmp_path, capsys):  # noqa: F811
+    """--tar-convention nearest (eval.tar_convention) names its keys and reports where strict
+    cannot (FAR below 1 / impostors); a bad value is a config error."""
+    d = tmp_path / "ijb"
+    make_synthetic_ijb(d, num_identities=4, templates_per_identity=2, max_media=1, max_faces_per_media=1)
+    args = ["eval", "--checkpoint", str(checkpoint), "--protocol", "ijb", "--ijb-dir", str(d)]
+    assert main(args) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert main([*args, "--tar-convention", "nearest"]) == 0
+    nearest = json.loads(capsys.readouterr().out)
+    assert strict["ijb/synth/tar@far=1e-06"] is None and not any(k.startswith("ijb/synth/nearest") for k in strict)
+    assert 0 <= nearest["ijb/synth/nearest_tar@far=1e-06"] <= 1 and "ijb/synth/tar@far=0.1" not in nearest
+    assert main(["eval", "--checkpoint", str(checkpoint), "eval.tar_convention=nearest"]) == 0
+    assert "synthetic/nearest_tar@far=0.1" in json.loads(capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(checkpoint), "eval.tar_convention=closest"]) == 2
+    assert "eval.tar_convention" in capsys.readouterr().err

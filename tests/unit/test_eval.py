@@ -411,3 +411,48 @@ def test_model_card_table_has_a_row_per_set_and_mode():
     assert lines[0] == "| set | tar@far=1e-4 | tar@far=1e-3 | auc | acc |"
     assert lines[2].startswith("| ijb/B/noflip+nonorm | 0.5000 | 0.5000 | 0.5000 |")
     assert lines[-1] == "| synthetic | – | – | 0.9500 | 0.9000 |"
+
+
+def _insightface_nearest(scores, issame, far):
+    """insightface's IJB reporting replayed with scikit-learn: its roc_curve (default
+    drop_intermediate), then the first point minimising |fpr − far|."""
+    from sklearn.metrics import roc_curve as sk_roc
+
+    fpr, tpr, _ = sk_roc(np.asarray(issame, int), scores)
+    _, i = min(zip(np.abs(fpr - far), range(len(fpr))))
+    return float(tpr[i])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_nearest_convention_replays_insightface_on_tie_heavy_scores(seed):
+    pytest.importorskip("sklearn")
+    from dpface.eval.verification import tar_at_far
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(40, 400))
+    y = rng.random(n) < 0.3
+    step = [0.05, 0.1, 0.2][seed % 3]  # coarse grids: many tied scores, collinear ROC runs
+    s = np.round(np.where(y, rng.normal(0.5, 0.3, n), rng.normal(0.1, 0.3, n)) / step) * step
+    fars = (1e-6, 1e-4, 1e-2, 0.05, 0.1, 0.3)  # including FARs below 1 / #negatives
+    got = tar_at_far(s, y, fars, convention="nearest")
+    for far in fars:
+        assert got[far] == pytest.approx(_insightface_nearest(s, y, far), abs=1e-12), far
+    strict = tar_at_far(s, y, fars)
+    assert math.isnan(strict[1e-6]) and not math.isnan(got[1e-6])
+
+
+def test_nearest_convention_hand_computed():
+    """Negatives 0.9, 0.5, 0.5, 0.1; positives 0.95, 0.7, 0.5. ROC after the origin (one
+    point per distinct score, descending): (0, 1/3), (1/4, 1/3), (1/4, 2/3), (3/4, 1),
+    (1, 1). FAR 0.3 is nearest FPR 0.25, first at (1/4, 1/3): nearest reads 1/3 where strict
+    reads 2/3 (threshold 0.5, one negative above it); FAR 0.6 is nearest 0.75 → 1, above the
+    target, where strict reads 2/3 again."""
+    from dpface.eval.verification import tar_at_far, tar_key
+
+    s = [0.9, 0.5, 0.5, 0.1, 0.95, 0.7, 0.5]
+    y = [False] * 4 + [True] * 3
+    assert tar_at_far(s, y, (0.3, 0.6), "nearest") == pytest.approx({0.3: 1 / 3, 0.6: 1.0})
+    assert tar_at_far(s, y, (0.3, 0.6)) == pytest.approx({0.3: 2 / 3, 0.6: 2 / 3})
+    assert tar_key(0.01) == "tar@far=0.01" and tar_key(1e-4, "nearest") == "nearest_tar@far=0.0001"
+    with pytest.raises(ValueError, match="strict, nearest"):
+        tar_at_far(s, y, (0.3,), "closest")
