@@ -25,7 +25,8 @@ EXTRAS = {
     "eval": ["matplotlib>=3.7", "scikit-image>=0.22"],  # plots; IJB five-point alignment
     "cluster": ["faiss-cpu>=1.8", "scikit-learn>=1.3"],  # dpface cluster: kNN graph, baselines, NMI
     # scikit-image: bundled real faces (integration/test_deploy.py); faiss, scikit-learn: unit/test_cluster.py
-    "test": ["pytest>=8", "scikit-image>=0.22", "ruff>=0.6", "faiss-cpu>=1.8", "scikit-learn>=1.3"],
+    "test": ["pytest>=8", "scikit-image>=0.22", "ruff>=0.6", "faiss-cpu>=1.8", "scikit-learn>=1.3",
+             "opencv-python-headless>=4.8"],  # cv2: the insightface-style .bin reader in the tests
     "dev": ["pre-commit>=3", "ruff>=0.6"],  # .pre-commit-config.yaml: `pre-commit install`
 }
 EXTRAS["all"] = sorted({r for k, v in EXTRAS.items() for r in v if k not in ("dali", "dev")})

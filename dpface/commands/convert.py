@@ -1,5 +1,6 @@
-"""`dpface convert folder|recordio|synthetic` (→ WebDataset shards and a manifest) and
-`dpface convert synthetic-ijb` (→ an IJB-format set for `dpface eval --protocol ijb`)."""
+"""`dpface convert folder|recordio|synthetic` (→ WebDataset shards and a manifest),
+`dpface convert synthetic-ijb` (→ an IJB-format set for `dpface eval --protocol ijb|ijb-1n`) and
+`dpface convert pairs-to-bin` (an image folder + pairs.txt → a .bin for `dpface eval --bin`)."""
 from __future__ import annotations
 
 import errno
@@ -30,6 +31,7 @@ def add_parser(sub) -> None:
         sp.add_argument("--overwrite", action="store_true")
         sp.set_defaults(fn=run)
     _add_synthetic_ijb(csub)
+    _add_pairs_to_bin(csub)
 
 
 def run(args) -> int:
@@ -84,3 +86,31 @@ def _add_synthetic_ijb(csub) -> None:
     c.add_argument("--image-size", type=int, default=112)
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=run_synthetic_ijb)
+
+
+def _add_pairs_to_bin(csub) -> None:
+    c = csub.add_parser("pairs-to-bin", help="an image folder + LFW-style pairs.txt → an insightface .bin "
+                                              "verification set (`dpface eval --bin`)")
+    c.add_argument("src", help="image folder: SRC/NAME/NAME_0001.jpg, ...")
+    c.add_argument("pairs", help="pairs.txt: 'NAME I J' (same person) or 'NAME1 I NAME2 J' lines")
+    c.add_argument("out", help="the .bin to write")
+    c.add_argument("--landmarks", default=None,
+                   help="five points per image ('NAME/FILE x1 y1 ... x5 y5'): align to the ArcFace template")
+    c.add_argument("--image-size", type=int, default=112)
+    c.add_argument("--format", choices=("png", "jpeg"), default="png",
+                   help="image encoding in the .bin (png: lossless; jpeg: as the published sets)")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=run_pairs_to_bin)
+
+
+def run_pairs_to_bin(args) -> int:
+    from dpface.eval.pairs_to_bin import PairsError, pairs_to_bin
+
+    try:
+        info = pairs_to_bin(args.src, args.pairs, args.out, image_size=args.image_size, landmarks=args.landmarks,
+                            format=args.format, overwrite=args.overwrite)
+    except PairsError as e:
+        raise InputError(str(e)) from None
+    how = "aligned by their landmarks" if info["aligned"] else f"{info['resized']} resized to {args.image_size} px"
+    print(f"wrote {info['pairs']} pairs ({info['same']} same-person) of {info['images']} images ({how}) to {args.out}")
+    return 0
