@@ -2,7 +2,7 @@
 """Run `dpface train` as a Ray Train job, on a running Ray cluster or a local Ray.
 
     python launchers/ray_launch.py --address auto --num-workers 16 --gpus-per-worker 1 \\
-        --max-failures 3 --config configs/ms1mv3_iresnet100_pfc.yaml train.lr=0.2
+        --max-failures 3 --config configs/ms1mv3_r100_pfc01_bf16.yaml train.lr=0.2
     python launchers/ray_launch.py --num-workers 2 --config configs/cpu_demo.yaml   # local, CPU
 
 The config file and its dotted overrides are the job's only input; every Ray worker

@@ -41,6 +41,22 @@ def test_readme_usage_lines_in_order(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(ckpt), "--bin", str(tmp_path / "lfw.bin"),
                  "--bin", str(tmp_path / "cfp_fp.bin")]) == 0
     assert {"lfw/acc", "cfp_fp/acc"} <= set(json.loads(capsys.readouterr().out))
+    ijb = tmp_path / "ijb-synth"
+    assert main(["convert", "synthetic-ijb", str(ijb), "--identities", "4"]) == 0
+    assert main(["eval", "--checkpoint", str(ckpt), "--protocol", "ijb", "--ijb-dir", str(ijb), "--all-modes"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "--protocol", "ijb-1n", "--ijb-dir", str(ijb)]) == 0
+    assert "ijb-1n/synth/mean/rank1" in json.loads(capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(ckpt), "--protocol", "ijb", "--ijb-dir", str(ijb),
+                 "--tar-convention", "nearest"]) == 0
+    assert "ijb/synth/nearest_tar@far=0.0001" in json.loads(capsys.readouterr().out)
+    for c in range(2):
+        (tmp_path / "photos" / f"p{c}").mkdir(parents=True)
+        for k in (1, 2):
+            (tmp_path / "photos" / f"p{c}" / f"p{c}_{k:04d}.jpg").write_bytes(jpeg(100 + 10 * c + k))
+    (tmp_path / "pairs.txt").write_text("p0 1 2\np1 1 2\np0 1 p1 2\np0 2 p1 1\n")
+    assert main(["convert", "pairs-to-bin", str(tmp_path / "photos"), str(tmp_path / "pairs.txt"),
+                 str(tmp_path / "mine.bin")]) == 0
     assert main(["plan", "--classes", "2000000", "--dim", "512", "--world", "64", "--batch", "128",
                  "--sample-rate", "0.1"]) == 0
     assert main(["train", "--config", demo, "head.sample_rate=0.1", "head.update=sampled", *run,
