@@ -1,7 +1,25 @@
-"""Checked, L2-normalised embeddings and their kNN graph (faiss, exact inner product)."""
+"""Checked, L2-normalised embeddings and their kNN graph (faiss): exact (``flat``) or
+approximate (``ivf``: inverted lists over k-means cells; ``hnsw``: a navigable small-world
+graph), built and searched in chunks of queries with bounded memory, the queries optionally
+sharded over the ranks of a process group.
+
+``auto`` is exact up to ``FLAT_MAX`` embeddings (O(N²) inner products: 38 s at 10⁵ on 2
+cores) and IVF above, with nlist ≈ 4·√N cells and nprobe chosen for ≥ 0.95 recall at k = 80
+on face embeddings (benchmarks/RESULTS.md, "Clustering at scale"). Before anything is built
+the index's memory is estimated and refused, with the estimate, when it exceeds what the
+machine has available.
+"""
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
+
+INDEXES = ("auto", "flat", "ivf", "hnsw")
+FLAT_MAX = 100_000  # auto: exact search up to here
+QUERY_CHUNK = 8192  # queries per search call: results held at once are chunk × (k + 1) × 12 bytes
+HNSW_M = 32
 
 
 class ClusterError(ValueError):
@@ -44,19 +62,143 @@ def check_k(k, n: int, what: str = "k", pool: str = "the pool") -> int:
     return int(k)
 
 
-def knn_graph(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(neighbour ids int64 [N, k], cosine similarities float32 [N, k]) of every row, most similar
-    first, the row itself excluded. ``x`` must be normalised (:func:`check_embeddings`); the
-    search is exact (``faiss.IndexFlatIP``)."""
+def ivf_lists(n: int) -> int:
+    """IVF cells for n embeddings: ≈ 4·√n (faiss's guidance), at least 1, at most n / 39 (k-means
+    needs ~39 training points per centroid)."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+
+
+def index_bytes(kind: str, n: int, d: int) -> int:
+    """Estimated memory of an index over n d-dimensional float32 embeddings (vectors + structure)."""
+    vectors = 4 * n * d
+    if kind == "flat":
+        return vectors
+    if kind == "ivf":
+        return vectors + 8 * n + 4 * ivf_lists(n) * d
+    if kind == "hnsw":
+        return vectors + int(4 * n * 2 * HNSW_M * 1.1)  # level-0 links (2M per node) + upper levels
+    raise ClusterError(f"index must be one of {', '.join(INDEXES[1:])}, got {kind!r}")
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of this machine (Linux), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def pick_index(index: str, n: int) -> str:
+    if index not in INDEXES:
+        raise ClusterError(f"index must be one of {', '.join(INDEXES)}, got {index!r}")
+    return index if index != "auto" else ("flat" if n <= FLAT_MAX else "ivf")
+
+
+def build_index(x: np.ndarray, kind: str, nprobe: int | None = None, ef_search: int | None = None,
+                k: int = 80, seed: int = 0):
+    """A faiss inner-product index over normalised ``x`` (estimated first: refused, with the
+    estimate, when it needs more memory than is available)."""
     import faiss
 
+    n, d = x.shape
+    need, avail = index_bytes(kind, n, d), available_bytes()
+    if avail is not None and need > avail:
+        raise ClusterError(f"a {kind} index over {n:,} embeddings of dimension {d} needs about "
+                           f"{need / 2**30:.1f} GiB, and {avail / 2**30:.1f} GiB are available: use fewer "
+                           f"embeddings{'' if kind == 'ivf' else ' or index ivf'}")
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = ivf_lists(n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed  # the same cells on every rank and every run
+        train = x if n <= 256 * nlist else x[np.random.default_rng(seed).choice(n, 256 * nlist, replace=False)]
+        index.train(train)
+        index.nprobe = int(nprobe or max(1, min(nlist, math.ceil(nlist / 16))))
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = int(ef_search or max(2 * (k + 1), 128))
+    else:
+        raise ClusterError(f"index must be one of {', '.join(INDEXES)}, got {kind!r}")
+    for start in range(0, n, 1 << 18):  # added in chunks: no second copy of the pool
+        index.add(x[start:start + (1 << 18)])
+    return index
+
+
+def knn_graph(x: np.ndarray, k: int, index: str = "auto", *, nprobe: int | None = None,
+              ef_search: int | None = None, group=None, progress=None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(neighbour ids int64 [N, k], cosine similarities float32 [N, k]) of every row, most similar
+    first, the row itself excluded. ``x`` must be normalised (:func:`check_embeddings`).
+
+    ``index``: ``flat`` (exact), ``ivf`` / ``hnsw`` (approximate), ``auto`` (exact up to
+    ``FLAT_MAX``). Queries are searched ``QUERY_CHUNK`` at a time (``progress(done, total)``
+    after each); with a process ``group`` of several ranks every rank searches a contiguous
+    slice of the queries and the slices are all-gathered, so every rank returns the whole graph."""
     n = x.shape[0]
     k = check_k(k, n)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    sims, ids = index.search(x, k + 1)
-    # Drop the row itself; where an exact duplicate outranked it, drop the last column instead.
+    kind = pick_index(index, n)
+    idx = build_index(x, kind, nprobe=nprobe, ef_search=ef_search, k=k, seed=seed)
+    rank, world = 0, 1
+    if group is not None or _dist_initialized():
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    ids = np.empty((hi - lo, k + 1), np.int64)
+    sims = np.empty((hi - lo, k + 1), np.float32)
+    t0 = time.perf_counter()
+    for start in range(lo, hi, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, hi)
+        s, i = idx.search(x[start:stop], k + 1)
+        sims[start - lo:stop - lo], ids[start - lo:stop - lo] = s, i
+        if progress is not None:
+            progress(stop - lo, hi - lo, time.perf_counter() - t0)
+    if world > 1:
+        ids, sims = _gather_rows(ids, sims, n, world, group)
+    # Drop the row itself; where another row outranked it (an exact duplicate, or the ANN
+    # search missed it), drop the last column instead. Unfilled ANN slots (id −1) sort last.
     own = ids == np.arange(n)[:, None]
     own[~own.any(axis=1), -1] = True
     keep = ~own
-    return ids[keep].reshape(n, k).astype(np.int64), sims[keep].reshape(n, k)
+    ids, sims = ids[keep].reshape(n, k), sims[keep].reshape(n, k)
+    if (ids < 0).any():
+        raise ClusterError(f"the {kind} index found fewer than k = {k} neighbours for "
+                           f"{int((ids < 0).any(axis=1).sum())} embeddings: raise nprobe / ef_search or use index flat")
+    return ids, sims
+
+
+def _dist_initialized() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_rows(ids: np.ndarray, sims: np.ndarray, n: int, world: int, group) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's contiguous slice of the rows, in rank order (padded to one size for gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    rows = -(-n // world)
+    pad = rows - ids.shape[0]
+    t_ids = torch.from_numpy(np.pad(ids, ((0, pad), (0, 0)), constant_values=-1))
+    t_sims = torch.from_numpy(np.pad(sims, ((0, pad), (0, 0))))
+    all_ids = [torch.empty_like(t_ids) for _ in range(world)]
+    all_sims = [torch.empty_like(t_sims) for _ in range(world)]
+    dist.all_gather(all_ids, t_ids, group=group)
+    dist.all_gather(all_sims, t_sims, group=group)
+    sizes = [n * (r + 1) // world - n * r // world for r in range(world)]
+    return (np.concatenate([a[:m].numpy() for a, m in zip(all_ids, sizes)]),
+            np.concatenate([a[:m].numpy() for a, m in zip(all_sims, sizes)]))
+
+
+def recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Fraction of the exact k nearest neighbours the approximate graph found (row by row)."""
+    hits = sum(np.intersect1d(a, e, assume_unique=True).size for a, e in zip(approx_ids, exact_ids))
+    return hits / exact_ids.size
