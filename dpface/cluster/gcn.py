@@ -42,7 +42,7 @@ from dpface import seeding
 from dpface.seeding import Stream
 
 from . import linkage
-from .knn import ClusterError, check_embeddings, check_k, knn_graph
+from .knn import ClusterError, check_embeddings, check_k, knn_graph, pick_index
 from .metrics import pairwise
 
 GCN_FORMAT = "dpface-linkage-gcn"
@@ -190,21 +190,23 @@ def edge_scores(model: LinkageGCN, x, batch_size: int = 256, device="cpu", knn: 
 
 
 def cluster(model: LinkageGCN, x, threshold: float | None = None, max_size: int | None = None,
-            batch_size: int = 256, device="cpu", name: str = "embeddings") -> tuple[np.ndarray, dict]:
+            batch_size: int = 256, device="cpu", name: str = "embeddings", index: str = "auto",
+            progress=None) -> tuple[np.ndarray, dict]:
     """(cluster labels [N], timings) of embeddings ``x`` with the GCN; ``threshold`` defaults
-    to the one tuned when the GCN was trained."""
+    to the one tuned when the GCN was trained; ``index`` is the kNN graph's (``knn.INDEXES``)."""
     x = _check_pool(model, x, name)
     t = model.threshold if threshold is None else float(threshold)
     if not 0 <= t < 1:
         raise ClusterError(f"threshold must be in [0, 1), got {t}")
     t0 = time.perf_counter()
-    knn = knn_graph(x, model.k_max)[0]
+    knn = knn_graph(x, model.k_max, index, progress=progress)[0]
     t1 = time.perf_counter()
     src, dst, p = edge_scores(model, x, batch_size=batch_size, device=device, knn=knn, name=name)
     t2 = time.perf_counter()
     labels = linkage.merge(x.shape[0], src, dst, p, t, max_size=max_size)
     t3 = time.perf_counter()
-    return labels, {"knn_s": t1 - t0, "gcn_s": t2 - t1, "merge_s": t3 - t2, "threshold": t}
+    return labels, {"knn_s": t1 - t0, "gcn_s": t2 - t1, "merge_s": t3 - t2, "threshold": t,
+                    "index": pick_index(index, x.shape[0])}
 
 
 # ----------------------------------------------------------------------------- training

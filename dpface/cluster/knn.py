@@ -118,7 +118,8 @@ def build_index(x: np.ndarray, kind: str, nprobe: int | None = None, ef_search: 
         index.cp.seed = seed  # the same cells on every rank and every run
         train = x if n <= 256 * nlist else x[np.random.default_rng(seed).choice(n, 256 * nlist, replace=False)]
         index.train(train)
-        index.nprobe = int(nprobe or max(1, min(nlist, math.ceil(nlist / 16))))
+        # Default: an eighth of the cells, at least 8, and enough cells to hold ~4(k+1) candidates.
+        index.nprobe = int(nprobe or min(nlist, max(8, math.ceil(nlist / 8), math.ceil(4 * (k + 1) * nlist / n))))
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     c.add_argument("--score", action="store_true",
                    help="compare the clusters with the labels of --images / of the .npz (metrics in the output)")
     c.add_argument("--save-embeddings", default=None, help="also write the embeddings (+ labels) as .npz")
+    c.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
+                   help="kNN graph: flat = exact, ivf / hnsw = approximate (faiss); auto: exact up to "
+                        "100,000 embeddings, ivf above")
     c.set_defaults(fn=cmd_cluster)
     csub = c.add_subparsers(dest="cluster_cmd", metavar="train-gcn")
     t = csub.add_parser("train-gcn", help="train the linkage GCN on labelled identities")
@@ -171,8 +174,13 @@ def cmd_cluster(args) -> int:
     model = load_gcn(args.gcn)  # before the (slow) embedding: a bad GCN file fails at once
     x, y, items = _embeddings(args, need_labels=False)
     src = "--embeddings" if args.embeddings else "--images"
+    def progress(done, total, seconds):
+        if done == total or done % (16 * 8192) == 0:
+            err(f"dpface cluster: kNN search {done:,}/{total:,} ({seconds:.0f} s)")
+
     labels, times = cluster(model, x, threshold=args.threshold, max_size=args.max_size,
-                            batch_size=args.batch_size or 256, name=f"{src} {args.embeddings or args.images}")
+                            batch_size=args.batch_size or 256, name=f"{src} {args.embeddings or args.images}",
+                            index=args.index, progress=progress)
     if args.save_embeddings:
         from dpface.io import atomic_write
 
@@ -182,6 +190,7 @@ def cmd_cluster(args) -> int:
            "num_clusters": int(sizes.size), "singletons": int((sizes == 1).sum()),
            "labels": labels.tolist(), "sizes": sizes.tolist(),
            "params": {"gcn": str(args.gcn), "threshold": times["threshold"], "max_size": args.max_size,
+                      "index": times["index"],
                       **{k: model.config[k] for k in ("k1", "k2", "k_adj")}, "source": src,
                       "path": str(args.embeddings or args.images),
                       "checkpoint": str(args.checkpoint) if args.checkpoint else None},
@@ -194,7 +203,8 @@ def cmd_cluster(args) -> int:
         out["metrics"] = M.all_metrics(labels, y)
     atomic_write_json(args.out, out, indent=None)
     print(f"wrote {args.out}: {len(labels)} items in {sizes.size} clusters ({out['singletons']} singletons, "
-          f"largest {int(sizes.max())}); threshold {times['threshold']:.2f}; kNN {times['knn_s']:.2f} s, "
+          f"largest {int(sizes.max())}); threshold {times['threshold']:.2f}; kNN ({times['index']}) "
+          f"{times['knn_s']:.2f} s, "
           f"GCN {times['gcn_s']:.2f} s")
     if args.score:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out["metrics"].items()}))

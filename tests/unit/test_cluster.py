@@ -87,6 +87,67 @@ def test_metrics_reject_mismatched_or_empty_labels():
 
 
 # ----------------------------------------------------------------------------- kNN graph, IPS
+def _clustered(n_id=120, size=8, d=32, seed=0):
+    """Identities as tight groups in a 12-dimensional subspace of R^d (face embeddings are far
+    from isotropic; on isotropic noise no ANN index finds the 80th neighbour)."""
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((12, d))
+    c = rng.standard_normal((n_id, 12)) @ basis
+    x = np.repeat(c / np.linalg.norm(c, axis=1, keepdims=True), size, axis=0)
+    x += 0.3 * (rng.standard_normal((x.shape[0], 12)) @ basis) / np.sqrt(12 * d)
+    return check_embeddings(x + 0.01 * rng.standard_normal(x.shape))
+
+
+def test_ivf_probing_every_cell_is_exact():
+    from dpface.cluster.knn import ivf_lists
+
+    x = _clustered()
+    exact, s_exact = knn_graph(x, 20, "flat")
+    ivf, s_ivf = knn_graph(x, 20, "ivf", nprobe=ivf_lists(len(x)))
+    assert np.array_equal(np.sort(ivf, 1), np.sort(exact, 1))
+    np.testing.assert_allclose(s_ivf, s_exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("index, floor", [("ivf", 0.9), ("hnsw", 0.95)])
+def test_ann_graph_recall_against_exact(index, floor):
+    from dpface.cluster.knn import recall
+
+    x = _clustered()
+    exact, _ = knn_graph(x, 40, "flat")
+    approx, sims = knn_graph(x, 40, index)
+    r = recall(approx, exact)
+    assert floor <= r <= 1.0, r
+    assert (approx != np.arange(len(x))[:, None]).all() and (np.diff(sims, axis=1) <= 1e-6).all()
+    # recall itself, by hand: one row with 3 of 4 found
+    assert recall(np.array([[1, 2, 3, 9]]), np.array([[1, 2, 3, 4]])) == 0.75
+
+
+def test_chunked_search_reports_progress_and_equals_one_chunk(monkeypatch):
+    from dpface.cluster import knn as K
+
+    x = _clustered(n_id=40)
+    whole = K.knn_graph(x, 10, "flat")
+    monkeypatch.setattr(K, "QUERY_CHUNK", 37)
+    seen = []
+    parts = K.knn_graph(x, 10, "flat", progress=lambda done, total, s: seen.append((done, total)))
+    assert np.array_equal(parts[0], whole[0]) and np.array_equal(parts[1], whole[1])
+    assert seen[-1] == (320, 320) and len(seen) == -(-320 // 37)
+
+
+def test_index_that_does_not_fit_is_refused_with_its_estimate(monkeypatch):
+    from dpface.cluster import knn as K
+
+    monkeypatch.setattr(K, "available_bytes", lambda: 100_000)
+    x = _clustered(n_id=40)
+    with pytest.raises(ClusterError, match=r"a hnsw index over 320 embeddings of dimension 32 needs about "
+                                           r"0\.0 GiB, and 0\.0 GiB are available"):
+        K.knn_graph(x, 10, "hnsw")
+    assert K.index_bytes("flat", 10**6, 512) == 2_048_000_000
+    assert K.pick_index("auto", K.FLAT_MAX) == "flat" and K.pick_index("auto", K.FLAT_MAX + 1) == "ivf"
+    with pytest.raises(ClusterError, match="index must be one of auto, flat, ivf, hnsw"):
+        K.knn_graph(x, 10, "annoy")
+
+
 def test_knn_graph_equals_brute_force():
     rng = np.random.default_rng(0)
     x = check_embeddings(rng.standard_normal((300, 24)))
