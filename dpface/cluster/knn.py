@@ -3,11 +3,12 @@ approximate (``ivf``: inverted lists over k-means cells; ``hnsw``: a navigable s
 graph), built and searched in chunks of queries with bounded memory, the queries optionally
 sharded over the ranks of a process group.
 
-``auto`` is exact up to ``FLAT_MAX`` embeddings (O(N²) inner products: 38 s at 10⁵ on 2
-cores) and IVF above, with nlist ≈ 4·√N cells and nprobe chosen for ≥ 0.95 recall at k = 80
-on face embeddings (benchmarks/RESULTS.md, "Clustering at scale"). Before anything is built
-the index's memory is estimated and refused, with the estimate, when it exceeds what the
-machine has available.
+``auto`` is exact up to ``FLAT_MAX`` embeddings (O(N²) inner products) and HNSW above: on
+pools shaped like face embeddings (a few near neighbours of the same identity, the rest at the
+tail of a cosine-~0 impostor distribution) HNSW keeps recall at k = 80 near 0.95 where IVF,
+probing cells of the space, needs to scan a large share of it for the same recall
+(benchmarks/RESULTS.md, "Clustering at scale"). Before anything is built the index's memory
+is estimated and refused, with the estimate, when it exceeds what the machine has available.
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def available_bytes() -> int | None:
 def pick_index(index: str, n: int) -> str:
     if index not in INDEXES:
         raise ClusterError(f"index must be one of {', '.join(INDEXES)}, got {index!r}")
-    return index if index != "auto" else ("flat" if n <= FLAT_MAX else "ivf")
+    return index if index != "auto" else ("flat" if n <= FLAT_MAX else "hnsw")
 
 
 def build_index(x: np.ndarray, kind: str, nprobe: int | None = None, ef_search: int | None = None,

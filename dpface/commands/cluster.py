@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     c.add_argument("--save-embeddings", default=None, help="also write the embeddings (+ labels) as .npz")
     c.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
                    help="kNN graph: flat = exact, ivf / hnsw = approximate (faiss); auto: exact up to "
-                        "100,000 embeddings, ivf above")
+                        "100,000 embeddings, hnsw above")
     c.set_defaults(fn=cmd_cluster)
     csub = c.add_subparsers(dest="cluster_cmd", metavar="train-gcn")
     t = csub.add_parser("train-gcn", help="train the linkage GCN on labelled identities")

@@ -143,7 +143,7 @@ def test_index_that_does_not_fit_is_refused_with_its_estimate(monkeypatch):
                                            r"0\.0 GiB, and 0\.0 GiB are available"):
         K.knn_graph(x, 10, "hnsw")
     assert K.index_bytes("flat", 10**6, 512) == 2_048_000_000
-    assert K.pick_index("auto", K.FLAT_MAX) == "flat" and K.pick_index("auto", K.FLAT_MAX + 1) == "ivf"
+    assert K.pick_index("auto", K.FLAT_MAX) == "flat" and K.pick_index("auto", K.FLAT_MAX + 1) == "hnsw"
     with pytest.raises(ClusterError, match="index must be one of auto, flat, ivf, hnsw"):
         K.knn_graph(x, 10, "annoy")
 
