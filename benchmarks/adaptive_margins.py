@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from start_from_trained import DEMO, stats, train  # the demo's training run and mean ± std, shared
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "cpu_demo.yaml"
 LOSSES = {
     "ArcFace (m 0.4)": "{name: arcface, s: 32, m: 0.4}",
     "AdaFace (m 0.4, h 0.333)": "{name: adaface, s: 32, m: 0.4}",
@@ -38,15 +35,6 @@ LOSSES = {
     "ElasticFace-Arc (m 0.5, sigma 0.05)": "{name: elasticface, s: 32, m: 0.5, sigma: 0.05}",
 }
 EVAL_PAIRS = 1200
-
-
-def train(out: Path, name: str, *overrides: str) -> Path:
-    run = out / name
-    if not (run / "final_metrics.json").is_file():
-        cmd = [sys.executable, "-m", "dpface", "train", "--config", str(DEMO), f"experiment.output_dir={out}",
-               f"experiment.name={name}", "wandb.enabled=false", *overrides]
-        subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return run
 
 
 def quality_split(cfg):
@@ -75,12 +63,6 @@ def verify(run: Path, pairs, worse: np.ndarray) -> dict:
     return out
 
 
-def stats(values: list[float]) -> str:
-    m = statistics.mean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * m:.2f} ± {100 * s:.2f}"
-
-
 def quality(out: Path, seeds: list[int]) -> tuple[dict, str]:
     from dpface.config import load_config
 
@@ -90,8 +72,8 @@ def quality(out: Path, seeds: list[int]) -> tuple[dict, str]:
     for seed in seeds:
         for label, spec in LOSSES.items():
             key = label.split(" ")[0].lower()
-            run = train(out, f"{key}-{seed}", f"head.loss={spec}", f"experiment.seed={seed}")
-            results.setdefault(label, []).append(verify(run, pairs, worse))
+            train(out, f"{key}-{seed}", f"head.loss={spec}", f"experiment.seed={seed}")
+            results.setdefault(label, []).append(verify(out / f"{key}-{seed}", pairs, worse))
     lines = ["| loss | all pairs | low-quality third | high-quality third |", "|---|---|---|---|"]
     for label, rows in results.items():
         lines.append(f"| {label} | " + " | ".join(stats([r[k] for r in rows])
