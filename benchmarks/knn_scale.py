@@ -92,6 +92,7 @@ def measure(kind: str, n: int, out: Path) -> dict:
         t0 = time.perf_counter()
         ids, sims = knn_graph(x, K, kind)
         res["seconds"] = time.perf_counter() - t0
+        res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the recall's buffers
         if kind == "flat":
             np.save(out / f"exact-{n}.npy", ids)
         elif (out / f"exact-{n}.npy").is_file():
@@ -107,7 +108,7 @@ def measure(kind: str, n: int, out: Path) -> dict:
             np.savez(out / f"graph-hnsw-{n}.npz", ids=ids[:, :10], sims=sims[:, :10])
         if kind == "flat":
             res["pool"] = stats(x, labels)
-    res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res.setdefault("peak_rss_gib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return res
 
 

@@ -151,24 +151,26 @@ def knn_graph(x: np.ndarray, k: int, index: str = "auto", *, nprobe: int | None 
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
     lo, hi = n * rank // world, n * (rank + 1) // world
-    ids = np.empty((hi - lo, k + 1), np.int64)
-    sims = np.empty((hi - lo, k + 1), np.float32)
+    ids = np.empty((hi - lo, k), np.int64)
+    sims = np.empty((hi - lo, k), np.float32)
     t0 = time.perf_counter()
     for start in range(lo, hi, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, hi)
         s, i = idx.search(x[start:stop], k + 1)
-        sims[start - lo:stop - lo], ids[start - lo:stop - lo] = s, i
+        # Drop the row itself; where another row outranked it (an exact duplicate, or the ANN
+        # search missed it), drop the last column instead. Per chunk: the results held at
+        # once are one chunk's, plus the [N, k] outputs.
+        own = i == np.arange(start, stop)[:, None]
+        own[~own.any(axis=1), -1] = True
+        keep = ~own
+        ids[start - lo:stop - lo] = i[keep].reshape(-1, k)
+        sims[start - lo:stop - lo] = s[keep].reshape(-1, k)
         if progress is not None:
             progress(stop - lo, hi - lo, time.perf_counter() - t0)
+    del idx
     if world > 1:
         ids, sims = _gather_rows(ids, sims, n, world, group)
-    # Drop the row itself; where another row outranked it (an exact duplicate, or the ANN
-    # search missed it), drop the last column instead. Unfilled ANN slots (id −1) sort last.
-    own = ids == np.arange(n)[:, None]
-    own[~own.any(axis=1), -1] = True
-    keep = ~own
-    ids, sims = ids[keep].reshape(n, k), sims[keep].reshape(n, k)
-    if (ids < 0).any():
+    if (ids < 0).any():  # unfilled ANN slots
         raise ClusterError(f"the {kind} index found fewer than k = {k} neighbours for "
                            f"{int((ids < 0).any(axis=1).sum())} embeddings: raise nprobe / ef_search or use index flat")
     return ids, sims
