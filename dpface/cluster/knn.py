@@ -101,16 +101,10 @@ def pick_index(index: str, n: int) -> str:
 
 def build_index(x: np.ndarray, kind: str, nprobe: int | None = None, ef_search: int | None = None,
                 k: int = 80, seed: int = 0):
-    """A faiss inner-product index over normalised ``x`` (estimated first: refused, with the
-    estimate, when it needs more memory than is available)."""
+    """A faiss inner-product index over normalised ``x``."""
     import faiss
 
     n, d = x.shape
-    need, avail = index_bytes(kind, n, d), available_bytes()
-    if avail is not None and need > avail:
-        raise ClusterError(f"a {kind} index over {n:,} embeddings of dimension {d} needs about "
-                           f"{need / 2**30:.1f} GiB, and {avail / 2**30:.1f} GiB are available: use fewer "
-                           f"embeddings{'' if kind == 'ivf' else ' or index ivf'}")
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
@@ -141,9 +135,15 @@ def knn_graph(x: np.ndarray, k: int, index: str = "auto", *, nprobe: int | None 
     ``FLAT_MAX``). Queries are searched ``QUERY_CHUNK`` at a time (``progress(done, total)``
     after each); with a process ``group`` of several ranks every rank searches a contiguous
     slice of the queries and the slices are all-gathered, so every rank returns the whole graph."""
-    n = x.shape[0]
+    n, d = x.shape
     k = check_k(k, n)
     kind = pick_index(index, n)
+    # The index and the [N, k] graph it produces, estimated before anything is built.
+    need, avail = index_bytes(kind, n, d) + 12 * n * k, available_bytes()
+    if avail is not None and need > avail:
+        raise ClusterError(f"a {kind} index over {n:,} embeddings of dimension {d} and its k = {k} graph need "
+                           f"about {need / 2**30:.1f} GiB, and {avail / 2**30:.1f} GiB are available: use fewer "
+                           f"embeddings or a smaller k{'' if kind == 'ivf' else ', or index ivf'}")
     idx = build_index(x, kind, nprobe=nprobe, ef_search=ef_search, k=k, seed=seed)
     rank, world = 0, 1
     if group is not None or _dist_initialized():

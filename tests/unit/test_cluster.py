@@ -139,8 +139,8 @@ def test_index_that_does_not_fit_is_refused_with_its_estimate(monkeypatch):
 
     monkeypatch.setattr(K, "available_bytes", lambda: 100_000)
     x = _clustered(n_id=40)
-    with pytest.raises(ClusterError, match=r"a hnsw index over 320 embeddings of dimension 32 needs about "
-                                           r"0\.0 GiB, and 0\.0 GiB are available"):
+    with pytest.raises(ClusterError, match=r"a hnsw index over 320 embeddings of dimension 32 and its k = 10 "
+                                           r"graph need about 0\.0 GiB, and 0\.0 GiB are available"):
         K.knn_graph(x, 10, "hnsw")
     assert K.index_bytes("flat", 10**6, 512) == 2_048_000_000
     assert K.pick_index("auto", K.FLAT_MAX) == "flat" and K.pick_index("auto", K.FLAT_MAX + 1) == "hnsw"
