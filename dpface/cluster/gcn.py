@@ -234,7 +234,7 @@ def tune_threshold(model: LinkageGCN, x, labels, batch_size: int = 256, device="
 
 
 def train_gcn(x, labels, *, k1: int = 10, k2: int = 5, k_adj: int = 5, hidden: int = 64, layers: int = 3,
-              epochs: int = 6, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-5,
+              epochs: int = 80, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-5,
               val_fraction: float = 0.2, rotate: bool = True, seed: int = 0, device="cpu",
               log=None) -> tuple[LinkageGCN, dict]:
     """Train a :class:`LinkageGCN` on labelled embeddings; returns (model with its tuned
