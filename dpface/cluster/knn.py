@@ -134,9 +134,9 @@ def knn_graph(x: np.ndarray, k: int, index: str = "auto", *, nprobe: int | None 
     first, the row itself excluded. ``x`` must be normalised (:func:`check_embeddings`).
 
     ``index``: ``flat`` (exact), ``ivf`` / ``hnsw`` (approximate), ``auto`` (exact up to
-    ``FLAT_MAX``). Queries are searched ``QUERY_CHUNK`` at a time (``progress(done, total)``
-    after each); with a process ``group`` of several ranks every rank searches a contiguous
-    slice of the queries and the slices are all-gathered, so every rank returns the whole graph."""
+    ``FLAT_MAX``). Queries are searched ``QUERY_CHUNK`` at a time (``progress(done, total, s)``
+    after each); given a process ``group`` (every rank of it calls), every rank searches a
+    contiguous slice of the queries and the slices are all-gathered, so each returns the whole graph."""
     n, d = x.shape
     k = check_k(k, n)
     kind = pick_index(index, n)
@@ -148,7 +148,7 @@ def knn_graph(x: np.ndarray, k: int, index: str = "auto", *, nprobe: int | None 
                            f"embeddings or a smaller k{'' if kind == 'ivf' else ', or index ivf'}")
     idx = build_index(x, kind, nprobe=nprobe, ef_search=ef_search, k=k, seed=seed)
     rank, world = 0, 1
-    if group is not None or _dist_initialized():
+    if group is not None:  # explicit: a caller on one rank of a larger job must not wait for the others
         import torch.distributed as dist
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -176,14 +176,6 @@ def knn_graph(x: np.ndarray, k: int, index: str = "auto", *, nprobe: int | None 
         raise ClusterError(f"the {kind} index found fewer than k = {k} neighbours for "
                            f"{int((ids < 0).any(axis=1).sum())} embeddings: raise nprobe / ef_search or use index flat")
     return ids, sims
-
-
-def _dist_initialized() -> bool:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return False
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _gather_rows(ids: np.ndarray, sims: np.ndarray, n: int, world: int, group) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 all-gathered) give every rank the single-process graph, for an uneven split too."""
 import numpy as np
 import pytest
+import torch.distributed
 
 from dpface.cluster.knn import check_embeddings, knn_graph
 from tests.helpers import run_distributed
@@ -14,7 +15,7 @@ def pool(n=203, d=16):
 def ranks_graph(rank: int, world: int) -> dict:
     out = {"searched": []}
     for index in ("flat", "ivf"):
-        ids, sims = knn_graph(pool(), 7, index, nprobe=4,
+        ids, sims = knn_graph(pool(), 7, index, nprobe=4, group=torch.distributed.group.WORLD,
                               progress=lambda done, total, s: out["searched"].append(total))
         out[index] = (ids, sims)
     return out
