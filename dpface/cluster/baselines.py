@@ -69,3 +69,36 @@ def kmeans(x, k: int, seed: int = 0, n_init: int = 3) -> np.ndarray:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= x.shape[0]:
         raise ClusterError(f"k-means: k must be an integer in [1, {x.shape[0]}], got {k!r}")
     return KMeans(n_clusters=int(k), n_init=n_init, random_state=seed).fit_predict(x).astype(np.int64)
+
+
+def knn_threshold(x, threshold: float, k: int = 10, index: str = "auto") -> np.ndarray:
+    """The scalable baseline: each embedding joined to those of its ``k`` nearest neighbours
+    closer than cosine ``threshold``, clusters the connected components (single linkage on
+    the kNN graph: O(N k) memory, any N the kNN index handles)."""
+    from .knn import knn_graph
+    from .linkage import merge
+
+    x = check_embeddings(x)
+    ids, sims = knn_graph(x, min(k, x.shape[0] - 1), index)
+    return merge(x.shape[0], np.repeat(np.arange(x.shape[0]), ids.shape[1]), ids.ravel(), sims.ravel(),
+                 float(threshold))
+
+
+def tune_knn_threshold(x, labels, k: int = 10) -> tuple[float, float]:
+    """(cosine threshold, pairwise F at it) maximising :func:`knn_threshold`'s pairwise F on
+    labelled embeddings (the graph built once, thresholds 0.05-0.95 in steps of 0.025)."""
+    from .knn import knn_graph
+    from .linkage import merge
+
+    x = check_embeddings(x, "labelled embeddings")
+    y = np.asarray(labels)
+    if y.shape != (x.shape[0],) or x.shape[0] < 2:
+        raise ClusterError(f"labels: {y.shape} for {x.shape[0]} embeddings (at least 2 needed)")
+    ids, sims = knn_graph(x, min(k, x.shape[0] - 1))
+    src = np.repeat(np.arange(x.shape[0]), ids.shape[1])
+    best = (0.0, -1.0)
+    for t in np.round(np.arange(0.05, 0.951, 0.025), 3):
+        f = pairwise(merge(x.shape[0], src, ids.ravel(), sims.ravel(), float(t)), y)["f"]
+        if f > best[1]:
+            best = (float(t), f)
+    return best

@@ -88,17 +88,39 @@ def build_ips(x: np.ndarray, knn: np.ndarray, pivot: int, k1: int, k2: int, k_ad
 
 def ips_batch(x: np.ndarray, knn: np.ndarray, pivots, k1: int, k2: int, k_adj: int):
     """Padded batch: features [B, M, D], adjacency [B, M, M], nodes [B, M] (−1 = padding),
-    M = k1·(k2 + 1). Row b's first k1 nodes are pivot b's 1-hop neighbours."""
+    M = k1·(k2 + 1). Row b holds :func:`build_ips` of pivot b (its first k1 nodes are the
+    1-hop neighbours), built for the whole batch at once with array operations."""
     pivots = np.asarray(pivots, np.int64)
-    big_m = k1 * (k2 + 1)
-    feats = np.zeros((pivots.size, big_m, x.shape[1]), np.float32)
-    adj = np.zeros((pivots.size, big_m, big_m), np.float32)
-    nodes = np.full((pivots.size, big_m), -1, np.int64)
-    for b, p in enumerate(pivots):
-        nd, f, g = build_ips(x, knn, int(p), k1, k2, k_adj)
-        m = nd.size
-        nodes[b, :m], feats[b, :m], adj[b, :m, :m] = nd, f, g
-    return feats, adj, nodes
+    b, big_m = pivots.size, k1 * (k2 + 1)
+    hop1 = knn[pivots, :k1]
+    # 2-hop candidates sorted per row; repeats, the pivot and 1-hop nodes become padding (−1)
+    # and the survivors are moved to the front in order (a stable sort on "dropped").
+    hop2 = np.sort(knn[hop1, :k2].reshape(b, k1 * k2), axis=1)
+    drop = (hop2 == pivots[:, None]) | (hop2[:, :, None] == hop1[:, None, :]).any(-1)
+    drop[:, 1:] |= hop2[:, 1:] == hop2[:, :-1]
+    order = np.argsort(drop, axis=1, kind="stable")
+    hop2 = np.where(np.take_along_axis(drop, order, 1), -1, np.take_along_axis(hop2, order, 1))
+    nodes = np.concatenate([hop1, hop2], axis=1)
+    valid = nodes >= 0
+    # Position of each node's k_adj neighbours among its row's nodes: one sorted key per
+    # (row, node), looked up with searchsorted.
+    n = np.int64(x.shape[0])
+    row = np.arange(b, dtype=np.int64)[:, None]
+    keys = np.where(valid, row * n + nodes, -1).ravel()
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    nb = knn[np.where(valid, nodes, 0), :k_adj]  # [B, M, k_adj]
+    want = (row[:, :, None] * n + nb).ravel()
+    pos = np.minimum(np.searchsorted(sorted_keys, want), sorted_keys.size - 1)
+    hit = (sorted_keys[pos] == want) & np.repeat(valid.ravel(), k_adj)
+    src = np.repeat(np.arange(b * big_m), k_adj)[hit]
+    dst = order[pos[hit]] % big_m
+    adj = np.zeros((b, big_m, big_m), np.float32)
+    adj[src // big_m, src % big_m, dst] = 1.0
+    adj = np.maximum(adj, adj.transpose(0, 2, 1))
+    adj[:, np.arange(big_m), np.arange(big_m)] = 0.0
+    feats = np.where(valid[..., None], x[np.where(valid, nodes, 0)] - x[pivots][:, None], 0).astype(np.float32)
+    return feats, normalise_adjacency(adj), nodes
 
 
 # ----------------------------------------------------------------------------- network

@@ -178,6 +178,22 @@ def test_ips_on_a_hand_made_example():
     assert np.allclose(gb[0, :4, :4], g) and not gb[0, 4:].any() and not f[0, 4:].any()
 
 
+def test_ips_batch_equals_the_per_pivot_build():
+    # The batched builder against build_ips (one pivot at a time, set operations) on a pool
+    # where 2-hop lists overlap a lot (small clusters), including k_adj > k2.
+    x, _ = embeddings.embedding_pool(40, 16, spread=0.6, max_size=8, min_size=2, seed=3)
+    for k1, k2, k_adj in ((10, 5, 5), (4, 2, 6), (1, 1, 1)):
+        knn = knn_graph(x, max(k1, k2, k_adj))[0]
+        piv = np.random.default_rng(0).permutation(len(x))[:37]
+        f, g, nodes = gcn.ips_batch(x, knn, piv, k1, k2, k_adj)
+        for b, p in enumerate(piv):
+            nd, fr, gr = gcn.build_ips(x, knn, int(p), k1, k2, k_adj)
+            m = nd.size
+            assert nodes[b, :m].tolist() == nd.tolist() and (nodes[b, m:] == -1).all()
+            assert np.allclose(f[b, :m], fr) and not f[b, m:].any()
+            assert np.allclose(g[b, :m, :m], gr) and not g[b, m:].any() and not g[b, :, m:].any()
+
+
 def test_linkage_merging_and_pseudo_label_propagation():
     # (0,1) is scored both ways, 0.9 and 0.1: its mean 0.5 is not above 0.5, the edge goes.
     labels = linkage.merge(5, [0, 1, 2, 3], [1, 0, 3, 4], [0.9, 0.1, 0.8, 0.7], 0.5)

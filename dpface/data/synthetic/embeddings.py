@@ -61,3 +61,38 @@ def twins_pool(num_twins: int, num_loose: int, dim: int = 32, *, size: int = 10,
         labels += [ident] * size
         ident += 1
     return _unit(np.concatenate(feats)).astype(np.float32), np.asarray(labels, np.int64)
+
+
+def face_like_pool(num_identities: int, dim: int = 128, *, max_size: int = 40, min_size: int = 3,
+                   exponent: float = 0.7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A pool whose difficulty varies the way a trained network's face embeddings do, so that
+    no single global threshold fits every identity (:func:`embedding_pool` has one isotropic
+    spread per identity, which a threshold separates almost perfectly):
+
+    * demographics: identity centres lean towards one of 32 group directions, so impostors of
+      one group are more alike than others;
+    * per-identity spread, log-normal: some people vary little across photos, some a lot;
+    * modes: a third of the identities have two (age, pose, make-up), ~0.6 cosine apart;
+    * quality: each image has a quality q ~ Beta(4, 1.5); a degraded image drifts towards a
+      shared "low quality" direction, so low-quality images of different people look alike
+      (the hub of poor crops real pools have) while it moves away from its own identity.
+
+    The resulting statistics (within/between identity cosine, their spread across identities,
+    impostor cosine among degraded images) are printed by ``benchmarks/gcn_vs_baselines.py``.
+    """
+    rng = seeding.rng(seed, Stream.CLUSTER_POOL, 2)
+    sizes = rng.permutation(long_tail_counts(num_identities, max_size, min_size, exponent))
+    groups = _unit(rng.standard_normal((32, dim)))
+    centres = _unit(0.45 * groups[rng.integers(0, 32, num_identities)]
+                    + rng.standard_normal((num_identities, dim)) / np.sqrt(dim))
+    spreads = np.exp(rng.normal(np.log(0.7), 0.3, num_identities))
+    two_modes = rng.random(num_identities) < 1 / 3
+    modes = np.stack([centres, _unit(centres + rng.standard_normal((num_identities, dim)) * 0.9 / np.sqrt(dim))], 1)
+    labels = np.repeat(np.arange(num_identities), sizes)
+    mode = np.where(two_modes[labels], rng.integers(0, 2, labels.size), 0)
+    noise = rng.standard_normal((labels.size, dim)) * (spreads[labels] / np.sqrt(dim))[:, None]
+    clean = _unit(modes[labels, mode] + noise)
+    low = _unit(rng.standard_normal(dim))
+    q = rng.beta(4.0, 1.5, labels.size)[:, None]
+    junk = _unit(low + rng.standard_normal((labels.size, dim)) * 1.2 / np.sqrt(dim))
+    return _unit(q * clean + (1 - q) * junk).astype(np.float32), labels.astype(np.int64)
