@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .knn import ClusterError, check_embeddings
+from .knn import ClusterError, check_embeddings, knn_graph
+from .linkage import merge
 from .metrics import pairwise
 
 # Average linkage needs the condensed distance matrix (n(n-1)/2 float64): 4e4 points are 6.4 GB.
@@ -71,25 +72,21 @@ def kmeans(x, k: int, seed: int = 0, n_init: int = 3) -> np.ndarray:
     return KMeans(n_clusters=int(k), n_init=n_init, random_state=seed).fit_predict(x).astype(np.int64)
 
 
-def knn_threshold(x, threshold: float, k: int = 10, index: str = "auto") -> np.ndarray:
+def knn_threshold(x, threshold: float, k: int = 10, index: str = "auto", progress=None,
+                  max_size: int | None = None) -> np.ndarray:
     """The scalable baseline: each embedding joined to those of its ``k`` nearest neighbours
     closer than cosine ``threshold``, clusters the connected components (single linkage on
-    the kNN graph: O(N k) memory, any N the kNN index handles)."""
-    from .knn import knn_graph
-    from .linkage import merge
-
+    the kNN graph: O(N k) memory, any N the kNN index handles); ``max_size`` as in
+    :func:`~dpface.cluster.linkage.merge`."""
     x = check_embeddings(x)
-    ids, sims = knn_graph(x, min(k, x.shape[0] - 1), index)
+    ids, sims = knn_graph(x, min(k, x.shape[0] - 1), index, progress=progress)
     return merge(x.shape[0], np.repeat(np.arange(x.shape[0]), ids.shape[1]), ids.ravel(), sims.ravel(),
-                 float(threshold))
+                 float(threshold), max_size=max_size)
 
 
 def tune_knn_threshold(x, labels, k: int = 10) -> tuple[float, float]:
     """(cosine threshold, pairwise F at it) maximising :func:`knn_threshold`'s pairwise F on
     labelled embeddings (the graph built once, thresholds 0.05-0.95 in steps of 0.025)."""
-    from .knn import knn_graph
-    from .linkage import merge
-
     x = check_embeddings(x, "labelled embeddings")
     y = np.asarray(labels)
     if y.shape != (x.shape[0],) or x.shape[0] < 2:

@@ -42,6 +42,7 @@ from dpface import seeding
 from dpface.seeding import Stream
 
 from . import linkage
+from .baselines import knn_threshold, tune_knn_threshold
 from .knn import ClusterError, check_embeddings, check_k, knn_graph, pick_index
 from .metrics import pairwise
 
@@ -181,7 +182,8 @@ class LinkageGCN(nn.Module):
 
 
 # ----------------------------------------------------------------------------- inference
-def _check_pool(model: LinkageGCN, x, name: str, source: str = "the GCN's") -> np.ndarray:
+def check_pool(model: LinkageGCN, x, name: str, source: str = "the GCN's") -> np.ndarray:
+    """``x`` validated for ``model``: finite, its input dimension, more rows than its k."""
     x = check_embeddings(x, name, dim=model.config["dim"], dim_source=f"{source} input dimension is")
     check_k(model.k_max, x.shape[0], "the GCN's k = max(k1, k2, k_adj)", name)
     return x
@@ -191,7 +193,7 @@ def _check_pool(model: LinkageGCN, x, name: str, source: str = "the GCN's") -> n
 def edge_scores(model: LinkageGCN, x, batch_size: int = 256, device="cpu", knn: np.ndarray | None = None,
                 name: str = "embeddings") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pivot, neighbour, probability) for every item and each of its k1 neighbours."""
-    x = _check_pool(model, x, name)
+    x = check_pool(model, x, name)
     c = model.config
     if knn is None:
         knn = knn_graph(x, model.k_max)[0]
@@ -216,7 +218,7 @@ def cluster(model: LinkageGCN, x, threshold: float | None = None, max_size: int 
             progress=None) -> tuple[np.ndarray, dict]:
     """(cluster labels [N], timings) of embeddings ``x`` with the GCN; ``threshold`` defaults
     to the one tuned when the GCN was trained; ``index`` is the kNN graph's (``knn.INDEXES``)."""
-    x = _check_pool(model, x, name)
+    x = check_pool(model, x, name)
     t = model.threshold if threshold is None else float(threshold)
     if not 0 <= t < 1:
         raise ClusterError(f"threshold must be in [0, 1), got {t}")
@@ -316,9 +318,17 @@ def train_gcn(x, labels, *, k1: int = 10, k2: int = 5, k_adj: int = 5, hidden: i
     # easy to separate at almost any threshold).
     tune_on = "training + held-out identities" if va.size else "training identities"
     model.threshold, f_val = tune_threshold(model, x, y, device=device)
+    # The scalable baseline tuned on the same pool, and both scored on the held-out identities
+    # only (unseen by the GCN): what `dpface cluster --method auto` chooses by.
+    knn_t, _ = tune_knn_threshold(x, y, k=k1)
+    heldout = {}
+    if va.size:
+        heldout = {"gcn": pairwise(cluster(model, x[va], device=device)[0], y[va])["f"],
+                   "knn_threshold": pairwise(knn_threshold(x[va], knn_t, k=k1), y[va])["f"]}
     info = {"losses": losses, "train_items": int(tr.size), "train_identities": int(np.unique(yt).size),
             "val_items": int(va.size), "val_identities": int(np.unique(y[va]).size) if va.size else 0,
             "threshold": model.threshold, "threshold_tuned_on": tune_on, "tuned_pairwise_f": f_val,
+            "knn_threshold": knn_t, "heldout_pairwise_f": heldout,
             "positive_fraction": float(target.mean()), "train_s": time.perf_counter() - t0,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     return model.cpu(), info

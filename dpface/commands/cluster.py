@@ -28,8 +28,13 @@ def add_parser(sub) -> None:
     _source_options(c, None)
     c.add_argument("--gcn", default=None, help="GCN file written by `dpface cluster train-gcn`")
     c.add_argument("--out", default=None, help="clusters.json to write")
+    c.add_argument("--method", choices=("auto", "gcn", "knn-threshold"), default="auto",
+                   help="gcn: the GCN's linkage; knn-threshold: kNN-graph edges above a cosine threshold "
+                        "(the threshold train-gcn tuned, or --threshold); auto (default): the one that "
+                        "scored higher on the GCN's held-out identities at training (printed)")
     c.add_argument("--threshold", type=float, default=None,
-                   help="linkage probability an edge must exceed (default: the one tuned at training)")
+                   help="linkage probability (gcn) or cosine (knn-threshold) an edge must exceed "
+                        "(default: the one tuned at training)")
     c.add_argument("--max-size", type=int, default=None,
                    help="pseudo label propagation: re-split clusters larger than this at a raised threshold")
     c.add_argument("--score", action="store_true",
@@ -173,15 +178,22 @@ def cmd_cluster(args) -> int:
     if args.max_size is not None and args.max_size < 1:
         raise _input(f"--max-size must be >= 1, got {args.max_size}")
     model = load_gcn(args.gcn)  # before the (slow) embedding: a bad GCN file fails at once
+    method, why = _pick_method(args.method, model.info)
+    if method == "knn-threshold" and args.threshold is None and "knn_threshold" not in model.info:
+        raise _input(f"{args.gcn} records no tuned cosine threshold (a GCN file from an older dpface): "
+                     "give --threshold, or retrain it with `dpface cluster train-gcn`")
     x, y, items = _embeddings(args, need_labels=False)
     src = "--embeddings" if args.embeddings else "--images"
     def progress(done, total, seconds):
         if done == total or done % (16 * 8192) == 0:
             err(f"dpface cluster: kNN search {done:,}/{total:,} ({seconds:.0f} s)")
 
-    labels, times = cluster(model, x, threshold=args.threshold, max_size=args.max_size,
-                            batch_size=args.batch_size or 256, name=f"{src} {args.embeddings or args.images}",
-                            index=args.index, progress=progress)
+    if method == "gcn":
+        labels, times = cluster(model, x, threshold=args.threshold, max_size=args.max_size,
+                                batch_size=args.batch_size or 256, name=f"{src} {args.embeddings or args.images}",
+                                index=args.index, progress=progress)
+    else:
+        labels, times = _knn_threshold(model, x, args, progress)
     if args.save_embeddings:
         from dpface.io import atomic_write
 
@@ -190,7 +202,8 @@ def cmd_cluster(args) -> int:
     out = {"format": "dpface-clusters", "version": 1, "num_items": int(len(labels)),
            "num_clusters": int(sizes.size), "singletons": int((sizes == 1).sum()),
            "labels": labels.tolist(), "sizes": sizes.tolist(),
-           "params": {"gcn": str(args.gcn), "threshold": times["threshold"], "max_size": args.max_size,
+           "params": {"method": method, "method_reason": why, "gcn": str(args.gcn), "threshold": times["threshold"],
+                      "max_size": args.max_size,
                       "index": times["index"],
                       **{k: model.config[k] for k in ("k1", "k2", "k_adj")}, "source": src,
                       "path": str(args.embeddings or args.images),
@@ -204,9 +217,38 @@ def cmd_cluster(args) -> int:
         out["metrics"] = M.all_metrics(labels, y)
     atomic_write_json(args.out, out, indent=None)
     print(f"wrote {args.out}: {len(labels)} items in {sizes.size} clusters ({out['singletons']} singletons, "
-          f"largest {int(sizes.max())}); threshold {times['threshold']:.2f}; kNN ({times['index']}) "
-          f"{times['knn_s']:.2f} s, "
-          f"GCN {times['gcn_s']:.2f} s")
+          f"largest {int(sizes.max())}); method {method}, threshold {times['threshold']:.2f}; " +
+          (f"kNN ({times['index']}) {times['knn_s']:.2f} s, GCN {times['gcn_s']:.2f} s" if method == "gcn" else
+           f"kNN ({times['index']}) + merge {times['knn_merge_s']:.2f} s"))
+    print(f"method {method}: {why}")
     if args.score:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out["metrics"].items()}))
     return 0
+
+
+def _pick_method(method: str, info: dict) -> tuple[str, str]:
+    """(method, why): ``auto`` is the one with the higher pairwise F on the held-out identities
+    train-gcn scored both on (the GCN on a tie, or when the file has no such record)."""
+    if method != "auto":
+        return method, "--method"
+    f = info.get("heldout_pairwise_f") or {}
+    if "gcn" not in f or "knn_threshold" not in f:
+        return "gcn", "auto: the GCN file records no held-out comparison"
+    scores = f"pairwise F on the GCN's held-out identities: gcn {f['gcn']:.3f}, knn-threshold {f['knn_threshold']:.3f}"
+    return ("knn-threshold" if f["knn_threshold"] > f["gcn"] else "gcn"), f"auto: {scores}"
+
+
+def _knn_threshold(model, x, args, progress) -> tuple:
+    """Labels and timings of the kNN-graph cosine threshold on the GCN's k1 neighbours."""
+    from dpface.cluster.baselines import knn_threshold
+    from dpface.cluster.gcn import check_pool
+    from dpface.cluster.knn import pick_index
+
+    t = model.info["knn_threshold"] if args.threshold is None else float(args.threshold)
+    if not -1 <= t < 1:
+        raise _input(f"--threshold: a cosine threshold must be in [-1, 1), got {t}")
+    # The file's dimension and k apply too: its cosine threshold was tuned on that network's embeddings.
+    x = check_pool(model, x, "--embeddings" if args.embeddings else "--images")
+    t0 = time.perf_counter()
+    labels = knn_threshold(x, t, k=model.k1, index=args.index, progress=progress, max_size=args.max_size)
+    return labels, {"knn_merge_s": time.perf_counter() - t0, "threshold": t, "index": pick_index(args.index, len(x))}

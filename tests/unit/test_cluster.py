@@ -282,8 +282,9 @@ def test_cli_end_to_end_and_bad_input(tmp_path, capsys):
                  "--k2", "3", "--k-adj", "3", "--hidden", "16", "--layers", "1", "--epochs", "2"]) == 0
     assert f"wrote {g}" in capsys.readouterr().out
     assert main(["cluster", "--embeddings", str(tmp_path / "pool.npz"), "--gcn", str(g), "--out", str(out),
-                 "--score"]) == 0
+                 "--score", "--method", "gcn"]) == 0
     res = json.loads(out.read_text())
+    assert res["params"]["method"] == "gcn"
     want, _ = gcn.cluster(gcn.load_gcn(g), xp)  # the library on the same file: the same clusters
     assert res["labels"] == want.tolist() and res["num_items"] == len(xp)
     assert res["sizes"] == np.bincount(want).tolist()
@@ -299,6 +300,57 @@ def test_cli_end_to_end_and_bad_input(tmp_path, capsys):
         assert main(["cluster", "--embeddings", str(tmp_path / name), "--gcn", str(g), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("dpface: error: ") and words in err[0], err
+
+
+def test_knn_threshold_is_single_linkage_on_the_graph():
+    # With every other point a neighbour, edges above cosine t joined into components are
+    # single linkage cut at cosine distance 1 − t (scipy on the full distance matrix).
+    from scipy.cluster.hierarchy import fcluster
+    from scipy.cluster.hierarchy import linkage as scipy_linkage
+
+    x, y = embeddings.embedding_pool(12, 16, spread=0.8, max_size=6, min_size=2, seed=4)
+    for t in (0.35, 0.55, 0.7):
+        got = baselines.knn_threshold(x, t, k=len(x) - 1)
+        want = fcluster(scipy_linkage(x.astype(np.float64), "single", metric="cosine"), 1 - t, "distance")
+        assert metrics.pairwise(got, want)["f"] == 1.0
+    t, f = baselines.tune_knn_threshold(x, y, k=len(x) - 1)
+    assert f == max(metrics.pairwise(baselines.knn_threshold(x, s, k=len(x) - 1), y)["f"]
+                    for s in np.arange(0.05, 0.951, 0.025))
+
+
+def test_cli_method_auto_follows_the_held_out_comparison(tmp_path, capsys):
+    x, y = embeddings.embedding_pool(20, 16, spread=0.3, max_size=8, min_size=4, seed=5)
+    np.savez(tmp_path / "lab.npz", embeddings=x, labels=y)
+    xp, _ = embeddings.embedding_pool(15, 16, spread=0.3, max_size=8, min_size=4, seed=6)
+    np.save(tmp_path / "pool.npy", xp)
+    g, out = tmp_path / "g.pt", tmp_path / "c.json"
+    assert main(["cluster", "train-gcn", "--embeddings", str(tmp_path / "lab.npz"), "--out", str(g), "--k1", "6",
+                 "--k2", "3", "--k-adj", "3", "--hidden", "16", "--layers", "1", "--epochs", "2"]) == 0
+    model = gcn.load_gcn(g)
+    f = model.info["heldout_pairwise_f"]
+    assert set(f) == {"gcn", "knn_threshold"} and 0 <= f["gcn"] <= 1
+    # The file's record decides auto; rewrite it both ways and check what runs.
+    for gcn_f, knn_f, method in ((0.9, 0.5, "gcn"), (0.5, 0.9, "knn-threshold")):
+        info = dict(model.info, heldout_pairwise_f={"gcn": gcn_f, "knn_threshold": knn_f})
+        gcn.save_gcn(model, tmp_path / "h.pt", info)
+        capsys.readouterr()
+        assert main(["cluster", "--embeddings", str(tmp_path / "pool.npy"), "--gcn", str(tmp_path / "h.pt"),
+                     "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["params"]["method"] == method and f"method {method}: auto" in capsys.readouterr().out
+        want = gcn.cluster(model, xp)[0] if method == "gcn" else \
+            baselines.knn_threshold(xp, model.info["knn_threshold"], k=model.k1)
+        assert res["labels"] == want.tolist()
+    # An older file without the tuned cosine: knn-threshold needs --threshold, said in one line.
+    gcn.save_gcn(model, tmp_path / "old.pt", {})
+    capsys.readouterr()
+    assert main(["cluster", "--embeddings", str(tmp_path / "pool.npy"), "--gcn", str(tmp_path / "old.pt"),
+                 "--out", str(out), "--method", "knn-threshold"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --threshold" in err[0], err
+    assert main(["cluster", "--embeddings", str(tmp_path / "pool.npy"), "--gcn", str(tmp_path / "old.pt"),
+                 "--out", str(out), "--method", "knn-threshold", "--threshold", "0.6"]) == 0
+    assert json.loads(out.read_text())["labels"] == baselines.knn_threshold(xp, 0.6, k=model.k1).tolist()
 
 
 # ----------------------------------------------------------------------------- self-training
