@@ -311,7 +311,7 @@ def train_gcn(x, labels, *, k1: int = 10, k2: int = 5, k_adj: int = 5, hidden: i
             sched.step()
             total += float(loss.detach()) * piv.size
         losses.append(total / order.size)
-        if log:
+        if log and (ep == 0 or (ep + 1) % 10 == 0 or ep + 1 == epochs):
             log(f"train-gcn: epoch {ep + 1}/{epochs} loss {losses[-1]:.4f}")
     # Tuned on every labelled identity as one pool: the held-out ones are unseen by the GCN,
     # and the larger pool has the density of a real one (a few held-out identities alone are
@@ -329,6 +329,7 @@ def train_gcn(x, labels, *, k1: int = 10, k2: int = 5, k_adj: int = 5, hidden: i
             "val_items": int(va.size), "val_identities": int(np.unique(y[va]).size) if va.size else 0,
             "threshold": model.threshold, "threshold_tuned_on": tune_on, "tuned_pairwise_f": f_val,
             "knn_threshold": knn_t, "heldout_pairwise_f": heldout,
+            "largest_identity": int(np.unique(y, return_counts=True)[1].max()),
             "positive_fraction": float(target.mean()), "train_s": time.perf_counter() - t0,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     return model.cpu(), info

@@ -160,6 +160,10 @@ def cmd_train_gcn(args) -> int:
     print(f"wrote {out}: GCN for D={x.shape[1]} (k1={args.k1}, k2={args.k2}, k_adj={args.k_adj}) trained on "
           f"{info['train_items']} embeddings of {info['train_identities']} identities; merge threshold "
           f"{info['threshold']:.2f} (pairwise F {info['tuned_pairwise_f']:.3f} on the {info['threshold_tuned_on']})")
+    f = info["heldout_pairwise_f"]
+    if f:  # what `dpface cluster --method auto` will choose by
+        print(f"held-out identities ({info['val_items']} embeddings): pairwise F gcn {f['gcn']:.3f}, "
+              f"knn-threshold {f['knn_threshold']:.3f} (cosine {info['knn_threshold']:.3f})")
     return 0
 
 
@@ -221,6 +225,14 @@ def cmd_cluster(args) -> int:
           (f"kNN ({times['index']}) {times['knn_s']:.2f} s, GCN {times['gcn_s']:.2f} s" if method == "gcn" else
            f"kNN ({times['index']}) + merge {times['knn_merge_s']:.2f} s"))
     print(f"method {method}: {why}")
+    big = model.info.get("largest_identity")
+    if big and sizes.max() > max(10 * big, 100) and args.max_size is None:
+        # A pool far denser than the labelled one (benchmarks/RESULTS.md, 10⁶ embeddings):
+        # low-quality images chain into one component at the threshold tuned on the small set.
+        err(f"dpface cluster: warning: the largest cluster holds {int(sizes.max()):,} items, "
+            f"{int(sizes.max()) // big}x the largest identity train-gcn saw ({big}): the threshold tuned on "
+            f"{model.info.get('train_items', '?')} labelled embeddings is likely too low for a pool of "
+            f"{len(labels):,}; raise --threshold or set --max-size")
     if args.score:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out["metrics"].items()}))
     return 0

@@ -353,6 +353,26 @@ def test_cli_method_auto_follows_the_held_out_comparison(tmp_path, capsys):
     assert json.loads(out.read_text())["labels"] == baselines.knn_threshold(xp, 0.6, k=model.k1).tolist()
 
 
+def test_cli_warns_when_the_pool_chains_into_a_cluster_far_above_any_identity(tmp_path, capsys):
+    x, y = embeddings.embedding_pool(20, 16, spread=0.3, max_size=8, min_size=4, seed=5)
+    np.savez(tmp_path / "lab.npz", embeddings=x, labels=y)
+    g, out = tmp_path / "g.pt", tmp_path / "c.json"
+    assert main(["cluster", "train-gcn", "--embeddings", str(tmp_path / "lab.npz"), "--out", str(g), "--k1", "6",
+                 "--k2", "3", "--k-adj", "3", "--hidden", "16", "--layers", "1", "--epochs", "2"]) == 0
+    assert gcn.load_gcn(g).info["largest_identity"] == np.bincount(y).max()
+    xp, _ = embeddings.embedding_pool(40, 16, spread=0.3, max_size=8, min_size=4, seed=6)
+    np.save(tmp_path / "pool.npy", xp)
+    # Threshold 0: every scored edge links, the pool is one component far above 8 items.
+    for extra, warned in (([], True), (["--max-size", "10"], False)):
+        capsys.readouterr()
+        assert main(["cluster", "--embeddings", str(tmp_path / "pool.npy"), "--gcn", str(g), "--out", str(out),
+                     "--method", "gcn", "--threshold", "0", *extra]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: the largest cluster holds" in err) == warned, err
+        top = max(json.loads(out.read_text())["sizes"])
+        assert top == len(xp) if warned else top <= 10
+
+
 # ----------------------------------------------------------------------------- self-training
 def test_self_training_runs_through_the_trainer(tmp_path):
     from dpface.cluster.embed import iter_samples
