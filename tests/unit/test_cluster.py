@@ -204,6 +204,11 @@ def test_linkage_merging_and_pseudo_label_propagation():
     assert len(set(linkage.merge(4, src, dst, w, 0.5).tolist())) == 1
     split = linkage.merge(4, src, dst, w, 0.5, max_size=2)
     assert split[0] == split[1] != split[2] == split[3]
+    # Every link above 0.95 (fixed 0.05 steps would reach 1.0 and stop): the weakest is cut.
+    split = linkage.merge(4, src, dst, [0.999, 0.97, 0.9995], 0.5, max_size=2)
+    assert split[0] == split[1] != split[2] == split[3]
+    # Equal weights cannot be told apart: the component is kept whole, and the loop ends.
+    assert len(set(linkage.merge(4, src, dst, [0.99] * 3, 0.5, max_size=2).tolist())) == 1
 
 
 # ----------------------------------------------------------------------------- the GCN
