@@ -27,8 +27,8 @@ from dpface.data.synthetic.embeddings import face_like_pool  # noqa: E402
 
 
 def run(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of one child process (the largest child so far: run them in
-    increasing size, or read the first)."""
+    """Wall time of one child process and the peak RSS of the largest child so far (what
+    getrusage reports): children here run smallest first, so each reading is its own."""
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
     return {"wall_s": round(time.perf_counter() - t0, 1),

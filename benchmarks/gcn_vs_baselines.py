@@ -19,7 +19,7 @@ test pool, mean ± std over the seeds; the pools' cosine statistics are printed.
     OMP_NUM_THREADS=1 python benchmarks/gcn_vs_baselines.py --pools simple face-like
     python -m dpface train --config configs/cpu_demo.yaml train.steps=600 \\
         experiment.output_dir=runs experiment.name=cluster_backbone
-    python benchmarks/gcn_vs_baselines.py --pools real --backbone runs/cluster_backbone
+    python benchmarks/gcn_vs_baselines.py --pools real --backbone runs/cluster_backbone --fit-identities 2000
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .knn import ClusterError, check_embeddings, knn_graph
-from .linkage import merge
+from .linkage import best_threshold, merge
 from .metrics import pairwise
 
 # Average linkage needs the condensed distance matrix (n(n-1)/2 float64): 4e4 points are 6.4 GB.
@@ -84,18 +84,19 @@ def knn_threshold(x, threshold: float, k: int = 10, index: str = "auto", progres
                  float(threshold), max_size=max_size)
 
 
-def tune_knn_threshold(x, labels, k: int = 10) -> tuple[float, float]:
+COSINES = np.round(np.arange(0.05, 0.951, 0.025), 3)  # the kNN threshold's tuning grid
+
+
+def tune_knn_threshold(x, labels, k: int = 10,
+                       graph: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
     """(cosine threshold, pairwise F at it) maximising :func:`knn_threshold`'s pairwise F on
-    labelled embeddings (the graph built once, thresholds 0.05-0.95 in steps of 0.025)."""
+    labelled embeddings over ``COSINES``; ``graph``: their (ids, sims) kNN graph with at
+    least ``k`` columns, if already built."""
     x = check_embeddings(x, "labelled embeddings")
     y = np.asarray(labels)
     if y.shape != (x.shape[0],) or x.shape[0] < 2:
         raise ClusterError(f"labels: {y.shape} for {x.shape[0]} embeddings (at least 2 needed)")
-    ids, sims = knn_graph(x, min(k, x.shape[0] - 1))
-    src = np.repeat(np.arange(x.shape[0]), ids.shape[1])
-    best = (0.0, -1.0)
-    for t in np.round(np.arange(0.05, 0.951, 0.025), 3):
-        f = pairwise(merge(x.shape[0], src, ids.ravel(), sims.ravel(), float(t)), y)["f"]
-        if f > best[1]:
-            best = (float(t), f)
-    return best
+    k = min(k, x.shape[0] - 1)
+    ids, sims = knn_graph(x, k) if graph is None else graph
+    ids, sims = ids[:, :k], sims[:, :k]
+    return best_threshold(np.repeat(np.arange(x.shape[0]), k), ids.ravel(), sims.ravel(), y, COSINES)

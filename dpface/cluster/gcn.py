@@ -120,7 +120,7 @@ def ips_batch(x: np.ndarray, knn: np.ndarray, pivots, k1: int, k2: int, k_adj: i
     adj[src // big_m, src % big_m, dst] = 1.0
     adj = np.maximum(adj, adj.transpose(0, 2, 1))
     adj[:, np.arange(big_m), np.arange(big_m)] = 0.0
-    feats = np.where(valid[..., None], x[np.where(valid, nodes, 0)] - x[pivots][:, None], 0).astype(np.float32)
+    feats = np.where(valid[..., None], x[np.where(valid, nodes, 0)] - x[pivots][:, None], np.float32(0))
     return feats, normalise_adjacency(adj), nodes
 
 
@@ -246,15 +246,11 @@ def _split_identities(labels: np.ndarray, val_fraction: float, min_val: int, rng
     return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
 
 
-def tune_threshold(model: LinkageGCN, x, labels, batch_size: int = 256, device="cpu") -> tuple[float, float]:
+def tune_threshold(model: LinkageGCN, x, labels, batch_size: int = 256, device="cpu",
+                   knn: np.ndarray | None = None) -> tuple[float, float]:
     """(threshold, pairwise F) maximising the pairwise F of the clusters on labelled embeddings."""
-    src, dst, p = edge_scores(model, x, batch_size=batch_size, device=device, name="validation embeddings")
-    f = np.array([pairwise(linkage.merge(len(labels), src, dst, p, float(t)), labels)["f"] for t in THRESHOLDS])
-    # The middle of the best plateau, not its first point: ties are common on small sets and
-    # the lowest tied threshold is the one most likely to over-merge unseen identities.
-    best = np.nonzero(f >= f.max() - 1e-9)[0]
-    k = best[len(best) // 2]
-    return float(THRESHOLDS[k]), float(f[k])
+    src, dst, p = edge_scores(model, x, batch_size=batch_size, device=device, knn=knn, name="validation embeddings")
+    return linkage.best_threshold(src, dst, p, labels, THRESHOLDS)
 
 
 def train_gcn(x, labels, *, k1: int = 10, k2: int = 5, k_adj: int = 5, hidden: int = 64, layers: int = 3,
@@ -317,10 +313,11 @@ def train_gcn(x, labels, *, k1: int = 10, k2: int = 5, k_adj: int = 5, hidden: i
     # and the larger pool has the density of a real one (a few held-out identities alone are
     # easy to separate at almost any threshold).
     tune_on = "training + held-out identities" if va.size else "training identities"
-    model.threshold, f_val = tune_threshold(model, x, y, device=device)
+    ids, sims = knn_graph(x, k)  # one graph for both tunings
+    model.threshold, f_val = tune_threshold(model, x, y, device=device, knn=ids)
     # The scalable baseline tuned on the same pool, and both scored on the held-out identities
     # only (unseen by the GCN): what `dpface cluster --method auto` chooses by.
-    knn_t, _ = tune_knn_threshold(x, y, k=k1)
+    knn_t, _ = tune_knn_threshold(x, y, k=k1, graph=(ids, sims))
     heldout = {}
     if va.size:
         heldout = {"gcn": pairwise(cluster(model, x[va], device=device)[0], y[va])["f"],

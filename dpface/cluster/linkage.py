@@ -16,6 +16,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .knn import ClusterError
+from .metrics import pairwise
 
 
 def symmetric_edges(src, dst, weight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,3 +90,15 @@ def merge(n: int, src, dst, weight, threshold: float, max_size: int | None = Non
         kept = inside | ~big[a]
         a, b, w = a[kept], b[kept], w[kept]
     return canonical_labels(labels)
+
+
+def best_threshold(src, dst, weight, labels, grid) -> tuple[float, float]:
+    """(threshold, pairwise F) of the ``grid`` value whose :func:`merge` of these edges best
+    matches ``labels``: the middle of the best plateau, not its first point (ties are common
+    on small sets, and the lowest tied threshold is the one most likely to over-merge unseen
+    identities)."""
+    y = np.asarray(labels)
+    f = np.array([pairwise(merge(y.size, src, dst, weight, float(t)), y)["f"] for t in grid])
+    best = np.nonzero(f >= f.max() - 1e-9)[0]
+    k = best[len(best) // 2]
+    return float(grid[k]), float(f[k])

@@ -221,9 +221,8 @@ def cmd_cluster(args) -> int:
         out["metrics"] = M.all_metrics(labels, y)
     atomic_write_json(args.out, out, indent=None)
     print(f"wrote {args.out}: {len(labels)} items in {sizes.size} clusters ({out['singletons']} singletons, "
-          f"largest {int(sizes.max())}); method {method}, threshold {times['threshold']:.2f}; " +
-          (f"kNN ({times['index']}) {times['knn_s']:.2f} s, GCN {times['gcn_s']:.2f} s" if method == "gcn" else
-           f"kNN ({times['index']}) + merge {times['knn_merge_s']:.2f} s"))
+          f"largest {int(sizes.max())}); method {method}, threshold {times['threshold']:.2f}, index "
+          f"{times['index']}; " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in times.items() if k.endswith("_s")))
     print(f"method {method}: {why}")
     big = model.info.get("largest_identity")
     if big and sizes.max() > max(10 * big, 100) and args.max_size is None:

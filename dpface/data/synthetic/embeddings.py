@@ -72,13 +72,14 @@ def face_like_pool(num_identities: int, dim: int = 128, *, max_size: int = 40, m
     * demographics: identity centres lean towards one of 32 group directions, so impostors of
       one group are more alike than others;
     * per-identity spread, log-normal: some people vary little across photos, some a lot;
-    * modes: a third of the identities have two (age, pose, make-up), ~0.6 cosine apart;
+    * modes: a third of the identities have two (age, pose, make-up), ~0.74 cosine apart
+      (the second is the centre plus noise of norm 0.9);
     * quality: each image has a quality q ~ Beta(4, 1.5); a degraded image drifts towards a
       shared "low quality" direction, so low-quality images of different people look alike
       (the hub of poor crops real pools have) while it moves away from its own identity.
 
-    The resulting statistics (within/between identity cosine, their spread across identities,
-    impostor cosine among degraded images) are printed by ``benchmarks/gcn_vs_baselines.py``.
+    The resulting statistics (within/between identity cosine and the spread of the former
+    across identities) are printed by ``benchmarks/gcn_vs_baselines.py``.
     """
     rng = seeding.rng(seed, Stream.CLUSTER_POOL, 2)
     sizes = rng.permutation(long_tail_counts(num_identities, max_size, min_size, exponent))
