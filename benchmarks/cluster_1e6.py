@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -27,12 +27,19 @@ from dpface.data.synthetic.embeddings import face_like_pool  # noqa: E402
 
 
 def run(cmd: list[str]) -> dict:
-    """Wall time of one child process and the peak RSS of the largest child so far (what
-    getrusage reports): children here run smallest first, so each reading is its own."""
+    """Wall time and peak RSS of one child process (its own rusage, from wait4)."""
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    return {"wall_s": round(time.perf_counter() - t0, 1),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+    child = subprocess.Popen(cmd, cwd=REPO)
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def make_pools(out: Path, identities: int, fit_identities: int) -> None:
+    for path, ids, seed in ((out / "pool.npz", identities, 7), (out / "fit.npz", fit_identities, 8)):
+        x, y = face_like_pool(ids, 128, seed=seed)
+        np.savez(path, embeddings=x, labels=y)
 
 
 def main() -> None:
@@ -41,16 +48,17 @@ def main() -> None:
     ap.add_argument("--fit-identities", type=int, default=700)
     ap.add_argument("--method", default=None, help="passed to dpface cluster as --method when given")
     ap.add_argument("--out", type=Path, default=Path("runs/cluster_1e6"))
+    ap.add_argument("--make-pools", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.make_pools:
+        return make_pools(args.out, args.identities, args.fit_identities)
     pool, fit = args.out / "pool.npz", args.out / "fit.npz"
-    if not pool.is_file():
-        x, y = face_like_pool(args.identities, 128, seed=7)
-        np.savez(pool, embeddings=x, labels=y)
-        x, y = face_like_pool(args.fit_identities, 128, seed=8)
-        np.savez(fit, embeddings=x, labels=y)
-        del x, y
-    n = int(np.load(pool)["labels"].size)
+    if not pool.is_file():  # in a child: this process stays small, so nothing it forks inherits the pool
+        run([sys.executable, __file__, "--make-pools", "--out", str(args.out), "--identities", str(args.identities),
+             "--fit-identities", str(args.fit_identities)])
+    with np.load(pool) as d:
+        n = int(d["labels"].size)
     print(f"pool: {n:,} embeddings of {args.identities:,} identities", flush=True)
     dp = [sys.executable, "-m", "dpface", "cluster"]
     res = {"n": n, "train_gcn": run(dp + ["train-gcn", "--embeddings", str(fit), "--out", str(args.out / "gcn.pt")])}

@@ -228,10 +228,11 @@ def cmd_cluster(args) -> int:
     if big and sizes.max() > max(10 * big, 100) and args.max_size is None:
         # A pool far denser than the labelled one (benchmarks/RESULTS.md, 10⁶ embeddings):
         # low-quality images chain into one component at the threshold tuned on the small set.
+        labelled = model.info.get("train_items", 0) + model.info.get("val_items", 0)
         err(f"dpface cluster: warning: the largest cluster holds {int(sizes.max()):,} items, "
             f"{int(sizes.max()) // big}x the largest identity train-gcn saw ({big}): the threshold tuned on "
-            f"{model.info.get('train_items', '?')} labelled embeddings is likely too low for a pool of "
-            f"{len(labels):,}; raise --threshold or set --max-size")
+            f"{labelled} labelled embeddings is likely too low for a pool of {len(labels):,}; "
+            "raise --threshold or set --max-size")
     if args.score:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out["metrics"].items()}))
     return 0
